@@ -1,0 +1,25 @@
+"""Errors a user sees. Each message says what is wrong and what to change."""
+
+
+class DistlayerError(Exception):
+    """Base class of every error distlayer raises on bad input."""
+
+
+class StoreError(DistlayerError):
+    """A checkpoint or layer store is missing, unreadable, corrupt or incomplete."""
+
+
+class UnsupportedModelError(DistlayerError):
+    """The model's architecture cannot be split into embed / layers / norm / head."""
+
+
+class PlanError(DistlayerError):
+    """The layers cannot be placed within the given stages and budgets."""
+
+
+class ConfigError(DistlayerError):
+    """A setting (API argument, CLI flag or job-file key) has a bad value."""
+
+
+class StageError(DistlayerError):
+    """A pipeline stage failed or died."""

@@ -1,0 +1,330 @@
+"""LayerRunner: one device, one contiguous layer range, a weight budget. No Ray.
+
+The runner builds the model's own transformers class on the meta device, stubs out
+the layers it does not own, and runs the model's own forward. Units (embeddings,
+decoder layers, final norm, head) that fit the budget stay resident; the rest are
+streamed from the layer store by a background thread that loads ahead, in step
+order and across step boundaries, as far as the budget allows.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import arch
+from .cache import StageCache
+from .errors import StoreError
+from .planner import choose_resident
+from .store import LayerStore
+
+
+@dataclass(frozen=True)
+class LayerRange:
+    """A stage's share of the model: decoder layers ``[start, end)``, plus the
+    embeddings if it is the first stage and the final norm and head if it is the last."""
+
+    start: int
+    end: int
+    first: bool
+    last: bool
+
+    def units(self) -> list[str]:
+        """The stage's units in forward order."""
+        return ([arch.EMBED] if self.first else []) + [arch.layer_unit(i) for i in range(self.start, self.end)] \
+            + ([arch.NORM, arch.HEAD] if self.last else [])
+
+
+class _Streamed(nn.Module):
+    """Wraps a streamed unit's module: its weights arrive just before it runs and
+    leave right after."""
+
+    def __init__(self, runner: "LayerRunner", unit: str, inner: nn.Module):
+        super().__init__()
+        self.runner, self.unit, self.inner = runner, unit, inner
+        for name in arch.LAYER_ATTRS:
+            if hasattr(inner, name):
+                setattr(self, name, getattr(inner, name))
+
+    def forward(self, *args, **kwargs):
+        self.runner._materialize(self.unit, self.inner)
+        try:
+            return self.inner(*args, **kwargs)
+        finally:
+            self.runner._evict(self.unit, self.inner)
+
+
+class LayerRunner:
+    """Runs one stage's layers on one device within a weight budget.
+
+    Args:
+        store: the layer store to read units from.
+        layer_range: which units this stage owns.
+        device: torch device, e.g. ``"cpu"`` or ``"cuda:0"``.
+        dtype: compute dtype; default the checkpoint's.
+        budget_bytes: most bytes of weights held at once; None for no limit.
+        prefetch: load streamed units on a background thread ahead of use.
+        stage: index of the stage, for messages.
+    """
+
+    def __init__(self, store: LayerStore, layer_range: LayerRange, device="cpu", dtype=None,
+                 budget_bytes: int | None = None, prefetch: bool = True, stage: int = 0):
+        self.store, self.range, self.stage = store, layer_range, stage
+        self.device = torch.device(device)
+        config = store.config
+        self.config = config
+        self.dtype = dtype or _config_dtype(config)
+        self.budget = budget_bytes
+        self.unit_bytes = {u: store.unit_bytes(u, self.dtype) for u in layer_range.units()}
+        self.resident = choose_resident(self.unit_bytes, budget_bytes, stage)
+        self.streamed = [u for u in self.unit_bytes if u not in self.resident]
+        self.caches: dict[str, StageCache] = {}
+        # load_s: disk reads, on any thread; stall_s: forwards waiting for weights.
+        self.times = {"load_s": 0.0, "stall_s": 0.0, "compute_s": 0.0}
+        self._held = 0
+        self.peak_weight_bytes = 0
+        self._cond = threading.Condition()
+        self._cuda = self.device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+
+        self.model = arch.build_skeleton(config, dtype=self.dtype)
+        self.parts = arch.parts(self.model)
+        self._prepare_modules()
+        for unit in self.resident:
+            self._assign(unit, self._read(unit))
+            self._hold(self.unit_bytes[unit])
+        self._queue: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = None
+        self._next = 0  # index into self.streamed of the next unit a forward needs
+        if prefetch and self.streamed:
+            self._start_prefetch()
+
+    # ------------------------------------------------------------------ setup
+
+    def _prepare_modules(self) -> None:
+        r, p = self.range, self.parts
+        for i in range(len(p.layers)):
+            if not r.start <= i < r.end:
+                p.layers[i] = arch.SkippedLayer(p.layers[i])
+        if not r.last:
+            p.base.norm = nn.Identity()
+            p.model.lm_head = nn.Identity()
+        streamed = set(self.streamed)
+        if arch.EMBED in streamed:
+            p.base.embed_tokens = _Streamed(self, arch.EMBED, p.base.embed_tokens)
+        for i in range(r.start, r.end):
+            if arch.layer_unit(i) in streamed:
+                p.layers[i] = _Streamed(self, arch.layer_unit(i), p.layers[i])
+        if arch.NORM in streamed:
+            p.base.norm = _Streamed(self, arch.NORM, p.base.norm)
+        if arch.HEAD in streamed:
+            p.model.lm_head = _Streamed(self, arch.HEAD, p.model.lm_head)
+
+    def _module(self, unit: str) -> nn.Module:
+        p = self.parts
+        mod = {arch.EMBED: lambda: p.base.embed_tokens, arch.NORM: lambda: p.base.norm,
+               arch.HEAD: lambda: p.model.lm_head}.get(unit, lambda: p.layers[int(unit.split(".")[1])])()
+        return mod.inner if isinstance(mod, _Streamed) else mod
+
+    def _assign(self, unit: str, tensors: dict[str, torch.Tensor], module: nn.Module | None = None) -> None:
+        """Put a unit's tensors into its module(s) without copying."""
+        if module is None and unit == arch.EMBED:
+            missing = set(tensors) - set(self.model.state_dict(keep_vars=True))
+            if missing:
+                raise StoreError(f"embed unit has tensors {sorted(missing)[:3]} this model does not: wrong store")
+            self.model.load_state_dict(tensors, strict=False, assign=True)
+            return
+        module = module or self._module(unit)
+        prefix = self.parts.prefixes.get(unit, "model.embed_tokens.")
+        local = {k[len(prefix):]: t for k, t in tensors.items()}
+        module.load_state_dict(local, strict=True, assign=True)
+
+    # ------------------------------------------------------------------ byte accounting
+
+    def _hold(self, nbytes: int) -> None:
+        self._held += nbytes
+        self.peak_weight_bytes = max(self.peak_weight_bytes, self._held)
+        assert self.budget is None or self._held <= self.budget, (self._held, self.budget)
+
+    def _release(self, nbytes: int) -> None:
+        with self._cond:
+            self._held -= nbytes
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ streaming
+
+    def _read(self, unit: str) -> dict[str, torch.Tensor]:
+        """Read a unit from disk onto this device (through pinned memory on CUDA)."""
+        t0 = time.perf_counter()
+        tensors = self.store.load(unit, self.dtype, "cpu")
+        if self._cuda:
+            with torch.cuda.stream(self._copy_stream):
+                tensors = {k: t.pin_memory().to(self.device, non_blocking=True) for k, t in tensors.items()}
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+            tensors["__event__"] = event  # type: ignore[assignment]
+        self.times["load_s"] += time.perf_counter() - t0
+        return tensors
+
+    def _start_prefetch(self) -> None:
+        self._stop.clear()
+        self._queue = queue.Queue()
+        self._thread = threading.Thread(target=self._prefetch_loop, name=f"prefetch-stage{self.stage}", daemon=True)
+        self._thread.start()
+
+    def _prefetch_loop(self) -> None:
+        i = self._next
+        while not self._stop.is_set():
+            unit = self.streamed[i % len(self.streamed)]
+            nbytes = self.unit_bytes[unit]
+            with self._cond:
+                while self.budget is not None and self._held + nbytes > self.budget and not self._stop.is_set():
+                    self._cond.wait(0.5)
+                if self._stop.is_set():
+                    return
+                self._hold(nbytes)
+            try:
+                self._queue.put((unit, self._read(unit)))
+            except Exception as e:  # handed to the forward that needs it
+                self._release(nbytes)
+                self._queue.put((unit, e))
+                return
+            i += 1
+
+    def _take(self, unit: str) -> dict[str, torch.Tensor]:
+        expected = self.streamed[self._next % len(self.streamed)]
+        assert unit == expected, f"stage {self.stage} streams {expected} next but {unit} ran"
+        self._next += 1
+        if self._thread is None:
+            with self._cond:
+                self._hold(self.unit_bytes[unit])
+            try:
+                return self._read(unit)
+            except Exception:
+                self._release(self.unit_bytes[unit])
+                raise
+        got, tensors = self._queue.get()
+        assert got == unit, (got, unit)
+        if isinstance(tensors, Exception):
+            self._thread = None  # the loader stopped; the next forward restarts it
+            self._start_prefetch()
+            raise tensors
+        return tensors
+
+    def _materialize(self, unit: str, module: nn.Module) -> None:
+        t0 = time.perf_counter()
+        tensors = self._take(unit)
+        event = tensors.pop("__event__", None)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+            for t in tensors.values():
+                t.record_stream(torch.cuda.current_stream(self.device))
+        self._assign(unit, tensors, module)
+        self.times["stall_s"] += time.perf_counter() - t0
+
+    def _evict(self, unit: str, module: nn.Module) -> None:
+        module.to("meta")
+        self._release(self.unit_bytes[unit])
+
+    def _resync_stream(self) -> None:
+        """After a failed forward the prefetch order is lost: restart it at the step's start."""
+        if self._thread is not None:
+            self._stop.set()
+            with self._cond:
+                self._cond.notify_all()
+            self._thread.join()
+            while not self._queue.empty():
+                unit, tensors = self._queue.get()
+                if not isinstance(tensors, Exception):
+                    self._release(self.unit_bytes[unit])
+        self._next = 0
+        for unit in self.streamed:  # drop any unit left materialized
+            mod = self._module(unit)
+            if any(t.device.type != "meta" for t in mod.parameters()):
+                self._evict(unit, mod)
+        if self._thread is not None:
+            self._start_prefetch()
+
+    # ------------------------------------------------------------------ running
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+                cache_id: str = "default", logits_to_keep: int = 1) -> torch.Tensor:
+        """Run this stage's units on one micro-batch.
+
+        Args:
+            x: token ids ``[B, T]`` on the first stage, else hidden states ``[B, T, H]``.
+            attention_mask: ``[B, past + T]``, 1 for real tokens, 0 for padding; or None.
+            position_ids: ``[B, T]`` positions of the new tokens.
+            cache_id: which sequence group's KV cache to extend.
+            logits_to_keep: on the last stage, how many final positions get logits (0: all).
+
+        Returns:
+            Hidden states ``[B, T, H]``, or logits ``[B, logits_to_keep or T, V]`` on the last stage.
+        """
+        t0 = time.perf_counter()
+        stall0 = self.times["stall_s"]
+        cache = self.caches.get(cache_id)
+        if cache is None:
+            cache = self.caches[cache_id] = StageCache(self.config, range(self.range.start, self.range.end))
+        x = x.to(self.device)
+        kw = dict(attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+                  position_ids=position_ids.to(self.device), cache=cache, use_cache=True)
+        if self.range.first:
+            kw["input_ids"] = x
+        else:
+            kw["inputs_embeds"] = x.to(self.dtype)
+        try:
+            if self.range.last:
+                out = self.model(**kw, logits_to_keep=logits_to_keep).logits
+            else:
+                out = self.model.model(**kw).last_hidden_state
+        except BaseException:
+            self._resync_stream()
+            raise
+        cache.advance(x.shape[1])
+        self.times["compute_s"] += time.perf_counter() - t0 - (self.times["stall_s"] - stall0)
+        return out
+
+    def drop(self, cache_id: str) -> None:
+        """Free the KV cache of a finished sequence group."""
+        self.caches.pop(cache_id, None)
+
+    def kv_bytes(self) -> int:
+        """Bytes currently held by this stage's KV caches."""
+        return sum(c.nbytes() for c in self.caches.values())
+
+    def stats(self) -> dict:
+        """Peak weight bytes, budget, resident / streamed units, load and compute seconds."""
+        return {
+            "peak_weight_bytes": self.peak_weight_bytes,
+            "budget_bytes": self.budget,
+            "resident_bytes": sum(self.unit_bytes[u] for u in self.resident),
+            "streamed_bytes": sum(self.unit_bytes[u] for u in self.streamed),
+            "resident_units": list(self.resident),
+            "streamed_units": list(self.streamed),
+            "kv_bytes": self.kv_bytes(),
+            **{k: round(v, 4) for k, v in self.times.items()},
+        }
+
+    def close(self) -> None:
+        """Stop the prefetch thread."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+
+def _config_dtype(config) -> torch.dtype:
+    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt, None)
+    return dt if isinstance(dt, torch.dtype) else torch.float32
