@@ -127,6 +127,21 @@ def unit_params(p: Parts, unit: str) -> dict[str, nn.Parameter]:
     return out
 
 
+def tie_head(p: Parts, head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fill head tensors a tied checkpoint leaves out from the tensors they are tied to."""
+    config = p.model.config.get_text_config()
+    tied = getattr(p.model, "_tied_weights_keys", None)
+    if not getattr(config, "tie_word_embeddings", False) or not isinstance(tied, dict):
+        return head
+    state = p.model.state_dict(keep_vars=True)
+    out = dict(head)
+    for key, t in head.items():
+        src = state.get(tied.get(key, ""))
+        if t.device.type == "meta" and src is not None and src.device.type != "meta":
+            out[key] = src
+    return out
+
+
 class SkippedLayer(nn.Module):
     """Stands in for a decoder layer another stage owns: hidden states pass through."""
 

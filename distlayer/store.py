@@ -311,6 +311,8 @@ def _split_dir(src: Path, out: Path, progress: bool) -> None:
             if sd:
                 convert_and_load_state_dict_in_model(skeleton, sd, lc)
             tensors = arch.unit_params(p, unit)
+            if unit == arch.HEAD:
+                tensors = arch.tie_head(p, tensors)
             missing = [k for k, t in tensors.items() if t.device.type == "meta"]
             if missing:
                 raise StoreError(f"{src}: no weights found for {missing[:3]} (unit {unit}): the checkpoint is incomplete")
