@@ -10,7 +10,7 @@ import torch
 
 from .errors import ConfigError
 from .generate import Generated, SamplingSettings, generate
-from .pipeline import LocalPipeline, stage_ranges
+from .pipeline import Pipeline, PipelineOptions
 from .planner import parse_bytes
 from .runner import _config_dtype
 from .store import LayerStore, open_store
@@ -28,9 +28,12 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     raise ConfigError(f"dtype={dtype!r}: use one of {', '.join(sorted(_DTYPES))}")
 
 
-def _budgets(memory_per_stage, stages: int) -> list[int | None]:
-    values = memory_per_stage if isinstance(memory_per_stage, (list, tuple)) else [memory_per_stage] * stages
-    if len(values) != stages:
+def budgets_from(memory_per_stage, stages: int | None) -> list[int | None] | None:
+    """Per-stage byte budgets from ``"4GiB"``, bytes, or a list per stage; None if unset."""
+    if memory_per_stage is None:
+        return None
+    values = list(memory_per_stage) if isinstance(memory_per_stage, (list, tuple)) else [memory_per_stage] * (stages or 1)
+    if stages and len(values) != stages:
         raise ConfigError(f"memory_per_stage has {len(values)} entries but there are {stages} stages: give one per stage")
     try:
         budgets = [parse_bytes(v) for v in values]
@@ -69,23 +72,23 @@ class AutoModel:
             hf_token: token for gated HF repos.
             device: ``"cpu"``, ``"cuda"``…; default CUDA when available.
             progress: show a progress bar while splitting.
+            **kwargs: pipeline options (``in_process``, ``placement``, ``stage_resources``,
+                ``cpus_per_stage``, ``threads_per_stage``, ``micro_batches``, ``batch_size``,
+                ``context``); see ``PipelineOptions``.
         """
-        for key in ("layer_shards_saving_path",):
-            if key in kwargs:  # AirLLM's name for shards_dir
-                shards_dir = shards_dir or kwargs.pop(key)
+        if "layer_shards_saving_path" in kwargs:  # AirLLM's name for shards_dir
+            shards_dir = shards_dir or kwargs.pop("layer_shards_saving_path")
         kwargs.pop("profiling_mode", None)
-        if kwargs:
-            raise ConfigError(f"from_pretrained got unknown arguments {sorted(kwargs)}")
-        if stages is not None and (not isinstance(stages, int) or stages < 0):
-            raise ConfigError(f"stages={stages!r}: use a whole number, 0 for in-process, 1 or more for Ray actors")
+        opt_names = set(PipelineOptions.__dataclass_fields__) - {"stages", "address", "device"}
+        unknown = set(kwargs) - opt_names
+        if unknown:
+            raise ConfigError(f"from_pretrained got unknown arguments {sorted(unknown)}; "
+                              f"pipeline options are {sorted(opt_names)}")
+        opts = PipelineOptions(stages=stages, address=address, device=device, **kwargs)
+        budgets = budgets_from(memory_per_stage, stages)
         store = open_store(pretrained_model_name_or_path, shards_dir, compression, hf_token, progress)
         dt = resolve_dtype(dtype) or _config_dtype(store.config)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        n = stages or 1
-        budgets = _budgets(memory_per_stage, n)
-        ranges = stage_ranges(store, n, dt)
-        pipe = LocalPipeline(store, ranges, budgets, device=device, dtype=dt, prefetch=prefetch)
-        return DistModel(store, pipe, dt)
+        return DistModel(store, Pipeline(store, budgets, dt, prefetch, opts), dt)
 
 
 class DistModel:

@@ -1,21 +1,28 @@
-"""Drivers that run a model's stages in order.
+"""The driver: plans stages, starts one StageActor per stage, and moves micro-batches
+of hidden states through them.
 
-``LocalPipeline`` runs every stage's ``LayerRunner`` in this process (``stages=0``,
-debugging, single-device runs). The Ray driver, with one actor per stage, builds on
-the same ``forward`` / ``drop`` / ``plan`` / ``stats`` / ``close`` seam.
+With Ray, each stage is an actor on its own device (a GPU, or a share of a node's
+CPUs), placed with a placement group; hidden states go from actor to actor as
+ObjectRefs, never through the driver, and several micro-batches are in flight so
+every stage works at once. ``in_process=True`` runs the same StageActor objects in
+this process, one after another, without Ray. This is the only module that imports
+``ray``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
-from dataclasses import dataclass, asdict
+import time
+from dataclasses import asdict, dataclass
 
-import psutil
 import torch
 
-from .planner import split_layers
-from .runner import LayerRange, LayerRunner
+from .errors import ConfigError, PlanError, StageError
+from .planner import plan_stages
+from .runner import LayerRange
+from .stage import StageActor
 from .store import LayerStore
 
 
@@ -25,7 +32,7 @@ class StagePlan:
 
     stage: int
     node_ip: str
-    pid: int
+    pid: int | None
     device: str
     start: int            # first decoder layer (inclusive)
     end: int              # last decoder layer (exclusive)
@@ -37,72 +44,293 @@ class StagePlan:
         return asdict(self)
 
 
-def node_ip() -> str:
-    """This machine's address as other nodes would see it (best effort)."""
+@dataclass
+class PipelineOptions:
+    """How stages are started and placed (everything but the model and budgets).
+
+    Attributes:
+        stages: number of stages; None: one per GPU in the cluster, else 1.
+        in_process: run the stages in this process without Ray.
+        address: None for a local Ray, ``"auto"`` or ``"host:port"`` for a cluster.
+        device: ``"cpu"`` or ``"cuda"``; None: CUDA when the cluster has GPUs.
+        placement: ``"pack"`` (fill one node first) or ``"spread"`` (one stage per node).
+        stage_resources: extra Ray resources per stage, e.g. ``[{"node_a": 1}, {"node_b": 1}]``.
+        cpus_per_stage: Ray CPUs per stage; default an equal share of the cluster, at most 1.
+        threads_per_stage: torch threads per CPU stage; default this node's cores / stages.
+        micro_batches: micro-batches per batch; default one per stage.
+        batch_size, context: the job's largest batch and sequence (prompt + new tokens). With a
+            context, each budget also reserves that KV cache and activations; without, a
+            budget bounds weights alone.
+    """
+
+    stages: int | None = None
+    in_process: bool = False
+    address: str | None = None
+    device: str | None = None
+    placement: str = "pack"
+    stage_resources: list[dict] | None = None
+    cpus_per_stage: float | None = None
+    threads_per_stage: int | None = None
+    micro_batches: int | None = None
+    batch_size: int = 1
+    context: int | None = None
+
+    def __post_init__(self):
+        if self.placement not in ("pack", "spread"):
+            raise ConfigError(f"placement={self.placement!r}: use 'pack' or 'spread'")
+        if self.stages is not None and (not isinstance(self.stages, int) or self.stages < 0):
+            raise ConfigError(f"stages={self.stages!r}: use a whole number of stages (0: in-process)")
+        if self.micro_batches is not None and self.micro_batches < 1:
+            raise ConfigError(f"micro_batches={self.micro_batches}: use 1 or more")
+
+
+def kv_bytes_per_layer(config, batch_size: int, context: int, dtype: torch.dtype) -> int:
+    """KV cache bytes one decoder layer needs for ``batch_size`` sequences of ``context`` tokens."""
+    text = config.get_text_config()
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * batch_size * context * heads * head_dim * dtype.itemsize
+
+
+def activation_bytes(config, batch_size: int, context: int, dtype: torch.dtype) -> int:
+    """Rough activation bytes of a prefill: a few hidden-state copies plus last-position logits."""
+    text = config.get_text_config()
+    return batch_size * context * text.hidden_size * dtype.itemsize * 4 + batch_size * text.vocab_size * 4
+
+
+def plan_ranges(store: LayerStore, budgets: list[int | None], dtype: torch.dtype, batch_size: int = 1,
+                context: int | None = None) -> list[LayerRange]:
+    """Contiguous layer ranges for stages with these budgets (see ``planner.plan_stages``)."""
+    kv, reserve = _kv_and_reserve(store.config, batch_size, context, dtype)
+    cuts = plan_stages(
+        [store.unit_bytes(f"layer.{i}", dtype) for i in range(store.num_layers)], budgets,
+        embed=store.unit_bytes("embed", dtype), norm=store.unit_bytes("norm", dtype),
+        head=store.unit_bytes("head", dtype), kv_bytes_per_layer=kv, reserve_bytes=reserve,
+    )
+    return [LayerRange(a, b, first=i == 0, last=i == len(cuts) - 1) for i, (a, b) in enumerate(cuts)]
+
+
+def weight_budgets(store: LayerStore, ranges: list[LayerRange], budgets: list[int | None], dtype, batch_size=1,
+                   context=None) -> list[int | None]:
+    """What each stage's runner may spend on weights: its budget less KV cache and activations."""
+    kv, reserve = _kv_and_reserve(store.config, batch_size, context, dtype)
+    return [None if b is None else b - kv * (r.end - r.start) - reserve for r, b in zip(ranges, budgets)]
+
+
+def _kv_and_reserve(config, batch_size: int, context: int | None, dtype) -> tuple[int, int]:
+    """KV bytes per layer and activation bytes to keep free; both 0 when no context is given,
+    so a budget then bounds weights alone."""
+    if not context:
+        return 0, 0
+    return kv_bytes_per_layer(config, batch_size, context, dtype), activation_bytes(config, batch_size, context, dtype)
+
+
+def local_ip() -> str:
+    """This machine's address (best effort)."""
     try:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
         return "127.0.0.1"
 
 
-def stage_ranges(store: LayerStore, stages: int, dtype=None) -> list[LayerRange]:
-    """Even-by-bytes contiguous layer ranges for ``stages`` stages."""
-    layer_bytes = [store.unit_bytes(f"layer.{i}", dtype) for i in range(store.num_layers)]
-    cuts = split_layers(layer_bytes, stages)
-    return [LayerRange(a, b, first=i == 0, last=i == len(cuts) - 1) for i, (a, b) in enumerate(cuts)]
-
-
-def runner_stats(runner: LayerRunner) -> dict:
-    """A stage's stats as ``model.stats()`` reports them."""
-    st = runner.stats()
-    st["peak_rss_bytes"] = _peak_rss()
-    return st
-
-
-def _peak_rss() -> int:
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    except ImportError:  # pragma: no cover - not on Linux
-        return psutil.Process().memory_info().rss
-
-
-class LocalPipeline:
-    """All stages in this process, run one after another.
+class Pipeline:
+    """Stages of one model, in Ray actors or in this process.
 
     Args:
-        store: the layer store.
-        ranges: each stage's layer range.
-        budgets: weight budget per stage (None: unlimited).
-        device, dtype, prefetch: passed to each ``LayerRunner``.
+        store: the layer store (its path must exist on every node that runs a stage).
+        budgets: bytes per stage (weights + KV + activations), or None per stage for
+            "what the device has" on GPUs and no limit on CPUs. Its length is the
+            number of stages when ``opts.stages`` is None.
+        dtype: compute dtype.
+        prefetch: stream units on a background thread.
+        opts: placement and batching options.
     """
 
-    def __init__(self, store: LayerStore, ranges: list[LayerRange], budgets: list[int | None],
-                 device="cpu", dtype=None, prefetch=True):
-        self.runners = [LayerRunner(store, r, device=device, dtype=dtype, budget_bytes=b, prefetch=prefetch, stage=i)
-                        for i, (r, b) in enumerate(zip(ranges, budgets))]
-        self.transfer_s = 0.0
-        ip = node_ip()
-        self.plan = [StagePlan(i, ip, os.getpid(), str(r.device), r.range.start, r.range.end, r.budget,
-                               sum(r.unit_bytes[u] for u in r.resident), sum(r.unit_bytes[u] for u in r.streamed))
-                     for i, r in enumerate(self.runners)]
+    def __init__(self, store: LayerStore, budgets: list[int | None] | None, dtype: torch.dtype, prefetch: bool,
+                 opts: PipelineOptions):
+        self.opts, self.store, self.dtype = opts, store, dtype
+        self._ray = None
+        self._pg = None
+        self.actors: list = []
+        try:
+            self._start(budgets, prefetch)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ start-up
+
+    def _start(self, budgets, prefetch) -> None:
+        o = self.opts
+        if o.in_process or o.stages == 0:
+            n = max(o.stages or 1, 1)
+            device = o.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self.actors = [StageActor(str(self.store.path), i, device, self.dtype, prefetch) for i in range(n)]
+            ips = [local_ip()] * n
+        else:
+            n, device = self._start_ray(prefetch, budgets)
+            ips = self._get([a.__ray_call__.remote(_node_ip) for a in self.actors])
+        budgets = self._budgets(budgets, n, device)
+        ranges = plan_ranges(self.store, budgets, self.dtype, o.batch_size, o.context)
+        wb = weight_budgets(self.store, ranges, budgets, self.dtype, o.batch_size, o.context)
+        infos = self._get([self._call(a, "setup", r, b) for a, r, b in zip(self.actors, ranges, wb)])
+        self.plan = [StagePlan(i, ip, info["pid"], info["device"], r.start, r.end, info["budget_bytes"],
+                               info["resident_bytes"], info["streamed_bytes"])
+                     for i, (ip, info, r) in enumerate(zip(ips, infos, ranges))]
+
+    def _budgets(self, budgets, n: int, device: str) -> list[int | None]:
+        budgets = list(budgets) if budgets is not None else [None] * n
+        if len(budgets) == 1 and n > 1:
+            budgets = budgets * n
+        if len(budgets) != n:
+            raise ConfigError(f"memory_per_stage has {len(budgets)} entries but there are {n} stages: give one per stage")
+        if device.startswith("cuda") and any(b is None for b in budgets):
+            free = self._get([self._call(a, "free_memory") for a in self.actors])
+            budgets = [b if b is not None else int(f * 0.9) for b, f in zip(budgets, free)]
+        return budgets
+
+    def _start_ray(self, prefetch, budgets) -> tuple[int, str]:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        o = self.opts
+        self._ray = ray
+        if not ray.is_initialized():
+            kw = dict(include_dashboard=False, logging_level="WARNING", configure_logging=True)
+            if o.address is None:
+                ray.init(**kw)
+            else:
+                try:
+                    ray.init(address=o.address, **kw)
+                except ConnectionError as e:
+                    raise StageError(
+                        f"cannot join the Ray cluster at {o.address!r} ({e}): start one with `ray start --head` "
+                        "on the head node, or pass address=None for a local Ray"
+                    ) from e
+        res = ray.cluster_resources()
+        gpus = int(res.get("GPU", 0))
+        device = o.device or ("cuda" if gpus else "cpu")
+        n = o.stages or (len(budgets) if budgets and len(budgets) > 1 else (gpus if device == "cuda" and gpus else 1))
+        cpus = o.cpus_per_stage or max(0.01, min(1.0, math.floor(res.get("CPU", 1) / n * 100) / 100))
+        threads = o.threads_per_stage or max(1, (os.cpu_count() or 1) // n) if device == "cpu" else None
+        bundles = []
+        for i in range(n):
+            b = {"CPU": cpus, **({"GPU": 1} if device == "cuda" else {})}
+            if o.stage_resources:
+                b.update(o.stage_resources[i])
+            bundles.append(b)
+        self._pg = placement_group(bundles, strategy="SPREAD" if o.placement == "spread" else "PACK")
+        try:
+            ray.get(self._pg.ready(), timeout=120)
+        except Exception as e:
+            raise StageError(
+                f"the Ray cluster cannot place {n} stages of {bundles[0]} each (it has {dict(res)}): "
+                "use fewer stages, lower cpus_per_stage, or add nodes"
+            ) from e
+        remote = ray.remote(StageActor)
+        self.actors = [
+            remote.options(
+                num_cpus=bundles[i]["CPU"], num_gpus=bundles[i].get("GPU", 0), max_concurrency=1,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
+            ).remote(str(self.store.path), i, device, self.dtype, prefetch, threads)
+            for i in range(n)
+        ]
+        return n, device
+
+    # ------------------------------------------------------------------ calls
+
+    def _call(self, actor, method: str, *args):
+        if self._ray is None:
+            return getattr(actor, method)(*args)
+        return getattr(actor, method).remote(*args)
+
+    def _get(self, refs):
+        if self._ray is None:
+            return refs
+        try:
+            return self._ray.get(refs)
+        except self._ray.exceptions.RayActorError as e:
+            raise StageError(f"a pipeline stage died ({e}); close this model and load it again") from e
+        except self._ray.exceptions.RayTaskError as e:
+            cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else None
+            raise (cause or e) from None
+
+    # ------------------------------------------------------------------ running
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor, cache_id: str,
                 logits_to_keep: int = 1) -> torch.Tensor:
-        """Run all stages on one batch; returns the last stage's logits."""
-        x = ids
-        for r in self.runners:
-            x = r.forward(x, mask, pos, cache_id, logits_to_keep)
-        return x
+        """Run a batch through every stage as micro-batches; returns the last stage's logits.
+
+        Each micro-batch keeps its own KV cache (``cache_id:k``) on every stage, so the
+        rows of a micro-batch must stay the same from step to step (they do: the split
+        depends only on the batch size).
+        """
+        m = min(self.opts.micro_batches or len(self.actors), ids.shape[0])
+        parts = zip(ids.tensor_split(m), (mask.tensor_split(m) if mask is not None else [None] * m),
+                    pos.tensor_split(m))
+        outs = []
+        for k, (ids_k, mask_k, pos_k) in enumerate(parts):
+            msg = (ids_k, time.time())
+            for a in self.actors:
+                msg = self._call(a, "forward", msg, mask_k, pos_k, f"{cache_id}:{k}", logits_to_keep)
+            outs.append(msg)
+        return torch.cat([out for out, _ in self._get(outs)], dim=0)
 
     def drop(self, cache_id: str) -> None:
-        for r in self.runners:
-            r.drop(cache_id)
+        """Free a finished request's KV caches on every stage."""
+        if self.actors:
+            self._get([self._call(a, "drop", cache_id) for a in self.actors])
 
     def stats(self) -> list[dict]:
-        return [{**runner_stats(r), "transfer_s": 0.0} for r in self.runners]
+        """One dict per stage: peak_weight_bytes, peak_rss_bytes, load_s, stall_s, compute_s, transfer_s, …"""
+        return self._get([self._call(a, "stats") for a in self.actors])
 
     def close(self) -> None:
-        for r in self.runners:
-            r.close()
+        """Stop the stages (and their actors and placement group)."""
+        actors, self.actors = self.actors, []
+        if self._ray is None:
+            for a in actors:
+                a.close()
+            return
+        for a in actors:
+            try:
+                self._ray.kill(a)
+            except Exception:
+                pass
+        if self._pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self._pg)
+            self._pg = None
+
+
+def _node_ip(_actor) -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def plan_model(model, stages: int = 1, memory_per_stage=None, shards_dir=None, dtype=None, batch_size: int = 1,
+               context: int | None = None, progress: bool = True) -> list[StagePlan]:
+    """The stage plan for ``model`` without loading weights or starting Ray.
+
+    Splits the checkpoint first if it has no layer store yet (that reads weights once).
+    """
+    from .model import budgets_from, resolve_dtype
+    from .planner import choose_resident
+    from .runner import _config_dtype
+    from .store import open_store
+
+    store = open_store(model, shards_dir, None, None, progress)
+    dt = resolve_dtype(dtype) or _config_dtype(store.config)
+    budgets = budgets_from(memory_per_stage, stages)
+    ranges = plan_ranges(store, budgets, dt, batch_size, context)
+    wb = weight_budgets(store, ranges, budgets, dt, batch_size, context)
+    plans = []
+    for i, (r, b) in enumerate(zip(ranges, wb)):
+        sizes = {u: store.unit_bytes(u, dt) for u in r.units()}
+        resident = choose_resident(sizes, b, i)
+        held = sum(sizes[u] for u in resident)
+        plans.append(StagePlan(i, "-", None, "-", r.start, r.end, b, held, sum(sizes.values()) - held))
+    return plans

@@ -66,11 +66,15 @@ def choose_resident(unit_bytes: dict[str, int], budget: int | None, stage: int =
             f"{fmt_bytes(budget)}: raise memory_per_stage (--memory-per-stage) or add a stage"
         )
     copies = 2 if 2 * unit_bytes[biggest] <= budget else 1
+    sizes = [unit_bytes[n] for n in names]
+    suffix_max = sizes[:]
+    for k in range(len(sizes) - 2, -1, -1):
+        suffix_max[k] = max(sizes[k], suffix_max[k + 1])
     best, held = 0, 0
     for k in range(len(names)):  # the first k units resident, the rest streamed
-        if held + copies * max(unit_bytes[n] for n in names[k:]) <= budget:
+        if held + copies * suffix_max[k] <= budget:
             best = k
-        held += unit_bytes[names[k]]
+        held += sizes[k]
     return names[:best]
 
 
@@ -92,3 +96,113 @@ def split_layers(layer_bytes: list[int], stages: int) -> list[tuple[int, int]]:
             cuts.append(i + 1)
     cuts.append(n)
     return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _stage_units(layer_bytes: list[int], a: int, b: int, first: bool, last: bool,
+                 embed: int, norm: int, head: int) -> dict[str, int]:
+    units = {"embed": embed} if first else {}
+    units.update({f"layer.{i}": layer_bytes[i] for i in range(a, b)})
+    if last:
+        units.update({"norm": norm, "head": head})
+    return units
+
+
+def plan_stages(layer_bytes: list[int], budgets: list[int | None], embed: int = 0, norm: int = 0, head: int = 0,
+                kv_bytes_per_layer: int = 0, reserve_bytes: int = 0) -> list[tuple[int, int]]:
+    """Assign each stage a contiguous ``(start, end)`` range of decoder layers.
+
+    The first stage also holds the embeddings, the last the final norm and head. Each
+    stage's budget covers its weights, the KV cache of its layers
+    (``kv_bytes_per_layer`` each) and ``reserve_bytes`` of activations.
+
+    When every stage can keep its range resident, ranges are balanced by bytes (so by
+    compute) within each budget, and uneven budgets give uneven ranges. Otherwise
+    ranges are chosen so the most bytes any stage streams per step is as small as
+    possible: streaming time is balanced across stages.
+
+    Args:
+        layer_bytes: weight bytes of each decoder layer.
+        budgets: bytes per stage; None means unlimited.
+        embed, norm, head: weight bytes of those units.
+        kv_bytes_per_layer: KV cache bytes one layer needs for the job's batch and context.
+        reserve_bytes: activation bytes each stage keeps free.
+
+    Raises:
+        PlanError: more stages than layers, or a budget that cannot hold a layer.
+    """
+    n, s = len(layer_bytes), len(budgets)
+    if not 1 <= s <= n:
+        raise PlanError(f"stages={s}: the model has {n} layers, so use 1 to {n} stages")
+
+    def units(i, a, b):
+        return _stage_units(layer_bytes, a, b, i == 0, i == s - 1, embed, norm, head)
+
+    def weight_budget(i, a, b):
+        return None if budgets[i] is None else budgets[i] - kv_bytes_per_layer * (b - a) - reserve_bytes
+
+    def streamed(i, a, b) -> float:
+        u, wb = units(i, a, b), weight_budget(i, a, b)
+        if wb is None:
+            return 0
+        if wb < max(u.values()):
+            return float("inf")
+        return sum(u.values()) - sum(u[k] for k in choose_resident(u, wb))
+
+    def greedy(ok) -> list[tuple[int, int]] | None:
+        cuts, a = [], 0
+        for i in range(s):
+            if i == s - 1:
+                b = n
+            else:
+                b = a + 1
+                while b < n - (s - 1 - i) and ok(i, a, b + 1):
+                    b += 1
+            if not ok(i, a, b):
+                return None
+            cuts.append((a, b))
+            a = b
+        return cuts
+
+    total = sum(layer_bytes) + embed + norm + head
+    if greedy(lambda i, a, b: streamed(i, a, b) <= total) is None:
+        raise _too_small(layer_bytes, budgets, embed, norm, head, kv_bytes_per_layer, reserve_bytes)
+    lo, hi = 0, total  # least T with a plan streaming at most T bytes per stage per step
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if greedy(lambda i, a, b: streamed(i, a, b) <= mid) is not None:
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo > 0:
+        return greedy(lambda i, a, b: streamed(i, a, b) <= lo)
+    lo, hi = 0, total  # all resident: least M with every stage holding at most M bytes
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if greedy(lambda i, a, b: streamed(i, a, b) == 0 and sum(units(i, a, b).values()) <= mid) is not None:
+            hi = mid
+        else:
+            lo = mid + 1
+    return greedy(lambda i, a, b: streamed(i, a, b) == 0 and sum(units(i, a, b).values()) <= lo)
+
+
+def _too_small(layer_bytes, budgets, embed, norm, head, kv, reserve) -> PlanError:
+    named = {"embed": embed, "norm": norm, "head": head, **{f"layer {i}": b for i, b in enumerate(layer_bytes)}}
+    big_name = max(named, key=named.__getitem__)
+    i = min(range(len(budgets)), key=lambda k: budgets[k] if budgets[k] is not None else float("inf"))
+    room = budgets[i] - kv - reserve
+    extra = f" after {fmt_bytes(kv + reserve)} of KV cache and activations" if kv or reserve else ""
+    return PlanError(
+        f"{big_name} needs {fmt_bytes(named[big_name])} but stage {i} has {fmt_bytes(max(room, 0))}{extra} "
+        f"(budget {fmt_bytes(budgets[i])}): raise memory_per_stage (--memory-per-stage) or add a stage"
+    )
+
+
+def format_plan(plans) -> str:
+    """A plain-text table of stage plans (objects with the ``StagePlan`` fields)."""
+    rows = [("stage", "node", "pid", "device", "layers", "budget", "resident", "streamed")]
+    for p in plans:
+        rows.append((str(p.stage), p.node_ip, str(p.pid or "-"), p.device, f"{p.start}-{p.end - 1}",
+                     fmt_bytes(p.budget_bytes) if p.budget_bytes is not None else "unlimited",
+                     fmt_bytes(p.resident_bytes), fmt_bytes(p.streamed_bytes)))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)

@@ -310,6 +310,7 @@ class LayerRunner:
             "resident_units": list(self.resident),
             "streamed_units": list(self.streamed),
             "kv_bytes": self.kv_bytes(),
+            "peak_rss_bytes": peak_rss_bytes(),
             **{k: round(v, 4) for k, v in self.times.items()},
         }
 
@@ -321,6 +322,13 @@ class LayerRunner:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _config_dtype(config) -> torch.dtype:

@@ -31,6 +31,7 @@ FORMAT_VERSION = 1
 SHARDS_DIRNAME = "distlayer-shards"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_UNIT_FILE_RE = re.compile(r"^(?:embed|norm|head|layer\.\d+)\.safetensors$")
 
 
 
@@ -62,6 +63,12 @@ def resolve_source(model: str | os.PathLike, token: str | None = None) -> Source
             return Source(path, "gguf")
         raise StoreError(f"{path} is a file but not a .gguf checkpoint: pass the model's directory instead")
     if path.is_dir():
+        if _is_unfinished_store(path):
+            why = "its split was interrupted" if (path / PARTIAL).is_file() else "its manifest.json is missing"
+            raise StoreError(
+                f"{path} holds layer shards but no {MANIFEST} ({why}): finish it with "
+                f"`distlayer split MODEL --out {path}` from the original checkpoint, or delete it and pass the model"
+            )
         if (path / "config.json").is_file():
             return Source(path, "dir")
         ggufs = sorted(path.glob("*.gguf"))
@@ -78,11 +85,19 @@ def resolve_source(model: str | os.PathLike, token: str | None = None) -> Source
     raise StoreError(f"model path {text!r} does not exist: check the path, or pass an HF repo id like 'org/name'")
 
 
+def _is_unfinished_store(path: Path) -> bool:
+    """A dir whose only weights are unit shards (a store) but that has no manifest."""
+    if (path / MANIFEST).is_file():
+        return False
+    weights = [f.name for f in path.iterdir() if f.name.endswith(_WEIGHT_SUFFIXES)]
+    return bool(weights) and all(_UNIT_FILE_RE.match(w) for w in weights)
+
+
 def _download(repo_id: str, token: str | None) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     try:
         snap = Path(snapshot_download(repo_id, token=token, allow_patterns=patterns))
         if not list(snap.glob("*.safetensors")):
@@ -273,9 +288,9 @@ def _split_dir(src: Path, out: Path, progress: bool) -> None:
         config = AutoConfig.from_pretrained(src)
     except Exception as e:
         raise StoreError(f"cannot read {src / 'config.json'} ({e}): the model directory is damaged") from e
+    skeleton = arch.build_skeleton(config, dtype=_checkpoint_dtype(config))
+    p = arch.parts(skeleton)  # unsupported models fail here, before any weights are read
     ckpt = _Checkpoint(src)
-    skeleton = arch.build_skeleton(config)
-    p = arch.parts(skeleton)
     n = len(p.layers)
     raw: dict[str, list[str]] = {u: [] for u in arch.unit_order(n)}
     for key in ckpt.files:
@@ -336,6 +351,14 @@ def _split_dir(src: Path, out: Path, progress: bool) -> None:
     }
     _write_json(out / MANIFEST, manifest)
     (out / PARTIAL).unlink(missing_ok=True)
+
+
+def _checkpoint_dtype(config) -> torch.dtype:
+    """The dtype the checkpoint declares (float32 if none): shards keep it, not float32."""
+    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt, None)
+    return dt if isinstance(dt, torch.dtype) else torch.float32
 
 
 def _free_unit(p: arch.Parts, unit: str) -> None:

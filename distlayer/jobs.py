@@ -1,0 +1,427 @@
+"""Batch jobs: JSONL prompts in, JSONL results out as each batch finishes, resumable.
+
+Input lines are ``{"id": ..., "prompt": "..."}`` or ``{"id": ..., "messages": [...]}``.
+Each output line is one id: ``{"id", "text", "prompt_tokens", "completion_tokens",
+"finish_reason", "seconds"}``, or ``{"id", "line", "error"}`` for a record that cannot
+run. Lines are flushed and fsynced as written.
+
+Resume: the batches are a pure function of the input file and ``batch_size`` (prompts
+sorted by token length, then cut), and a rerun skips every id already in the output.
+A batch that was only partly written is run again whole and only its missing ids are
+written, so every completion comes from the same batch as in an uninterrupted run:
+greedy text is identical, and so is seeded sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import JobConfig, load_job_config
+from .errors import ConfigError
+
+
+@dataclass
+class Record:
+    """One input line. ``error`` is set when the line cannot run."""
+
+    line: int
+    id: Any = None
+    prompt: str | None = None
+    messages: list | None = None
+    error: str | None = None
+    tokens: list[int] | None = None
+
+    @property
+    def key(self) -> str:
+        return record_key(self.id, self.line)
+
+
+@dataclass
+class JobSummary:
+    """What :func:`run_job` did."""
+
+    output: str
+    total: int                 # records in the input
+    skipped: int               # already in the output before this run
+    completed: int             # completions written by this run
+    errors: int                # error records written by this run
+    completion_tokens: int
+    seconds: float
+    repaired: bool = False     # a half-written last line was cut off
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def record_key(id_, line: int) -> str:
+    """Identity of a record in the output: its id, or its line number when it has none."""
+    return f"line:{line}" if id_ is None else json.dumps(id_, sort_keys=True)
+
+
+def resolve_model(name: str) -> str:
+    """``"default"`` → the embedded SmolLM2-135M-Instruct checkpoint (converted once); else ``name``."""
+    from .smollm import DEFAULT_MODEL_NAME, ensure_smollm2
+
+    if name in ("default", DEFAULT_MODEL_NAME) and not Path(name).exists():
+        return str(ensure_smollm2(progress=lambda m: print(m, file=sys.stderr)))
+    return name
+
+
+# --------------------------------------------------------------------------- reading input
+
+
+def _check_fields(obj) -> tuple[Any, str | None, list | None, str | None]:
+    """(id, prompt, messages, error) of one parsed line."""
+    if not isinstance(obj, dict):
+        return None, None, None, f"a record must be a JSON object, got {type(obj).__name__}"
+    id_ = obj.get("id")
+    if isinstance(id_, bool) or not isinstance(id_, (str, int)) or id_ == "":
+        bad = "missing id" if id_ is None else f"id {id_!r} must be a non-empty string or a whole number"
+        return None, None, None, f"{bad}: give every record an \"id\""
+    prompt, messages = obj.get("prompt"), obj.get("messages")
+    if (prompt is None) == (messages is None):
+        return id_, None, None, 'give exactly one of "prompt" or "messages"'
+    if prompt is not None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            return id_, None, None, f"empty prompt ({prompt!r}): write the prompt text"
+        return id_, prompt, None, None
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages)
+    if not ok:
+        return id_, None, None, 'messages must be a non-empty list of {"role": ..., "content": "..."}'
+    if not any(m["content"].strip() for m in messages):
+        return id_, None, None, "empty prompt: every message content is empty"
+    return id_, None, messages, None
+
+
+def parse_line(raw: bytes, line: int) -> Record:
+    """Parse one input line; problems become ``Record.error``, never exceptions."""
+    try:
+        text, utf8_error = raw.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        text, utf8_error = raw.decode("utf-8", errors="replace"), f"line {line} is not valid UTF-8 ({e.reason} at byte {e.start}): save the file as UTF-8"
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        return Record(line, error=utf8_error or f"line {line} is not valid JSON ({e})")
+    id_, prompt, messages, error = _check_fields(obj)
+    return Record(line, id_, prompt, messages, utf8_error or error)
+
+
+def read_records(path: str | os.PathLike) -> list[Record]:
+    """Read the input JSONL (blank lines skipped) and reject duplicate ids.
+
+    Raises:
+        ConfigError: the file is unreadable, or an id appears more than once.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"input {path} does not exist: check the job's `input:` path") from None
+    except OSError as e:
+        raise ConfigError(f"input {path} cannot be read ({e.strerror}): check the job's `input:` path") from None
+    records = [parse_line(raw, i + 1) for i, raw in enumerate(data.split(b"\n")) if raw.strip()]
+    seen: dict[str, list[int]] = {}
+    for r in records:
+        if r.id is not None:
+            seen.setdefault(r.key, []).append(r.line)
+    dups = [(k, lines) for k, lines in seen.items() if len(lines) > 1]
+    if dups:
+        shown = "; ".join(f"id {k} on lines {', '.join(map(str, ls))}" for k, ls in dups[:5])
+        more = f" (and {len(dups) - 5} more)" if len(dups) > 5 else ""
+        raise ConfigError(f"duplicate ids in {path}: {shown}{more}: give every record its own id")
+    return records
+
+
+# --------------------------------------------------------------------------- writing output
+
+
+class ResultWriter:
+    """Append-only JSONL output: knows which ids are done, repairs a torn last line.
+
+    Raises:
+        ConfigError: the output cannot be created or written, or an earlier line is damaged.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        fix = "choose a writable path for the job's `output:`"
+        if self.path.is_dir():
+            raise ConfigError(f"output {self.path} is a directory: {fix}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as e:
+            raise ConfigError(f"output {self.path} cannot be written ({e.strerror}): {fix}") from None
+        self.done: set[str] = set()
+        self.repaired = self._scan()
+
+    def _scan(self) -> bool:
+        with open(self.fd, "rb", closefd=False) as f:
+            data = f.read()
+        cut = data.rfind(b"\n") + 1
+        repaired = cut < len(data)
+        if repaired:  # killed mid-line: drop the fragment, its id runs again
+            os.ftruncate(self.fd, cut)
+            os.fsync(self.fd)
+        for i, raw in enumerate(data[:cut].split(b"\n")[:-1]):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+                self.done.add(record_key(rec.get("id"), rec.get("line", 0)))
+            except (ValueError, AttributeError):
+                raise ConfigError(f"output {self.path} line {i + 1} is not a JSON record: fix or delete that "
+                                  "line, or write to a new output file") from None
+        return repaired
+
+    def write(self, rec: dict) -> None:
+        """Append one record, flushed and fsynced."""
+        try:
+            data = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates from the input
+            data = (json.dumps(rec) + "\n").encode("ascii")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        os.fsync(self.fd)
+        self.done.add(record_key(rec.get("id"), rec.get("line", 0)))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A tqdm bar on a terminal, plain periodic log lines otherwise, or nothing.
+
+    Args:
+        total: prompts to do.
+        mode: ``"bar"``, ``"log"`` or ``"off"``.
+        interval: seconds between log lines.
+    """
+
+    def __init__(self, total: int, mode: str, interval: float = 10.0):
+        self.total, self.mode, self.interval = total, mode, interval
+        self.done = self.tokens = 0
+        self.start = self.last = time.monotonic()
+        self.bar = None
+        if mode == "bar":
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="prompt", desc="distlayer run", file=sys.stderr, dynamic_ncols=True)
+
+    def say(self, msg: str) -> None:
+        """Print a message without breaking the bar."""
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        elif self.mode == "log":
+            print(f"[distlayer] {msg}", file=sys.stderr, flush=True)
+
+    def update(self, prompts: int, tokens: int) -> None:
+        self.done += prompts
+        self.tokens += tokens
+        rate = self.tokens / max(time.monotonic() - self.start, 1e-9)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{rate:.1f} tok/s", refresh=False)
+            self.bar.update(prompts)
+        elif self.mode == "log" and (time.monotonic() - self.last >= self.interval or self.done == self.total):
+            self.last = time.monotonic()
+            self.say(self.line())
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.start
+        rate = self.tokens / max(elapsed, 1e-9)
+        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        eta_s = "?" if eta != eta else f"{eta:.0f}s"
+        return f"{self.done}/{self.total} prompts, {rate:.1f} tokens/s, elapsed {elapsed:.0f}s, ETA {eta_s}"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _progress_mode(progress: bool | str | None) -> str:
+    if progress is None:
+        return "bar" if sys.stderr.isatty() else "log"
+    if isinstance(progress, str):
+        return progress
+    return "bar" if progress else "off"
+
+
+# --------------------------------------------------------------------------- running
+
+
+def tokenize(record: Record, tokenizer, chat_template: bool) -> list[int]:
+    """Token ids of a record's prompt; ``messages`` (or any prompt with ``chat_template``) get the template."""
+    messages = record.messages or ([{"role": "user", "content": record.prompt}] if chat_template else None)
+    if messages is None:
+        return list(tokenizer(record.prompt).input_ids)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the model's tokenizer has no chat template: send \"prompt\" records with "
+                         "generation.chat_template: false")
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # jinja errors: a message the template does not accept
+        raise ValueError(f"the chat template rejects these messages ({e})") from None
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def plan_batches(records: list[Record], batch_size: int) -> list[list[Record]]:
+    """Sort by token length (stable) and cut into batches, so padding stays small."""
+    ordered = sorted(records, key=lambda r: (len(r.tokens), r.line))
+    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def _cut_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    hits = [text.find(s) for s in stops if s in text]
+    return (text[:min(hits)], True) if hits else (text, False)
+
+
+def run_batch(model, batch: list[Record], gen) -> list[dict]:
+    """Generate one left-padded batch; returns one result record per row."""
+    tok = model.tokenizer
+    width = max(len(r.tokens) for r in batch)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)            # [B, T]
+    mask = torch.zeros((len(batch), width), dtype=torch.long)               # [B, T]
+    for i, r in enumerate(batch):
+        ids[i, width - len(r.tokens):] = torch.tensor(r.tokens)
+        mask[i, width - len(r.tokens):] = 1
+    t0 = time.perf_counter()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=gen.max_new_tokens, return_dict_in_generate=True,
+                         do_sample=gen.do_sample, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
+                         seed=gen.seed, stop_strings=gen.stop or None)
+    seconds = round(time.perf_counter() - t0, 4)
+    results = []
+    for i, r in enumerate(batch):
+        n = out.completion_tokens[i]
+        text = tok.decode(out.sequences[i, width:width + n], skip_special_tokens=True)
+        text, hit = _cut_stop(text, gen.stop)
+        reason = "stop" if hit else out.finish_reasons[i]
+        results.append({"id": r.id, "text": text, "prompt_tokens": len(r.tokens), "completion_tokens": n,
+                        "finish_reason": reason, "seconds": seconds})
+    return results
+
+
+def _load_model(cfg: JobConfig, show_split: bool):
+    from .model import AutoModel
+
+    p = cfg.pipeline
+    return AutoModel.from_pretrained(resolve_model(cfg.model), stages=p.stages, memory_per_stage=p.memory_per_stage,
+                                     compression=p.compression, shards_dir=p.shards_dir, address=p.address,
+                                     dtype=p.dtype, progress=show_split)
+
+
+def _error(r: Record) -> dict:
+    return {"id": r.id, "line": r.line, "error": r.error}
+
+
+def run_job(path_or_config: str | os.PathLike | JobConfig | dict, progress: bool | str | None = None) -> JobSummary:
+    """Run a batch job: every input record gets exactly one output line.
+
+    Everything that can be checked without the model (job file, input, duplicate ids,
+    output path) is checked before the model is loaded. Bad records get an error
+    record and the job goes on.
+
+    Args:
+        path_or_config: a YAML job file, a :class:`JobConfig`, or a dict with its keys.
+        progress: None: a bar on a terminal, log lines otherwise; True: bar; False: silent.
+
+    Returns:
+        A :class:`JobSummary`.
+
+    Raises:
+        ConfigError: bad job file, unreadable input, duplicate ids, unwritable output.
+    """
+    if isinstance(path_or_config, JobConfig):
+        cfg = path_or_config
+    elif isinstance(path_or_config, dict):
+        cfg = JobConfig.from_dict(path_or_config)
+    else:
+        cfg = load_job_config(path_or_config)
+    t0 = time.monotonic()
+    records = read_records(cfg.input)
+    writer = ResultWriter(cfg.output)
+    summary = JobSummary(str(cfg.output), len(records), 0, 0, 0, 0, 0.0, writer.repaired)
+    mode = _progress_mode(progress)
+    model = bar = None
+    try:
+        pending = [r for r in records if r.key not in writer.done]
+        summary.skipped = len(records) - len(pending)
+        for r in pending:
+            if r.error:
+                writer.write(_error(r))
+                summary.errors += 1
+        pending = [r for r in pending if not r.error]
+        say = Progress(0, "log" if mode == "bar" else mode).say
+        if writer.repaired:
+            say(f"repaired {cfg.output}: removed a half-written last line")
+        if summary.skipped:
+            say(f"resuming: {summary.skipped} of {len(records)} records already in {cfg.output}")
+        if not pending:
+            return summary
+        model = _load_model(cfg, mode == "bar")
+        valid = _tokenize_all([r for r in records if not r.error], model, cfg, writer, summary)
+        bar = Progress(sum(r.key not in writer.done for r in valid), mode)
+        for batch in plan_batches(valid, cfg.batch_size):
+            todo = {r.key for r in batch if r.key not in writer.done}
+            if not todo:
+                continue
+            results = run_batch(model, batch, cfg.generation)
+            new_tokens = 0
+            for r, res in zip(batch, results):
+                if r.key in todo:
+                    writer.write(res)
+                    summary.completed += 1
+                    new_tokens += res["completion_tokens"]
+            summary.completion_tokens += new_tokens
+            bar.update(len(todo), new_tokens)
+        if mode == "log":
+            bar.say("done: " + bar.line())
+        return summary
+    finally:
+        summary.seconds = round(time.monotonic() - t0, 3)
+        if bar is not None:
+            bar.close()
+        if model is not None:
+            model.close()
+        writer.close()
+
+
+def _tokenize_all(records: list[Record], model, cfg: JobConfig, writer: ResultWriter, summary: JobSummary):
+    """Tokenize every runnable record (done ones too: the batches must not depend on resume state).
+
+    Records that fail (no chat template, longer than the context) get their error record.
+    """
+    if model.tokenizer is None:
+        raise ConfigError(f"model {cfg.model} has no tokenizer files: a job needs a model with a tokenizer")
+    context = getattr(model.config, "max_position_embeddings", None)
+    valid = []
+    for r in records:
+        try:
+            r.tokens = tokenize(r, model.tokenizer, cfg.generation.chat_template)
+            if not r.tokens:
+                raise ValueError("the prompt has no tokens: write the prompt text")
+            if context and len(r.tokens) > context:
+                raise ValueError(f"prompt is {len(r.tokens)} tokens but the model's context is {context}: shorten it")
+        except (ValueError, TypeError) as e:
+            r.error = str(e)
+            if r.key not in writer.done:
+                writer.write(_error(r))
+                summary.errors += 1
+            continue
+        valid.append(r)
+    return valid

@@ -1,0 +1,83 @@
+"""StageActor: a plain class around one LayerRunner. The driver applies ``ray.remote``
+(with its resources) from outside, so this class also runs in-process in tests."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from .errors import StoreError
+from .runner import LayerRange, LayerRunner
+from .store import LayerStore
+
+
+class StageActor:
+    """One pipeline stage: a device, a layer range and its KV caches.
+
+    Construction is cheap; :meth:`setup` loads the weights once the driver has planned
+    the ranges (it may ask :meth:`free_memory` first).
+
+    Args:
+        store_path: the layer store on this node's disk.
+        stage: stage index.
+        device: ``"cpu"`` or ``"cuda"``.
+        dtype: compute dtype.
+        prefetch: stream units on a background thread.
+        num_threads: torch intra-op threads for this stage (CPU); None leaves torch's default.
+    """
+
+    def __init__(self, store_path: str, stage: int, device: str = "cpu", dtype=None, prefetch: bool = True,
+                 num_threads: int | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        if not (Path(store_path) / "manifest.json").is_file():
+            raise StoreError(
+                f"stage {stage} (pid {os.getpid()}) finds no layer store at {store_path} on its node: "
+                "copy the shards there or run `distlayer split MODEL --out DIR` on that node"
+            )
+        self.store = LayerStore(store_path)
+        self.stage = stage
+        self.device = "cuda:0" if device.startswith("cuda") else device
+        self.dtype, self.prefetch = dtype, prefetch
+        self.runner: LayerRunner | None = None
+        self.transfer_s = 0.0
+
+    def free_memory(self) -> int:
+        """Bytes this stage's device has free now."""
+        if self.device.startswith("cuda"):
+            return int(torch.cuda.mem_get_info(torch.device(self.device))[0])
+        return int(psutil.virtual_memory().available)
+
+    def setup(self, layer_range: LayerRange, budget_bytes: int | None) -> dict:
+        """Load the stage's resident units and start streaming; returns what it holds."""
+        self.runner = LayerRunner(self.store, layer_range, device=self.device, dtype=self.dtype,
+                                  budget_bytes=budget_bytes, prefetch=self.prefetch, stage=self.stage)
+        r = self.runner
+        return {"pid": os.getpid(), "device": str(r.device), "budget_bytes": r.budget,
+                "resident_bytes": sum(r.unit_bytes[u] for u in r.resident),
+                "streamed_bytes": sum(r.unit_bytes[u] for u in r.streamed)}
+
+    def forward(self, msg: tuple, mask, pos, cache_id: str, logits_to_keep: int = 1) -> tuple:
+        """Run one micro-batch. ``msg`` is ``(tensor, sent_at)`` from the driver or the
+        previous stage; returns ``(output, sent_at)`` for the next hop."""
+        x, sent_at = msg
+        self.transfer_s += max(0.0, time.time() - sent_at)
+        out = self.runner.forward(x, mask, pos, cache_id, logits_to_keep)
+        return out.cpu() if out.device.type != "cpu" else out, time.time()
+
+    def drop(self, cache_id: str) -> None:
+        """Free the KV caches of a finished request (all its micro-batches)."""
+        for key in [k for k in self.runner.caches if k == cache_id or k.startswith(cache_id + ":")]:
+            self.runner.drop(key)
+
+    def stats(self) -> dict:
+        """The runner's stats plus peak RSS and hand-off seconds."""
+        return {**self.runner.stats(), "transfer_s": round(self.transfer_s, 4)}
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
