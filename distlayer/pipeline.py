@@ -39,6 +39,7 @@ class StagePlan:
     budget_bytes: int | None
     resident_bytes: int
     streamed_bytes: int
+    node_id: str = ""     # Ray node id ("" in-process)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -166,17 +167,17 @@ class Pipeline:
             n = max(o.stages or 1, 1)
             device = o.device or ("cuda" if torch.cuda.is_available() else "cpu")
             self.actors = [StageActor(str(self.store.path), i, device, self.dtype, prefetch) for i in range(n)]
-            ips = [local_ip()] * n
+            nodes = [(local_ip(), "")] * n
         else:
             n, device = self._start_ray(prefetch, budgets)
-            ips = self._get([a.__ray_call__.remote(_node_ip) for a in self.actors])
+            nodes = self._get([a.__ray_call__.remote(_node) for a in self.actors])
         budgets = self._budgets(budgets, n, device)
         ranges = plan_ranges(self.store, budgets, self.dtype, o.batch_size, o.context)
         wb = weight_budgets(self.store, ranges, budgets, self.dtype, o.batch_size, o.context)
         infos = self._get([self._call(a, "setup", r, b) for a, r, b in zip(self.actors, ranges, wb)])
         self.plan = [StagePlan(i, ip, info["pid"], info["device"], r.start, r.end, info["budget_bytes"],
-                               info["resident_bytes"], info["streamed_bytes"])
-                     for i, (ip, info, r) in enumerate(zip(ips, infos, ranges))]
+                               info["resident_bytes"], info["streamed_bytes"], node_id)
+                     for i, ((ip, node_id), info, r) in enumerate(zip(nodes, infos, ranges))]
 
     def _budgets(self, budgets, n: int, device: str) -> list[int | None]:
         budgets = list(budgets) if budgets is not None else [None] * n
@@ -305,10 +306,10 @@ class Pipeline:
             self._pg = None
 
 
-def _node_ip(_actor) -> str:
+def _node(_actor) -> tuple[str, str]:
     import ray
 
-    return ray.util.get_node_ip_address()
+    return ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
 
 
 def plan_model(model, stages: int = 1, memory_per_stage=None, shards_dir=None, dtype=None, batch_size: int = 1,

@@ -78,26 +78,6 @@ def choose_resident(unit_bytes: dict[str, int], budget: int | None, stage: int =
     return names[:best]
 
 
-def split_layers(layer_bytes: list[int], stages: int) -> list[tuple[int, int]]:
-    """Cut layers into ``stages`` contiguous ``(start, end)`` ranges of about equal bytes.
-
-    Raises:
-        PlanError: more stages than layers.
-    """
-    n = len(layer_bytes)
-    if not 1 <= stages <= n:
-        raise PlanError(f"stages={stages}: the model has {n} layers, so use 1 to {n} stages")
-    total = sum(layer_bytes)
-    cuts, acc = [0], 0
-    for i, b in enumerate(layer_bytes):
-        acc += b
-        left = stages - len(cuts)  # cuts still to place
-        if left and (acc >= total * len(cuts) / stages or n - (i + 1) == left) and i + 1 < n:
-            cuts.append(i + 1)
-    cuts.append(n)
-    return list(zip(cuts[:-1], cuts[1:]))
-
-
 def _stage_units(layer_bytes: list[int], a: int, b: int, first: bool, last: bool,
                  embed: int, norm: int, head: int) -> dict[str, int]:
     units = {"embed": embed} if first else {}

@@ -1,0 +1,80 @@
+"""Tokens/s of a distlayer pipeline against transformers in memory, in the same run.
+
+    python benchmarks/bench_pipeline.py [--model DIR] [--stages 2] [--batches 1 16] [--new 32]
+
+Default model: the embedded SmolLM2-135M-Instruct. Everything resident (no budget).
+Each configuration runs once to warm up, then ``--repeat`` timed runs; the best is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child.",
+           "List three prime numbers.", "Who wrote Hamlet?", "Translate 'good morning' into Spanish.",
+           "What is 12 times 7?", "Name a famous painter."]
+
+
+def batch(tok, n: int):
+    texts = [tok.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], tokenize=False,
+                                     add_generation_prompt=True) for i in range(n)]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def timed(fn, repeat: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--threads-per-stage", type=int, default=None)
+    ap.add_argument("--json", default=None, help="write results here")
+    a = ap.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM
+
+    from distlayer import AutoModel
+    from distlayer.smollm import ensure_smollm2
+
+    path = a.model or str(ensure_smollm2())
+    dl = AutoModel.from_pretrained(path, stages=a.stages, progress=False, threads_per_stage=a.threads_per_stage)
+    tok = dl.tokenizer
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dl.dtype).eval()
+    results = []
+    for b in a.batches:
+        ids, mask = batch(tok, b)
+        kw = dict(max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False, pad_token_id=tok.pad_token_id)
+        with torch.inference_mode():
+            t_hf = timed(lambda: hf.generate(ids, attention_mask=mask, **kw), a.repeat)
+        ours = dict(max_new_tokens=a.new, do_sample=False, eos_token_id=[])
+        t_dl = timed(lambda: dl.generate(ids, attention_mask=mask, **ours), a.repeat)
+        row = {"batch": b, "new_tokens": a.new, "hf_tok_s": round(b * a.new / t_hf, 2),
+               "distlayer_tok_s": round(b * a.new / t_dl, 2), "ratio": round(t_hf / t_dl, 3)}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    print("plan:", [p.as_dict() for p in dl.plan])
+    print("threads:", torch.get_num_threads(), "(driver / transformers)")
+    dl.close()
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

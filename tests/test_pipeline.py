@@ -1,0 +1,136 @@
+"""The Ray pipeline against transformers: 1, 2 and 3 actor stages, batch 1 and 8,
+two architectures, budgets that force streaming, and stages on two Ray nodes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import prompts
+from distlayer import AutoModel, LayerStore, split
+
+pytestmark = pytest.mark.slow
+NEW = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+def reference(hf, ids, mask):
+    with torch.inference_mode():
+        return hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True)
+
+
+def check(model, hf, batch, seed=0):
+    ids, mask = prompts(batch, seed=seed)
+    ref = reference(hf, ids, mask)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    assert out.sequences.tolist() == ref.sequences.tolist()
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_actors_match_transformers(arch, stages, tiny_dir, hf_model):
+    with AutoModel.from_pretrained(tiny_dir(arch), stages=stages, progress=False) as model:
+        plan = model.plan
+        assert len(plan) == stages
+        assert plan[0].start == 0 and plan[-1].end == model.config.num_hidden_layers
+        assert all(a.end == b.start for a, b in zip(plan, plan[1:]))
+        assert len({p.pid for p in plan}) == stages  # one actor process per stage
+        for batch in (1, 8):
+            check(model, hf_model(arch), batch)
+        stats = model.stats()
+        assert len(stats) == stages
+        for s in stats:
+            assert s["compute_s"] > 0 and s["peak_weight_bytes"] > 0 and s["peak_rss_bytes"] > 0
+            assert {"load_s", "transfer_s"} <= set(s)
+
+
+def test_uneven_budgets_give_uneven_ranges_and_streaming_still_matches(tiny_dir, hf_model):
+    path = tiny_dir("llama")
+    store = LayerStore(split(path, progress=False))
+    layer = store.unit_bytes("layer.0")
+    ends = store.unit_bytes("embed") + store.unit_bytes("norm") + store.unit_bytes("head")
+    # stage 0 can hold one layer beside the embeddings; stage 1 everything else
+    budgets = [store.unit_bytes("embed") + layer + 16, ends + 4 * layer]
+    with AutoModel.from_pretrained(path, stages=2, memory_per_stage=budgets, progress=False) as model:
+        assert [(p.start, p.end) for p in model.plan] == [(0, 1), (1, 4)]
+        assert all(p.streamed_bytes == 0 for p in model.plan)
+        check(model, hf_model("llama"), 8)
+    # the same two stages with a budget below each range's size: both stream, output unchanged
+    small = int(1.5 * max(store.unit_bytes(u) for u in store.units))
+    with AutoModel.from_pretrained(path, stages=2, memory_per_stage=small, progress=False) as model:
+        assert all(p.streamed_bytes > 0 for p in model.plan)
+        check(model, hf_model("llama"), 8, seed=1)
+        assert all(s["peak_weight_bytes"] <= small for s in model.stats())
+
+
+def test_smollm_two_stages_matches_transformers(smollm_dir):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(smollm_dir, dtype=torch.float32).eval()
+    with AutoModel.from_pretrained(smollm_dir, stages=2, progress=False) as model:
+        tok = model.tokenizer
+        qs = ["What is the capital of France?", "Name a primary colour.", "What is 2+2?", "Say hello.",
+              "Who wrote Hamlet?", "What is ice?", "Name a planet.", "What colour is the sky?"]
+        texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+                 for q in qs]
+        for batch in (1, 8):
+            enc = tok(texts[:batch], return_tensors="pt", padding=True)
+            with torch.inference_mode():
+                ref = hf.generate(**enc, max_new_tokens=12, do_sample=False)
+            out = model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=12)
+            assert out.tolist() == ref.tolist()
+        answer = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert "Paris" in answer
+
+
+DRIVER = textwrap.dedent("""
+    import json, sys
+    from distlayer import AutoModel
+    from conftest import prompts
+    path, address = sys.argv[1], sys.argv[2]
+    model = AutoModel.from_pretrained(path, stages=2, address=address, progress=False,
+                                      stage_resources=[{"node_a": 1}, {"node_b": 1}], placement="spread")
+    ids, mask = prompts(4)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=%d, do_sample=False)
+    print("RESULT " + json.dumps({"plan": [p.as_dict() for p in model.plan], "sequences": out.tolist()}))
+    model.close()
+""" % NEW)
+
+
+def test_two_ray_nodes_one_stage_each(tiny_dir, hf_model, tmp_path):
+    from ray_nodes import RayNodes
+
+    path = tiny_dir("qwen2")
+    split(path, progress=False)  # both nodes share this disk, so both find the store
+    nodes = RayNodes([{"node_a": 1}, {"node_b": 1}])
+    try:
+        script = tmp_path / "driver.py"
+        script.write_text(DRIVER)
+        env = {**nodes.env, "PYTHONPATH": str(tmp_path.parent) + ":" + ":".join(sys.path)}
+        run = subprocess.run([sys.executable, str(script), str(path), nodes.address], env=env, capture_output=True,
+                             text=True, timeout=400, cwd=str(__import__("pathlib").Path(__file__).parent))
+    finally:
+        nodes.stop()
+    line = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert line, run.stdout + run.stderr
+    got = json.loads(line[0][len("RESULT "):])
+    node_ids = [p["node_id"] for p in got["plan"]]
+    assert len(set(node_ids)) == 2 and all(node_ids)
+    ids, mask = prompts(4)
+    assert got["sequences"] == reference(hf_model("qwen2"), ids, mask).sequences.tolist()
