@@ -12,8 +12,10 @@ import signal
 import socket
 import subprocess
 import tempfile
+import sys
 import time
 
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")  # the ray CLI beside this Python
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -37,7 +39,7 @@ class RayNodes:
         import json
 
         for i, res in enumerate(resources):
-            cmd = ["ray", "start", f"--num-cpus={cpus}", f"--resources={json.dumps(res)}", "--disable-usage-stats"]
+            cmd = [RAY, "start", f"--num-cpus={cpus}", f"--resources={json.dumps(res)}", "--disable-usage-stats"]
             if i == 0:
                 cmd += ["--head", f"--port={self.port}", f"--temp-dir={self.temp}", "--include-dashboard=false",
                         "--node-ip-address=127.0.0.1"]
