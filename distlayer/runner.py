@@ -96,7 +96,10 @@ class LayerRunner:
         self.parts = arch.parts(self.model)
         self._prepare_modules()
         for unit in self.resident:
-            self._assign(unit, self._read(unit))
+            tensors, event = self._read(unit)
+            if event is not None:
+                event.synchronize()
+            self._assign(unit, tensors)
             self._hold(self.unit_bytes[unit])
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -159,18 +162,22 @@ class LayerRunner:
 
     # ------------------------------------------------------------------ streaming
 
-    def _read(self, unit: str) -> dict[str, torch.Tensor]:
-        """Read a unit from disk onto this device (through pinned memory on CUDA)."""
+    def _read(self, unit: str) -> tuple[dict[str, torch.Tensor], object]:
+        """Read a unit from disk onto this device.
+
+        On CUDA the tensors go through pinned host memory and a non-blocking copy on a
+        side stream; the returned event marks when the copy is done (None on CPU).
+        """
         t0 = time.perf_counter()
         tensors = self.store.load(unit, self.dtype, "cpu")
+        event = None
         if self._cuda:
             with torch.cuda.stream(self._copy_stream):
                 tensors = {k: t.pin_memory().to(self.device, non_blocking=True) for k, t in tensors.items()}
-            event = torch.cuda.Event()
-            event.record(self._copy_stream)
-            tensors["__event__"] = event  # type: ignore[assignment]
+                event = torch.cuda.Event()
+                event.record(self._copy_stream)
         self.times["load_s"] += time.perf_counter() - t0
-        return tensors
+        return tensors, event
 
     def _start_prefetch(self) -> None:
         self._stop.clear()
@@ -197,7 +204,7 @@ class LayerRunner:
                 return
             i += 1
 
-    def _take(self, unit: str) -> dict[str, torch.Tensor]:
+    def _take(self, unit: str) -> tuple[dict[str, torch.Tensor], object]:
         expected = self.streamed[self._next % len(self.streamed)]
         assert unit == expected, f"stage {self.stage} streams {expected} next but {unit} ran"
         self._next += 1
@@ -209,18 +216,17 @@ class LayerRunner:
             except Exception:
                 self._release(self.unit_bytes[unit])
                 raise
-        got, tensors = self._queue.get()
+        got, loaded = self._queue.get()
         assert got == unit, (got, unit)
-        if isinstance(tensors, Exception):
+        if isinstance(loaded, Exception):
             self._thread = None  # the loader stopped; the next forward restarts it
             self._start_prefetch()
-            raise tensors
-        return tensors
+            raise loaded
+        return loaded
 
     def _materialize(self, unit: str, module: nn.Module) -> None:
         t0 = time.perf_counter()
-        tensors = self._take(unit)
-        event = tensors.pop("__event__", None)
+        tensors, event = self._take(unit)
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
             for t in tensors.values():
