@@ -104,6 +104,7 @@ def _load(model: str, args, stages=None, **kw):
 
 
 def cmd_split(args) -> int:
+    """``distlayer split``: write the layer store, print its path."""
     from .jobs import resolve_model
     from .store import split
 
@@ -112,6 +113,7 @@ def cmd_split(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    """``distlayer plan``: print the stage plan table without loading weights."""
     from .jobs import resolve_model
     from .pipeline import plan_model
     from .planner import format_plan
@@ -123,6 +125,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    """``distlayer generate``: stream one completion to stdout."""
     from transformers import TextStreamer
 
     model = _load(args.model, args, stages=args.stages, address=args.address, compression=args.compression)
@@ -148,6 +151,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_run(args) -> int:
+    """``distlayer run``: run a job file, print a one-line summary to stderr."""
     from .jobs import run_job
 
     s = run_job(args.job, progress=False if args.no_progress else None)
@@ -157,6 +161,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """``distlayer demo``: SmolLM2 on 2 stages answers one question; plan and stats tables."""
     from .model import AutoModel
     from .planner import format_plan
     from .smollm import ensure_smollm2

@@ -41,6 +41,7 @@ class Record:
 
     @property
     def key(self) -> str:
+        """Identity in the output (see :func:`record_key`)."""
         return record_key(self.id, self.line)
 
 
@@ -58,6 +59,7 @@ class JobSummary:
     repaired: bool = False     # a half-written last line was cut off
 
     def as_dict(self) -> dict:
+        """The summary as a plain dict."""
         return asdict(self)
 
 
@@ -198,6 +200,7 @@ class ResultWriter:
         self.done.add(record_key(rec.get("id"), rec.get("line", 0)))
 
     def close(self) -> None:
+        """Close the output file."""
         os.close(self.fd)
 
 
@@ -231,17 +234,19 @@ class Progress:
             print(f"[distlayer] {msg}", file=sys.stderr, flush=True)
 
     def update(self, prompts: int, tokens: int) -> None:
+        """Count finished prompts and their completion tokens."""
         self.done += prompts
         self.tokens += tokens
         rate = self.tokens / max(time.monotonic() - self.start, 1e-9)
         if self.bar is not None:
             self.bar.set_postfix_str(f"{rate:.1f} tok/s", refresh=False)
             self.bar.update(prompts)
-        elif self.mode == "log" and (time.monotonic() - self.last >= self.interval or self.done == self.total):
+        elif self.mode == "log" and time.monotonic() - self.last >= self.interval and self.done < self.total:
             self.last = time.monotonic()
             self.say(self.line())
 
     def line(self) -> str:
+        """One status line: prompts done, tokens/s, elapsed, ETA."""
         elapsed = time.monotonic() - self.start
         rate = self.tokens / max(elapsed, 1e-9)
         eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
@@ -249,6 +254,7 @@ class Progress:
         return f"{self.done}/{self.total} prompts, {rate:.1f} tokens/s, elapsed {elapsed:.0f}s, ETA {eta_s}"
 
     def close(self) -> None:
+        """Close the bar (leaves its last state on screen)."""
         if self.bar is not None:
             self.bar.close()
 
@@ -376,6 +382,7 @@ def run_job(path_or_config: str | os.PathLike | JobConfig | dict, progress: bool
         model = _load_model(cfg, mode == "bar")
         valid = _tokenize_all([r for r in records if not r.error], model, cfg, writer, summary)
         bar = Progress(sum(r.key not in writer.done for r in valid), mode)
+        bar.say(f"{bar.total} prompts to run in batches of {cfg.batch_size}")
         for batch in plan_batches(valid, cfg.batch_size):
             todo = {r.key for r in batch if r.key not in writer.done}
             if not todo:

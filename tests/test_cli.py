@@ -1,0 +1,116 @@
+"""The ``distlayer`` command line: every verb's help, errors, generate streaming, run, demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distlayer import AutoModel
+from distlayer.cli import build_parser, main
+
+VERBS = ["split", "plan", "generate", "run", "demo"]
+
+
+def test_top_level_help_lists_every_verb(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for verb in VERBS:
+        assert f"\n    {verb}" in out
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_each_verb_help_runs(verb, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([verb, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: distlayer {verb}")
+    assert build_parser()._subparsers._group_actions[0].choices[verb].description.split()[0] in out
+
+
+@pytest.mark.parametrize("args", [["-m", "distlayer", "--help"], ["-m", "distlayer.cli", "generate", "--help"]])
+def test_python_dash_m(args):
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "usage: distlayer" in done.stdout
+
+
+def test_distlayer_error_is_printed_with_exit_2(tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text("model: m\ninput: i.jsonl\noutput: o.jsonl\ngeneration: {max_new_token: 4}\n")
+    assert main(["run", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "did you mean 'generation.max_new_tokens'?" in err
+
+
+def test_missing_verb_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+
+
+def test_generate_streams_tokens_as_produced(tiny_dir, capsys, monkeypatch):
+    from transformers import TextStreamer
+
+    chunks = []
+    real = TextStreamer.on_finalized_text
+    monkeypatch.setattr(TextStreamer, "on_finalized_text",
+                        lambda self, text, stream_end=False: (chunks.append(text), real(self, text, stream_end)))
+    model_dir = tiny_dir("llama")
+    assert main(["generate", str(model_dir), "w010 w020 w030", "--stages", "0", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    with AutoModel.from_pretrained(model_dir, stages=0, progress=False) as model:
+        ids = model.tokenizer("w010 w020 w030", return_tensors="pt").input_ids
+        ref = model.generate(ids, max_new_tokens=6, return_dict_in_generate=True)
+        want = model.tokenizer.decode(ref.sequences[0, 3:], skip_special_tokens=True)
+    assert out.strip() == want.strip() and want.strip()
+    assert len([c for c in chunks if c.strip()]) >= 2           # printed piece by piece, not at the end
+
+
+def test_generate_chat_without_template_is_an_error(tiny_dir, capsys):
+    assert main(["generate", str(tiny_dir("llama")), "hi", "--stages", "0", "--chat"]) == 2
+    assert "has no chat template: run without --chat" in capsys.readouterr().err
+
+
+def test_split_and_plan(tiny_dir, tmp_path, capsys):
+    store = tmp_path / "store"
+    assert main(["split", str(tiny_dir("llama")), "--out", str(store)]) == 0
+    assert capsys.readouterr().out.strip() == str(store) and (store / "manifest.json").is_file()
+    assert main(["plan", str(store), "--stages", "2", "--memory-per-stage", "1GiB"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:2] == ["stage", "node"] and len(lines) == 3
+    assert main(["plan", str(store), "--stages", "2", "--memory-per-stage", "lots"]) == 2
+    assert "error: " in capsys.readouterr().err
+
+
+def test_run_verb(tiny_dir, tmp_path, capsys):
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "w010 w011"}\n{"id": 2, "prompt": "w012"}\n')
+    job = {"model": str(tiny_dir("llama")), "input": "in.jsonl", "output": "out.jsonl",
+           "pipeline": {"stages": 0}, "generation": {"max_new_tokens": 3}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["run", str(tmp_path / "job.yaml"), "--no-progress"]) == 0
+    assert "2 completed, 0 errors, 0 already done" in capsys.readouterr().err
+    rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == [1, 2]
+
+
+@pytest.mark.slow
+def test_demo_answers_paris():
+    # DISTLAYER_HOME comes from conftest (one per session), so the conversion runs once.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, "-m", "distlayer", "demo"], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=Path(__file__).parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "Paris" in out.split("Plan:")[0]
+    plan, stats = out.split("Plan:")[1].split("Per-stage stats:")
+    assert len(plan.strip().splitlines()) == 3 and len(stats.strip().splitlines()) == 3
+    assert "peak_weight_bytes" in stats and "compute_s" in stats
