@@ -122,6 +122,7 @@ class DistModel:
     def sampling_settings(self, **kw) -> SamplingSettings:
         """Sampling settings from the model's generation_config, overridden by ``kw`` (HF names)."""
         gc = self.generation_config
+        max_new = kw.pop("max_new_tokens", None)
         eos = kw.pop("eos_token_id", None)
         if eos is None:
             eos = getattr(gc, "eos_token_id", None) if gc is not None else None
@@ -138,7 +139,7 @@ class DistModel:
                 v = getattr(gc, name, None)
             return default if v is None else v
         s = SamplingSettings(
-            max_new_tokens=kw.pop("max_new_tokens", None) or 20,
+            max_new_tokens=20 if max_new is None else max_new,
             do_sample=bool(pick("do_sample", False)),
             temperature=float(pick("temperature", 1.0)),
             top_k=pick("top_k", None),

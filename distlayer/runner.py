@@ -235,7 +235,7 @@ class LayerRunner:
         self.times["stall_s"] += time.perf_counter() - t0
 
     def _evict(self, unit: str, module: nn.Module) -> None:
-        module.to("meta")
+        _to_meta(module)
         self._release(self.unit_bytes[unit])
 
     def _resync_stream(self) -> None:
@@ -330,8 +330,28 @@ class LayerRunner:
             self._thread = None
 
 
+def _to_meta(module: nn.Module) -> None:
+    """Drop a module's weights (parameters and persistent buffers). Non-persistent
+    buffers, such as Gemma's embedding scale, are not in the checkpoint and stay."""
+    for m in module.modules():
+        for k, p in m._parameters.items():
+            if p is not None:
+                m._parameters[k] = nn.Parameter(p.detach().to("meta"), requires_grad=False)
+        for k, b in m._buffers.items():
+            if b is not None and k not in m._non_persistent_buffers_set:
+                m._buffers[k] = b.to("meta")
+
+
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far."""
+    """Peak resident set size of this process (VmHWM; unlike ru_maxrss, not inherited
+    from the parent process)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

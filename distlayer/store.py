@@ -303,7 +303,9 @@ def _split_dir(src: Path, out: Path, progress: bool) -> None:
     done = {u["name"]: u for u in partial.get("units", []) if _unit_file_ok(out, u)}
     if arch.HEAD not in done:
         done.pop(arch.EMBED, None)  # a tied head needs the embeddings loaded again
-    todo_bytes = ckpt.nbytes() * (len(raw) - len(done)) // max(len(raw), 1)
+    # Sized from the model's own tensors: a tied head is written as its own copy.
+    todo_bytes = sum(t.numel() * t.element_size() for u in arch.unit_order(n) if u not in done
+                     for t in arch.unit_params(p, u).values())
     _check_disk(out, todo_bytes)
     _copy_side_files(src, out)
     mapping = get_model_conversion_mapping(skeleton)
