@@ -44,6 +44,7 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads-per-stage", type=int, default=None)
+    ap.add_argument("--micro-batches", type=int, default=None, help="default: one per stage")
     ap.add_argument("--json", default=None, help="write results here")
     a = ap.parse_args(argv)
 
@@ -53,7 +54,8 @@ def main(argv=None):
     from distlayer.smollm import ensure_smollm2
 
     path = a.model or str(ensure_smollm2())
-    dl = AutoModel.from_pretrained(path, stages=a.stages, progress=False, threads_per_stage=a.threads_per_stage)
+    dl = AutoModel.from_pretrained(path, stages=a.stages, progress=False, threads_per_stage=a.threads_per_stage,
+                                   micro_batches=a.micro_batches)
     tok = dl.tokenizer
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dl.dtype).eval()
     results = []

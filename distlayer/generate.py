@@ -2,13 +2,16 @@
 
 Nothing here knows about stages, devices or Ray. ``step(ids, attention_mask,
 position_ids)`` runs one forward of the whole model with its KV cache and returns
-logits for the last position of every row.
+logits for the last position of every row, or, when it picks greedily itself, the
+chosen tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
+
+import threading
 
 import torch
 
@@ -60,6 +63,26 @@ class Generated:
     logits: list[torch.Tensor] = field(default_factory=list)  # per step: [B, V] raw logits
 
 
+class GroupStop:
+    """Ends several micro-batch generations of one batch together, at the step where the
+    batch's last row stopped, as a single batched ``generate`` would.
+
+    Args:
+        n: number of micro-batches.
+    """
+
+    def __init__(self, n: int = 1):
+        self.ends: list[int | None] = [None] * n
+        self._lock = threading.Lock()
+
+    def should_stop(self, k: int, steps: int, done: bool) -> bool:
+        """Micro-batch ``k`` has taken ``steps`` steps; ``done``: all its rows stopped."""
+        with self._lock:
+            if done and self.ends[k] is None:
+                self.ends[k] = steps
+            return None not in self.ends and steps >= max(self.ends)
+
+
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Position of every token from a left-padded ``[B, L]`` mask (padding gets 1, as in transformers)."""
     pos = mask.long().cumsum(-1) - 1
@@ -84,17 +107,21 @@ def pick_next(logits: torch.Tensor, s: SamplingSettings, gen: torch.Generator | 
 
 
 def generate(step: Step, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, s: SamplingSettings,
-             tokenizer=None, streamer=None, keep_logits: bool = False) -> Generated:
+             tokenizer=None, streamer=None, keep_logits: bool = False, group: GroupStop | None = None,
+             index: int = 0) -> Generated:
     """Generate up to ``s.max_new_tokens`` tokens for each row of a left-padded batch.
 
     Args:
-        step: runs the model on new tokens, extending its KV cache; returns ``[B, V]`` logits.
+        step: runs the model on new tokens, extending its KV cache; returns ``[B, V]`` logits,
+            or ``[B]`` tokens when it picks greedily itself.
         input_ids: ``[B, T]`` prompt ids, left-padded.
         attention_mask: ``[B, T]``, 0 on padding; None means no padding.
         s: sampling and stopping settings.
         tokenizer: needed for ``stop_strings``.
         streamer: object with ``put(tensor)`` / ``end()`` like transformers' ``TextStreamer`` (batch 1).
         keep_logits: return each step's logits.
+        group, index: when a batch runs as several concurrent micro-batch generations, the
+            shared :class:`GroupStop` and this one's index.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
@@ -106,6 +133,7 @@ def generate(step: Step, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     gen = None
     if s.do_sample and s.seed is not None:
         gen = torch.Generator().manual_seed(s.seed)
+    group = group or GroupStop(1)
     eos = torch.tensor(list(s.eos_token_ids) or [-1])
     done = torch.zeros(b, dtype=torch.bool)
     reasons = ["length"] * b
@@ -114,11 +142,14 @@ def generate(step: Step, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     if streamer is not None:
         streamer.put(input_ids)
     new_ids, new_pos = input_ids, positions_from_mask(mask)
-    for _ in range(s.max_new_tokens):
-        logits = step(new_ids, mask, new_pos)  # [B, V]
-        if keep_logits:
-            all_logits.append(logits.float().cpu())
-        nxt = pick_next(logits.float().cpu(), s, gen)
+    for t in range(s.max_new_tokens):
+        out = step(new_ids, mask, new_pos)  # [B, V] logits, or [B] chosen tokens
+        if out.dim() == 1:
+            nxt = out.long()
+        else:
+            if keep_logits:
+                all_logits.append(out.float().cpu())
+            nxt = pick_next(out.float().cpu(), s, gen)
         nxt = torch.where(done, torch.full_like(nxt, s.pad_token_id), nxt)
         seqs = torch.cat([seqs, nxt[:, None]], dim=1)
         for r in range(b):
@@ -135,7 +166,7 @@ def generate(step: Step, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         for r in torch.nonzero(stopped).flatten().tolist():
             reasons[r] = "stop"
         done |= stopped
-        if bool(done.all()):
+        if group.should_stop(index, t + 1, bool(done.all())):
             break
         mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], dim=1)
         new_ids, new_pos = nxt[:, None], (mask.sum(-1, keepdim=True) - 1)

@@ -259,24 +259,26 @@ class Pipeline:
 
     # ------------------------------------------------------------------ running
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor, cache_id: str,
-                logits_to_keep: int = 1) -> torch.Tensor:
-        """Run a batch through every stage as micro-batches; returns the last stage's logits.
+    def micro_batches(self, batch: int) -> int:
+        """How many micro-batches a batch of ``batch`` rows is cut into: one per stage by
+        default (none in-process, where stages cannot overlap)."""
+        if self._ray is None:
+            return 1
+        return max(1, min(self.opts.micro_batches or len(self.actors), batch))
 
-        Each micro-batch keeps its own KV cache (``cache_id:k``) on every stage, so the
-        rows of a micro-batch must stay the same from step to step (they do: the split
-        depends only on the batch size).
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor, cache_id: str,
+                logits_to_keep: int = 1, greedy: bool = False) -> torch.Tensor:
+        """Run one micro-batch through every stage; returns the last stage's logits
+        ``[B, T, V]``, or with ``greedy`` the argmax tokens of the last position ``[B]``.
+
+        The hidden states go from stage to stage as ObjectRefs, so they never pass
+        through the driver. Calls from several threads (one per micro-batch) overlap.
         """
-        m = min(self.opts.micro_batches or len(self.actors), ids.shape[0])
-        parts = zip(ids.tensor_split(m), (mask.tensor_split(m) if mask is not None else [None] * m),
-                    pos.tensor_split(m))
-        outs = []
-        for k, (ids_k, mask_k, pos_k) in enumerate(parts):
-            msg = (ids_k, time.time())
-            for a in self.actors:
-                msg = self._call(a, "forward", msg, mask_k, pos_k, f"{cache_id}:{k}", logits_to_keep)
-            outs.append(msg)
-        return torch.cat([out for out, _ in self._get(outs)], dim=0)
+        msg = (ids, time.time())
+        for a in self.actors:
+            msg = self._call(a, "forward", msg, mask, pos, cache_id, logits_to_keep, greedy)
+        out, _ = self._get(msg)
+        return out
 
     def drop(self, cache_id: str) -> None:
         """Free a finished request's KV caches on every stage."""

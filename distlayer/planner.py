@@ -95,8 +95,9 @@ def plan_stages(layer_bytes: list[int], budgets: list[int | None], embed: int = 
     stage's budget covers its weights, the KV cache of its layers
     (``kv_bytes_per_layer`` each) and ``reserve_bytes`` of activations.
 
-    When every stage can keep its range resident, ranges are balanced by bytes (so by
-    compute) within each budget, and uneven budgets give uneven ranges. Otherwise
+    When every stage can keep its range resident, ranges are balanced by compute (the
+    bytes each token reads: all of every layer and the head, one row of the embeddings)
+    within each budget, and uneven budgets give uneven ranges. Otherwise
     ranges are chosen so the most bytes any stage streams per step is as small as
     possible: streaming time is balanced across stages.
 
@@ -128,6 +129,11 @@ def plan_stages(layer_bytes: list[int], budgets: list[int | None], embed: int = 
             return float("inf")
         return sum(u.values()) - sum(u[k] for k in choose_resident(u, wb))
 
+    def work(i, a, b) -> int:
+        """Compute of a resident stage, in weight bytes read per token: an embedding
+        lookup reads one row, every other unit all of its bytes."""
+        return sum(units(i, a, b).values()) - (embed if i == 0 else 0)
+
     def greedy(ok) -> list[tuple[int, int]] | None:
         cuts, a = [], 0
         for i in range(s):
@@ -158,11 +164,11 @@ def plan_stages(layer_bytes: list[int], budgets: list[int | None], embed: int = 
     lo, hi = 0, total  # all resident: least M with every stage holding at most M bytes
     while lo < hi:
         mid = (lo + hi) // 2
-        if greedy(lambda i, a, b: streamed(i, a, b) == 0 and sum(units(i, a, b).values()) <= mid) is not None:
+        if greedy(lambda i, a, b: streamed(i, a, b) == 0 and work(i, a, b) <= mid) is not None:
             hi = mid
         else:
             lo = mid + 1
-    return greedy(lambda i, a, b: streamed(i, a, b) == 0 and sum(units(i, a, b).values()) <= lo)
+    return greedy(lambda i, a, b: streamed(i, a, b) == 0 and work(i, a, b) <= lo)
 
 
 def _too_small(layer_bytes, budgets, embed, norm, head, kv, reserve) -> PlanError:

@@ -61,13 +61,19 @@ class StageActor:
                 "resident_bytes": sum(r.unit_bytes[u] for u in r.resident),
                 "streamed_bytes": sum(r.unit_bytes[u] for u in r.streamed)}
 
-    def forward(self, msg: tuple, mask, pos, cache_id: str, logits_to_keep: int = 1) -> tuple:
+    def forward(self, msg: tuple, mask, pos, cache_id: str, logits_to_keep: int = 1, greedy: bool = False) -> tuple:
         """Run one micro-batch. ``msg`` is ``(tensor, sent_at)`` from the driver or the
-        previous stage; returns ``(output, sent_at)`` for the next hop."""
+        previous stage; returns ``(output, sent_at)`` for the next hop.
+
+        With ``greedy`` the last stage returns the argmax token of the last position
+        (``[B]``) instead of logits, so only token ids travel back to the driver.
+        """
         x, sent_at = msg
         self.transfer_s += max(0.0, time.time() - sent_at)
         out = self.runner.forward(x, mask, pos, cache_id, logits_to_keep)
-        return out.cpu() if out.device.type != "cpu" else out, time.time()
+        if greedy and self.runner.range.last:
+            out = out[:, -1, :].argmax(-1)
+        return out.cpu(), time.time()
 
     def drop(self, cache_id: str) -> None:
         """Free the KV caches of a finished request (all its micro-batches)."""

@@ -13,8 +13,9 @@ L10 = [10] * 8
     (L10, [None], {}, [(0, 8)]),
     (L10, [None, None], {}, [(0, 4), (4, 8)]),
     (L10, [None] * 4, {}, [(0, 2), (2, 4), (4, 6), (6, 8)]),
-    # embeddings on the first stage and head on the last count toward balance
-    (L10, [None] * 3, dict(embed=15, head=15), [(0, 2), (2, 6), (6, 8)]),
+    # the head's matmul counts toward balance; an embedding lookup does not
+    (L10, [None] * 3, dict(embed=15, head=15), [(0, 3), (3, 6), (6, 8)]),
+    (L10, [None] * 2, dict(embed=40, head=40), [(0, 6), (6, 8)]),
     # uneven budgets: the small stage gets fewer layers
     (L10, [30, 70], {}, [(0, 3), (3, 8)]),
     (L10, [70, 30], {}, [(0, 5), (5, 8)]),
