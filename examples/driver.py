@@ -3,7 +3,7 @@
 On the head node::
 
     ray start --head
-    python examples/cluster_driver.py --address auto --stages 2
+    python examples/driver.py --address auto --stages 2
 
 Other machines join first with ``ray start --address HEAD_IP:6379``. Without
 ``--address`` a local Ray is started. ``--model default`` is the embedded
