@@ -259,10 +259,15 @@ class Pipeline:
 
     # ------------------------------------------------------------------ running
 
+    @property
+    def remote(self) -> bool:
+        """True when the stages run in Ray actors, not in this process."""
+        return self._ray is not None
+
     def micro_batches(self, batch: int) -> int:
         """How many micro-batches a batch of ``batch`` rows is cut into: one per stage by
         default (none in-process, where stages cannot overlap)."""
-        if self._ray is None:
+        if not self.remote:
             return 1
         return max(1, min(self.opts.micro_batches or len(self.actors), batch))
 
