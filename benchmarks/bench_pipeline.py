@@ -2,7 +2,8 @@
 
     python benchmarks/bench_pipeline.py [--model DIR] [--stages 2] [--batches 1 16] [--new 32]
 
-Default model: the embedded SmolLM2-135M-Instruct. Everything resident (no budget).
+Default model: the embedded SmolLM2-135M-Instruct. Everything resident unless
+``--memory-per-stage`` makes the stages stream.
 Each configuration runs once to warm up, then ``--repeat`` timed runs; the best is kept.
 """
 
@@ -45,6 +46,7 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads-per-stage", type=int, default=None)
     ap.add_argument("--micro-batches", type=int, default=None, help="default: one per stage")
+    ap.add_argument("--memory-per-stage", default=None, help="budget per stage (default: all resident)")
     ap.add_argument("--json", default=None, help="write results here")
     a = ap.parse_args(argv)
 
@@ -55,7 +57,7 @@ def main(argv=None):
 
     path = a.model or str(ensure_smollm2())
     dl = AutoModel.from_pretrained(path, stages=a.stages, progress=False, threads_per_stage=a.threads_per_stage,
-                                   micro_batches=a.micro_batches)
+                                   micro_batches=a.micro_batches, memory_per_stage=a.memory_per_stage)
     tok = dl.tokenizer
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dl.dtype).eval()
     results = []
@@ -71,6 +73,7 @@ def main(argv=None):
         results.append(row)
         print(json.dumps(row), flush=True)
     print("plan:", [p.as_dict() for p in dl.plan])
+    print("stats:", dl.stats())
     print("threads:", torch.get_num_threads(), "(driver / transformers)")
     dl.close()
     if a.json:
