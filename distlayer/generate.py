@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-import threading
+from collections import deque
 
 import torch
 
@@ -63,26 +63,6 @@ class Generated:
     logits: list[torch.Tensor] = field(default_factory=list)  # per step: [B, V] raw logits
 
 
-class GroupStop:
-    """Ends several micro-batch generations of one batch together, at the step where the
-    batch's last row stopped, as a single batched ``generate`` would.
-
-    Args:
-        n: number of micro-batches.
-    """
-
-    def __init__(self, n: int = 1):
-        self.ends: list[int | None] = [None] * n
-        self._lock = threading.Lock()
-
-    def should_stop(self, k: int, steps: int, done: bool) -> bool:
-        """Micro-batch ``k`` has taken ``steps`` steps; ``done``: all its rows stopped."""
-        with self._lock:
-            if done and self.ends[k] is None:
-                self.ends[k] = steps
-            return None not in self.ends and steps >= max(self.ends)
-
-
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Position of every token from a left-padded ``[B, L]`` mask (padding gets 1, as in transformers)."""
     pos = mask.long().cumsum(-1) - 1
@@ -107,22 +87,31 @@ def pick_next(logits: torch.Tensor, s: SamplingSettings, gen: torch.Generator | 
 
 
 def generate(step: Step, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, s: SamplingSettings,
-             tokenizer=None, streamer=None, keep_logits: bool = False, group: GroupStop | None = None,
-             index: int = 0) -> Generated:
+             tokenizer=None, streamer=None, keep_logits: bool = False, fetch: Callable | None = None,
+             groups: int = 1, ahead: int = 1) -> Generated:
     """Generate up to ``s.max_new_tokens`` tokens for each row of a left-padded batch.
 
+    The batch may run as several micro-batches (``groups``) whose forwards are submitted
+    in step order, micro-batch after micro-batch, so a pipeline works on one while the
+    next waits; and, when ``step`` picks tokens itself, ``ahead`` steps deep.
+
     Args:
-        step: runs the model on new tokens, extending its KV cache; returns ``[B, V]`` logits,
-            or ``[B]`` tokens when it picks greedily itself.
+        step: ``step(k, ids, mask, pos)`` starts micro-batch ``k``'s next forward, extending
+            its KV cache, and returns a handle; :func:`fetch` of it gives ``[b, V]`` logits, or
+            ``[b]`` tokens when the step picks greedily itself.
         input_ids: ``[B, T]`` prompt ids, left-padded.
         attention_mask: ``[B, T]``, 0 on padding; None means no padding.
         s: sampling and stopping settings.
         tokenizer: needed for ``stop_strings``.
         streamer: object with ``put(tensor)`` / ``end()`` like transformers' ``TextStreamer`` (batch 1).
         keep_logits: return each step's logits.
-        group, index: when a batch runs as several concurrent micro-batch generations, the
-            shared :class:`GroupStop` and this one's index.
-    """
+        fetch: turns a handle into its tensor; default: the handle is the tensor.
+        groups: micro-batches (contiguous row ranges) the batch runs as.
+        ahead: with ``ahead > 1``, ``step`` must pick tokens itself and accept the handle of
+            the previous step as its input ids: each micro-batch then has up to ``ahead``
+            steps in flight and the model never waits for this loop. Rows that stopped are
+            fed their own tokens rather than padding; their output is padding either way.
+        """
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     input_ids = input_ids.cpu().long()
@@ -133,7 +122,7 @@ def generate(step: Step, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     gen = None
     if s.do_sample and s.seed is not None:
         gen = torch.Generator().manual_seed(s.seed)
-    group = group or GroupStop(1)
+    fetch = fetch or (lambda handle: handle)
     eos = torch.tensor(list(s.eos_token_ids) or [-1])
     done = torch.zeros(b, dtype=torch.bool)
     reasons = ["length"] * b
@@ -141,16 +130,48 @@ def generate(step: Step, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     seqs, all_logits = input_ids, []
     if streamer is not None:
         streamer.put(input_ids)
-    new_ids, new_pos = input_ids, positions_from_mask(mask)
+
+    rows = [r for r in torch.arange(b).tensor_split(groups) if len(r)]
+    masks = [mask[r] for r in rows]
+    inputs = [input_ids[r] for r in rows]
+    positions = [positions_from_mask(m) for m in masks]
+    pending = [deque() for _ in rows]
+    submitted = [0] * len(rows)
+
+    def advance(k: int, new_ids) -> None:
+        masks[k] = torch.cat([masks[k], torch.ones(len(rows[k]), 1, dtype=mask.dtype)], dim=1)
+        inputs[k], positions[k] = new_ids, masks[k].sum(-1, keepdim=True) - 1
+
+    def top_up(k: int, steps: int) -> None:
+        while submitted[k] < min(steps, s.max_new_tokens):
+            pending[k].append(step(k, inputs[k], masks[k], positions[k]))
+            submitted[k] += 1
+            if ahead > 1:  # the next step's input is this step's tokens, still on their way
+                advance(k, pending[k][-1])
+
+    for depth in range(1, ahead + 1):  # in step order, so no stage waits behind a later step
+        for k in range(len(rows)):
+            top_up(k, depth)
+    early = len(rows) > 1 or ahead > 1  # submit before the stop check, to keep stages busy
     for t in range(s.max_new_tokens):
-        out = step(new_ids, mask, new_pos)  # [B, V] logits, or [B] chosen tokens
-        if out.dim() == 1:
-            nxt = out.long()
-        else:
-            if keep_logits:
-                all_logits.append(out.float().cpu())
-            nxt = pick_next(out.float().cpu(), s, gen)
-        nxt = torch.where(done, torch.full_like(nxt, s.pad_token_id), nxt)
+        picked = []
+        for k in range(len(rows)):
+            out = fetch(pending[k].popleft())  # [b, V] logits, or [b] chosen tokens
+            if out.dim() == 1:
+                nxt = out.long()
+            else:
+                if keep_logits:
+                    all_logits.append(out.float().cpu())
+                nxt = pick_next(out.float().cpu(), s, gen)
+            nxt = torch.where(done[rows[k]], torch.full_like(nxt, s.pad_token_id), nxt)
+            picked.append(nxt)
+            if ahead == 1:
+                advance(k, nxt[:, None])
+            if early:
+                top_up(k, t + 1 + ahead)
+        nxt = torch.cat(picked)
+        if keep_logits and len(rows) > 1:
+            all_logits[-len(rows):] = [torch.cat(all_logits[-len(rows):])]
         seqs = torch.cat([seqs, nxt[:, None]], dim=1)
         for r in range(b):
             if not done[r]:
@@ -166,10 +187,10 @@ def generate(step: Step, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         for r in torch.nonzero(stopped).flatten().tolist():
             reasons[r] = "stop"
         done |= stopped
-        if group.should_stop(index, t + 1, bool(done.all())):
+        if bool(done.all()):
             break
-        mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], dim=1)
-        new_ids, new_pos = nxt[:, None], (mask.sum(-1, keepdim=True) - 1)
+        if not early:
+            top_up(0, t + 2)
     if streamer is not None:
         streamer.end()
     return Generated(sequences=seqs, finish_reasons=reasons, completion_tokens=counts, logits=all_logits)

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import os
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from .errors import ConfigError
-from .generate import Generated, GroupStop, SamplingSettings, generate
+from .generate import Generated, SamplingSettings, generate
 from .pipeline import Pipeline, PipelineOptions
 from .planner import parse_bytes
 from .runner import _config_dtype
 from .store import LayerStore, open_store
 
+AHEAD = 3  # greedy decode steps in flight per micro-batch
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -181,36 +181,27 @@ class DistModel:
         input_ids = torch.as_tensor(input_ids)
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
-        # Micro-batches generate concurrently: while one waits for its next token, the
-        # stages work on the others, so decode keeps every stage busy.
-        m = 1 if streamer is not None else self.pipeline.micro_batches(input_ids.shape[0])
-        rows = input_ids.tensor_split(m)
-        masks = attention_mask.tensor_split(m) if attention_mask is not None else [None] * m
-        group, cache_id = GroupStop(m), uuid.uuid4().hex
+        # The batch runs as micro-batches (one per stage) so every stage has work; greedy
+        # decode on Ray actors also keeps a few steps in flight, the first stage taking the
+        # last stage's tokens straight from it, so no stage waits on this process.
+        groups = 1 if streamer is not None else self.pipeline.micro_batches(input_ids.shape[0])
         greedy = not s.do_sample and not output_logits  # then only token ids come back
+        ahead = AHEAD if greedy and self.pipeline.remote else 1
+        cache_id = uuid.uuid4().hex
 
-        def run(k: int) -> Generated:
-            def step(ids, mask, pos):
-                out = self.pipeline.forward(ids, mask, pos, f"{cache_id}:{k}", greedy=greedy)
-                return out if greedy else out[:, -1, :]
+        def step(k, ids, mask, pos):
+            return self.pipeline.submit(ids, mask, pos, f"{cache_id}:{k}", greedy=greedy)
 
-            return generate(step, rows[k], masks[k], s, tokenizer=self.tokenizer, streamer=streamer,
-                            keep_logits=output_logits, group=group, index=k)
+        def fetch(handle):
+            out = self.pipeline.fetch(handle)
+            return out if greedy else out[:, -1, :]
 
         try:
-            if m == 1:
-                parts = [run(0)]
-            else:
-                with ThreadPoolExecutor(m, thread_name_prefix="microbatch") as pool:
-                    parts = list(pool.map(run, range(m)))
+            out = generate(step, input_ids, attention_mask, s, tokenizer=self.tokenizer, streamer=streamer,
+                           keep_logits=output_logits, fetch=fetch, groups=groups, ahead=ahead)
         finally:
             self.pipeline.drop(cache_id)
-        out = Generated(
-            sequences=torch.cat([p.sequences for p in parts]).to(device),
-            finish_reasons=[r for p in parts for r in p.finish_reasons],
-            completion_tokens=[c for p in parts for c in p.completion_tokens],
-            logits=[torch.cat(step) for step in zip(*(p.logits for p in parts))],
-        )
+        out.sequences = out.sequences.to(device)
         return out if return_dict_in_generate else out.sequences
 
     def __call__(self, *args, **kwargs) -> Generated:

@@ -271,19 +271,30 @@ class Pipeline:
             return 1
         return max(1, min(self.opts.micro_batches or len(self.actors), batch))
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor, cache_id: str,
-                logits_to_keep: int = 1, greedy: bool = False) -> torch.Tensor:
-        """Run one micro-batch through every stage; returns the last stage's logits
-        ``[B, T, V]``, or with ``greedy`` the argmax tokens of the last position ``[B]``.
+    def submit(self, ids, mask: torch.Tensor | None, pos: torch.Tensor, cache_id: str, logits_to_keep: int = 1,
+               greedy: bool = False):
+        """Start one micro-batch through every stage; returns a handle for :meth:`fetch`.
 
-        The hidden states go from stage to stage as ObjectRefs, so they never pass
-        through the driver. Calls from several threads (one per micro-batch) overlap.
+        ``ids`` is a ``[B, T]`` tensor, or the handle of an earlier greedy step, whose
+        tokens then go from the last stage to the first without passing the driver. The
+        hidden states go from stage to stage as ObjectRefs too. Calls from several threads
+        (one per micro-batch) overlap.
         """
-        msg = (ids, time.time())
+        msg = (ids, time.time()) if isinstance(ids, torch.Tensor) else ids
         for a in self.actors:
             msg = self._call(a, "forward", msg, mask, pos, cache_id, logits_to_keep, greedy)
-        out, _ = self._get(msg)
+        return msg
+
+    def fetch(self, handle) -> torch.Tensor:
+        """The last stage's logits ``[B, T, V]``, or with ``greedy`` the argmax tokens of the
+        last position ``[B]``."""
+        out, _ = self._get(handle)
         return out
+
+    def forward(self, ids, mask: torch.Tensor | None, pos: torch.Tensor, cache_id: str, logits_to_keep: int = 1,
+                greedy: bool = False) -> torch.Tensor:
+        """:meth:`submit` then :meth:`fetch`."""
+        return self.fetch(self.submit(ids, mask, pos, cache_id, logits_to_keep, greedy))
 
     def drop(self, cache_id: str) -> None:
         """Free a finished request's KV caches on every stage."""

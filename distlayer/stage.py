@@ -70,6 +70,8 @@ class StageActor:
         """
         x, sent_at = msg
         self.transfer_s += max(0.0, time.time() - sent_at)
+        if x.dim() == 1:  # tokens the last stage picked in the previous step
+            x = x[:, None]
         out = self.runner.forward(x, mask, pos, cache_id, logits_to_keep)
         if greedy and self.runner.range.last:
             out = out[:, -1, :].argmax(-1)

@@ -191,7 +191,7 @@ def test_generate_without_model():
     assert positions_from_mask(mask).tolist() == [[1, 1, 0, 1], [0, 1, 2, 3]]
     seen = []
 
-    def step(ids, m, pos):  # always prefers token 5, then 7 once 3 tokens were seen
+    def step(k, ids, m, pos):  # always prefers token 5, then 7 once 3 tokens were seen
         seen.append((ids.shape, m.shape, pos.tolist()))
         logits = torch.zeros(ids.shape[0], 10)
         logits[:, 5 if len(seen) < 3 else 7] = 1.0
@@ -205,3 +205,34 @@ def test_generate_without_model():
     assert seen[1] == ((2, 1), (2, 5), [[2], [4]])
     empty = generate(step, torch.tensor([[3, 4]]), None, SamplingSettings(max_new_tokens=0))
     assert empty.sequences.tolist() == [[3, 4]] and empty.finish_reasons == ["length"]
+
+
+def counting_model(calls):
+    """A fake greedy model over handles: each row's next token is its last token + 1 (mod 10);
+    a handle is ``("h", tokens)``, as a pipeline's future would be."""
+    def step(k, ids, mask, pos):
+        last = ids[1] if isinstance(ids, tuple) else ids[:, -1]
+        calls.append((k, int(mask.shape[1])))
+        assert pos.shape == (len(last), 1) or pos.shape == ids.shape
+        return ("h", (last + 1) % 10)
+
+    return step, (lambda handle: handle[1])
+
+
+@pytest.mark.parametrize("groups, ahead", [(1, 3), (2, 1), (2, 3), (3, 2)])
+def test_micro_batches_and_steps_ahead_give_the_same_tokens(groups, ahead):
+    ids = torch.tensor([[0, 1, 2], [0, 5, 6], [3, 4, 5], [1, 1, 1], [2, 2, 8]])
+    mask = torch.tensor([[0, 1, 1], [0, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1]])
+    s = SamplingSettings(max_new_tokens=6, eos_token_ids=[9], pad_token_id=0)
+    ref_calls, calls = [], []
+    step, fetch = counting_model(ref_calls)
+    ref = generate(step, ids, mask, s, fetch=fetch)
+    step, fetch = counting_model(calls)
+    out = generate(step, ids, mask, s, fetch=fetch, groups=groups, ahead=ahead)
+    assert out.sequences.tolist() == ref.sequences.tolist()
+    assert out.finish_reasons == ref.finish_reasons and out.completion_tokens == ref.completion_tokens
+    assert ref.sequences[2, 3:].tolist() == [6, 7, 8, 9, 0, 0]  # stopped at eos 9, then padding
+    # forwards are submitted in step order, micro-batch after micro-batch
+    assert calls[:groups] == [(k, 3) for k in range(groups)]
+    steps = [m for _, m in calls]
+    assert steps == sorted(steps)
