@@ -4,7 +4,8 @@
 
 Default model: the embedded SmolLM2-135M-Instruct. Everything resident unless
 ``--memory-per-stage`` makes the stages stream.
-Each configuration runs once to warm up, then ``--repeat`` timed runs; the best is kept.
+Each configuration runs once to warm up, then ``--repeat`` timed runs, alternating
+between transformers and distlayer; the best of each is kept.
 """
 
 from __future__ import annotations
@@ -27,13 +28,17 @@ def batch(tok, n: int):
     return enc["input_ids"], enc["attention_mask"]
 
 
-def timed(fn, repeat: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
+def best_times(fns: dict, repeat: int) -> dict:
+    """Best wall time of each function, after one warm-up run each; the runs alternate
+    between the functions so drift in the machine's speed hits them alike."""
+    for fn in fns.values():
         fn()
-        best = min(best, time.perf_counter() - t)
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
     return best
 
 
@@ -43,7 +48,7 @@ def main(argv=None):
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads-per-stage", type=int, default=None)
     ap.add_argument("--micro-batches", type=int, default=None, help="default: one per stage")
     ap.add_argument("--memory-per-stage", default=None, help="budget per stage (default: all resident)")
@@ -64,10 +69,11 @@ def main(argv=None):
     for b in a.batches:
         ids, mask = batch(tok, b)
         kw = dict(max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False, pad_token_id=tok.pad_token_id)
-        with torch.inference_mode():
-            t_hf = timed(lambda: hf.generate(ids, attention_mask=mask, **kw), a.repeat)
         ours = dict(max_new_tokens=a.new, do_sample=False, eos_token_id=[])
-        t_dl = timed(lambda: dl.generate(ids, attention_mask=mask, **ours), a.repeat)
+        with torch.inference_mode():
+            best = best_times({"hf": lambda: hf.generate(ids, attention_mask=mask, **kw),
+                               "distlayer": lambda: dl.generate(ids, attention_mask=mask, **ours)}, a.repeat)
+        t_hf, t_dl = best["hf"], best["distlayer"]
         row = {"batch": b, "new_tokens": a.new, "hf_tok_s": round(b * a.new / t_hf, 2),
                "distlayer_tok_s": round(b * a.new / t_dl, 2), "ratio": round(t_hf / t_dl, 3)}
         results.append(row)

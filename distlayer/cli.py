@@ -116,7 +116,7 @@ def cmd_plan(args) -> int:
     """``distlayer plan``: print the stage plan table without loading weights."""
     from .jobs import resolve_model
     from .pipeline import plan_model
-    from .planner import format_plan
+    from .report import format_plan
 
     plans = plan_model(resolve_model(args.model), args.stages or 1, args.memory_per_stage, shards_dir=args.shards_dir,
                        dtype=args.dtype, batch_size=max(args.batch_size, 1), context=args.context)
@@ -163,7 +163,7 @@ def cmd_run(args) -> int:
 def cmd_demo(args) -> int:
     """``distlayer demo``: SmolLM2 on 2 stages answers one question; plan and stats tables."""
     from .model import AutoModel
-    from .planner import format_plan
+    from .report import format_plan, stats_table
     from .smollm import ensure_smollm2
 
     try:
@@ -185,37 +185,6 @@ def cmd_demo(args) -> int:
         print("\nPer-stage stats:")
         print(stats_table(model.stats()))
     return 0
-
-
-def _cell(key: str, value) -> str:
-    from .planner import fmt_bytes
-
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and key.endswith("_bytes"):
-        return fmt_bytes(value)
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return "-" if value is None else str(value)
-
-
-def table(rows: list[dict]) -> str:
-    """Rows of dicts as an aligned text table; ``*_bytes`` columns human-readable."""
-    if not rows:
-        return "(empty)"
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    cells = [[_cell(c, r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
-
-
-STATS_COLUMNS = ("peak_weight_bytes", "peak_rss_bytes", "kv_bytes", "load_s", "stall_s", "compute_s", "transfer_s")
-
-
-def stats_table(stats: list[dict]) -> str:
-    """Per-stage stats (``model.stats()``) as a table: stage, then the byte and time columns present."""
-    cols = [c for c in STATS_COLUMNS if any(c in s for s in stats)]
-    return table([{"stage": i, **{c: s.get(c) for c in cols}} for i, s in enumerate(stats)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -181,14 +181,3 @@ def _too_small(layer_bytes, budgets, embed, norm, head, kv, reserve) -> PlanErro
         f"{big_name} needs {fmt_bytes(named[big_name])} but stage {i} has {fmt_bytes(max(room, 0))}{extra} "
         f"(budget {fmt_bytes(budgets[i])}): raise memory_per_stage (--memory-per-stage) or add a stage"
     )
-
-
-def format_plan(plans) -> str:
-    """A plain-text table of stage plans (objects with the ``StagePlan`` fields)."""
-    rows = [("stage", "node", "pid", "device", "layers", "budget", "resident", "streamed")]
-    for p in plans:
-        rows.append((str(p.stage), p.node_ip, str(p.pid or "-"), p.device, f"{p.start}-{p.end - 1}",
-                     fmt_bytes(p.budget_bytes) if p.budget_bytes is not None else "unlimited",
-                     fmt_bytes(p.resident_bytes), fmt_bytes(p.streamed_bytes)))
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)

@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 
 from distlayer import AutoModel
-from distlayer.cli import stats_table
 from distlayer.jobs import resolve_model
-from distlayer.planner import format_plan
+from distlayer.report import format_plan, stats_table
 
 
 def main() -> None:

@@ -3,7 +3,8 @@
 import pytest
 
 from distlayer.errors import PlanError
-from distlayer.planner import format_plan, plan_stages
+from distlayer.planner import plan_stages
+from distlayer.report import format_plan
 
 L10 = [10] * 8
 
