@@ -8,6 +8,7 @@ layout with transformers' loading code, so a unit file loads straight into the m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -428,9 +429,9 @@ class LayerStore:
         self._verified: set[str] = set()
         self._lock = threading.Lock()
 
-    @property
+    @functools.cached_property
     def config(self):
-        """The model's transformers config."""
+        """The model's transformers config (read once)."""
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(self.path)
