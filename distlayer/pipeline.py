@@ -252,7 +252,10 @@ class Pipeline:
         try:
             return self._ray.get(refs)
         except self._ray.exceptions.RayActorError as e:
-            raise StageError(f"a pipeline stage died ({e}); close this model and load it again") from e
+            ids = [a._actor_id.hex() for a in self.actors]
+            which = f"stage {ids.index(e.actor_id)}" if getattr(e, "actor_id", None) in ids else "a pipeline stage"
+            raise StageError(f"{which} died ({str(e).splitlines()[0]}); its KV caches are lost: close this "
+                             "model and load it again") from e
         except self._ray.exceptions.RayTaskError as e:
             cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else None
             raise (cause or e) from None

@@ -139,3 +139,17 @@ def test_two_ray_nodes_one_stage_each(tiny_dir, hf_model, tmp_path):
     assert len(set(node_ids)) == 2 and all(node_ids)
     ids, mask = prompts(4)
     assert got["sequences"] == reference(hf_model("qwen2"), ids, mask).sequences.tolist()
+
+
+def test_dead_stage_gives_a_clear_error(tiny_dir):
+    import os
+    import signal
+
+    from distlayer import StageError
+
+    with AutoModel.from_pretrained(tiny_dir("llama"), stages=2, progress=False) as model:
+        ids, mask = prompts(2)
+        model.generate(ids, attention_mask=mask, max_new_tokens=2)
+        os.kill(model.plan[1].pid, signal.SIGKILL)
+        with pytest.raises(StageError, match="stage 1 died.*load it again"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2)
