@@ -11,7 +11,7 @@ import torch
 from .errors import ConfigError
 from .generate import Generated, SamplingSettings, generate
 from .pipeline import Pipeline, PipelineOptions
-from .planner import parse_bytes
+from .planner import budgets_from
 from .runner import _config_dtype
 from .store import LayerStore, open_store
 
@@ -27,23 +27,6 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     if str(dtype) in _DTYPES:
         return _DTYPES[str(dtype)]
     raise ConfigError(f"dtype={dtype!r}: use one of {', '.join(sorted(_DTYPES))}")
-
-
-def budgets_from(memory_per_stage, stages: int | None) -> list[int | None] | None:
-    """Per-stage byte budgets from ``"4GiB"``, bytes, or a list per stage; None if unset."""
-    if memory_per_stage is None:
-        return None
-    values = list(memory_per_stage) if isinstance(memory_per_stage, (list, tuple)) else [memory_per_stage] * (stages or 1)
-    if stages and len(values) != stages:
-        raise ConfigError(f"memory_per_stage has {len(values)} entries but there are {stages} stages: give one per stage")
-    try:
-        budgets = [parse_bytes(v) for v in values]
-    except ValueError as e:
-        raise ConfigError(f"memory_per_stage: {e}") from None
-    for b in budgets:
-        if b is not None and b <= 0:
-            raise ConfigError(f"memory_per_stage={b}: must be a positive size such as 2GiB")
-    return budgets
 
 
 class AutoModel:
@@ -86,10 +69,12 @@ class AutoModel:
             raise ConfigError(f"from_pretrained got unknown arguments {sorted(unknown)}; "
                               f"pipeline options are {sorted(opt_names)}")
         opts = PipelineOptions(stages=stages, address=address, device=device, **kwargs)
-        budgets = budgets_from(memory_per_stage, stages)
+        # bad sizes fail here, before any checkpoint or Ray work
+        budgets_from(memory_per_stage, stages or (len(memory_per_stage)
+                                                 if isinstance(memory_per_stage, (list, tuple)) else 1))
         store = open_store(pretrained_model_name_or_path, shards_dir, compression, hf_token, progress)
         dt = resolve_dtype(dtype) or _config_dtype(store.config)
-        return DistModel(store, Pipeline(store, budgets, dt, prefetch, opts), dt)
+        return DistModel(store, Pipeline(store, memory_per_stage, dt, prefetch, opts), dt)
 
 
 class DistModel:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .errors import ConfigError, PlanError, StageError
-from .planner import plan_stages
+from .planner import budgets_from, plan_stages
 from .runner import LayerRange
 from .stage import StageActor
 from .store import LayerStore
@@ -139,29 +139,29 @@ class Pipeline:
 
     Args:
         store: the layer store (its path must exist on every node that runs a stage).
-        budgets: bytes per stage (weights + KV + activations), or None per stage for
-            "what the device has" on GPUs and no limit on CPUs. Its length is the
-            number of stages when ``opts.stages`` is None.
+        memory_per_stage: budget per stage (weights + KV + activations): a size, a list
+            per stage, or None for "what the device has" on GPUs and no limit on CPUs. A
+            list's length is the number of stages when ``opts.stages`` is None.
         dtype: compute dtype.
         prefetch: stream units on a background thread.
         opts: placement and batching options.
     """
 
-    def __init__(self, store: LayerStore, budgets: list[int | None] | None, dtype: torch.dtype, prefetch: bool,
+    def __init__(self, store: LayerStore, memory_per_stage, dtype: torch.dtype, prefetch: bool,
                  opts: PipelineOptions):
         self.opts, self.store, self.dtype = opts, store, dtype
         self._ray = None
         self._pg = None
         self.actors: list = []
         try:
-            self._start(budgets, prefetch)
+            self._start(memory_per_stage, prefetch)
         except BaseException:
             self.close()
             raise
 
     # ------------------------------------------------------------------ start-up
 
-    def _start(self, budgets, prefetch) -> None:
+    def _start(self, memory_per_stage, prefetch) -> None:
         o = self.opts
         if o.in_process or o.stages == 0:
             n = max(o.stages or 1, 1)
@@ -169,9 +169,9 @@ class Pipeline:
             self.actors = [StageActor(str(self.store.path), i, device, self.dtype, prefetch) for i in range(n)]
             nodes = [(local_ip(), "")] * n
         else:
-            n, device = self._start_ray(prefetch, budgets)
+            n, device = self._start_ray(prefetch, memory_per_stage)
             nodes = self._get([a.__ray_call__.remote(_node) for a in self.actors])
-        budgets = self._budgets(budgets, n, device)
+        budgets = self._budgets(budgets_from(memory_per_stage, n), device)
         ranges = plan_ranges(self.store, budgets, self.dtype, o.batch_size, o.context)
         wb = weight_budgets(self.store, ranges, budgets, self.dtype, o.batch_size, o.context)
         infos = self._get([self._call(a, "setup", r, b) for a, r, b in zip(self.actors, ranges, wb)])
@@ -179,18 +179,14 @@ class Pipeline:
                                info["resident_bytes"], info["streamed_bytes"], node_id)
                      for i, ((ip, node_id), info, r) in enumerate(zip(nodes, infos, ranges))]
 
-    def _budgets(self, budgets, n: int, device: str) -> list[int | None]:
-        budgets = list(budgets) if budgets is not None else [None] * n
-        if len(budgets) == 1 and n > 1:
-            budgets = budgets * n
-        if len(budgets) != n:
-            raise ConfigError(f"memory_per_stage has {len(budgets)} entries but there are {n} stages: give one per stage")
+    def _budgets(self, budgets: list[int | None], device: str) -> list[int | None]:
+        """On GPUs a stage without a budget gets 90% of what its device has free."""
         if device.startswith("cuda") and any(b is None for b in budgets):
             free = self._get([self._call(a, "free_memory") for a in self.actors])
             budgets = [b if b is not None else int(f * 0.9) for b, f in zip(budgets, free)]
         return budgets
 
-    def _start_ray(self, prefetch, budgets) -> tuple[int, str]:
+    def _start_ray(self, prefetch, memory_per_stage) -> tuple[int, str]:
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -212,9 +208,14 @@ class Pipeline:
         res = ray.cluster_resources()
         gpus = int(res.get("GPU", 0))
         device = o.device or ("cuda" if gpus else "cpu")
-        n = o.stages or (len(budgets) if budgets and len(budgets) > 1 else (gpus if device == "cuda" and gpus else 1))
+        if o.stages:
+            n = o.stages
+        elif isinstance(memory_per_stage, (list, tuple)):
+            n = len(memory_per_stage)
+        else:
+            n = gpus if device == "cuda" and gpus else 1
         cpus = o.cpus_per_stage or max(0.01, min(1.0, math.floor(res.get("CPU", 1) / n * 100) / 100))
-        threads = o.threads_per_stage or max(1, (os.cpu_count() or 1) // n) if device == "cpu" else None
+        threads = (o.threads_per_stage or max(1, (os.cpu_count() or 1) // n)) if device == "cpu" else None
         bundles = []
         for i in range(n):
             b = {"CPU": cpus, **({"GPU": 1} if device == "cuda" else {})}
@@ -339,7 +340,7 @@ def plan_model(model, stages: int = 1, memory_per_stage=None, shards_dir=None, d
 
     Splits the checkpoint first if it has no layer store yet (that reads weights once).
     """
-    from .model import budgets_from, resolve_dtype
+    from .model import resolve_dtype
     from .planner import choose_resident
     from .runner import _config_dtype
     from .store import open_store

@@ -3,7 +3,7 @@ layers each stage owns. No torch, no Ray, no I/O."""
 
 from __future__ import annotations
 
-from .errors import PlanError
+from .errors import ConfigError, PlanError
 
 GiB = 2**30
 
@@ -35,6 +35,31 @@ def parse_bytes(value: int | float | str | None) -> int | None:
         return int(float(num) * units[suffix])
     except ValueError:
         raise ValueError(f"{value!r} is not a byte size; write it like 4GiB, 512MiB or 2000000000") from None
+
+
+def budgets_from(memory_per_stage, stages: int) -> list[int | None]:
+    """One byte budget per stage from ``"4GiB"``, bytes, a list per stage, or None (no
+    budget: None for every stage).
+
+    Raises:
+        ConfigError: a size that does not parse or is not positive, or a list whose
+            length is not ``stages``.
+    """
+    if isinstance(memory_per_stage, (list, tuple)):
+        values = list(memory_per_stage)
+        if len(values) != stages:
+            raise ConfigError(f"memory_per_stage has {len(values)} entries but there are {stages} stages: "
+                              "give one per stage")
+    else:
+        values = [memory_per_stage] * stages
+    try:
+        budgets = [parse_bytes(v) for v in values]
+    except ValueError as e:
+        raise ConfigError(f"memory_per_stage: {e}") from None
+    for b in budgets:
+        if b is not None and b <= 0:
+            raise ConfigError(f"memory_per_stage={b}: must be a positive size such as 2GiB")
+    return budgets
 
 
 def choose_resident(unit_bytes: dict[str, int], budget: int | None, stage: int = 0) -> list[str]:

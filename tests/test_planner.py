@@ -69,3 +69,5 @@ def test_plan_model_reads_only_the_manifest(tiny_dir):
     plans = plan_model(tiny_dir("llama"), stages=2, memory_per_stage="1MiB", progress=False)
     assert [(p.start, p.end) for p in plans] == [(0, 2), (2, 4)]
     assert all(p.budget_bytes == 2**20 and p.streamed_bytes == 0 for p in plans)
+    unlimited = plan_model(tiny_dir("llama"), stages=2, progress=False)  # no budget: nothing streams
+    assert [(p.start, p.end, p.budget_bytes, p.streamed_bytes) for p in unlimited] == [(0, 2, None, 0), (2, 4, None, 0)]
