@@ -28,8 +28,8 @@ def table(rows: list[dict]) -> str:
 
 
 def format_plan(plans) -> str:
-    """The stage plan (``StagePlan`` objects) as a table: node, pid, device, layers, bytes."""
-    return table([{"stage": p.stage, "node": p.node_ip, "pid": p.pid, "device": p.device,
+    """The stage plan (``StagePlan`` objects) as a table: node, pid, device, threads, layers, bytes."""
+    return table([{"stage": p.stage, "node": p.node_ip, "pid": p.pid, "device": p.device, "threads": p.threads,
                    "layers": f"{p.start}-{p.end - 1}",
                    "budget": fmt_bytes(p.budget_bytes) if p.budget_bytes is not None else "unlimited",
                    "resident": fmt_bytes(p.resident_bytes), "streamed": fmt_bytes(p.streamed_bytes)}

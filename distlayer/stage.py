@@ -27,13 +27,9 @@ class StageActor:
         device: ``"cpu"`` or ``"cuda"``.
         dtype: compute dtype.
         prefetch: stream units on a background thread.
-        num_threads: torch intra-op threads for this stage (CPU); None leaves torch's default.
     """
 
-    def __init__(self, store_path: str, stage: int, device: str = "cpu", dtype=None, prefetch: bool = True,
-                 num_threads: int | None = None):
-        if num_threads:
-            torch.set_num_threads(num_threads)
+    def __init__(self, store_path: str, stage: int, device: str = "cpu", dtype=None, prefetch: bool = True):
         if not (Path(store_path) / "manifest.json").is_file():
             raise StoreError(
                 f"stage {stage} (pid {os.getpid()}) finds no layer store at {store_path} on its node: "
@@ -52,12 +48,15 @@ class StageActor:
             return int(torch.cuda.mem_get_info(torch.device(self.device))[0])
         return int(psutil.virtual_memory().available)
 
-    def setup(self, layer_range: LayerRange, budget_bytes: int | None) -> dict:
-        """Load the stage's resident units and start streaming; returns what it holds."""
+    def setup(self, layer_range: LayerRange, budget_bytes: int | None, num_threads: int | None = None) -> dict:
+        """Load the stage's resident units and start streaming; returns what it holds.
+        ``num_threads``: torch intra-op threads for this stage; None leaves torch's default."""
+        if num_threads:
+            torch.set_num_threads(num_threads)
         self.runner = LayerRunner(self.store, layer_range, device=self.device, dtype=self.dtype,
                                   budget_bytes=budget_bytes, prefetch=self.prefetch, stage=self.stage)
         r = self.runner
-        return {"pid": os.getpid(), "device": str(r.device), "budget_bytes": r.budget,
+        return {"pid": os.getpid(), "device": str(r.device), "budget_bytes": r.budget, "threads": torch.get_num_threads(),
                 "resident_bytes": sum(r.unit_bytes[u] for u in r.resident),
                 "streamed_bytes": sum(r.unit_bytes[u] for u in r.streamed)}
 

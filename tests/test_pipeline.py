@@ -50,9 +50,17 @@ def check(model, hf, batch, seed=0):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("stages", [1, 2, 3])
 def test_actors_match_transformers(arch, stages, tiny_dir, hf_model):
-    with AutoModel.from_pretrained(tiny_dir(arch), stages=stages, progress=False) as model:
+    import ray
+
+    # llama: the default on one node, stages taking turns with the whole batch on all
+    # cores; qwen2: one micro-batch per stage in flight at once, one core each
+    micro = stages if arch == "qwen2" else None
+    with AutoModel.from_pretrained(tiny_dir(arch), stages=stages, micro_batches=micro, progress=False) as model:
         plan = model.plan
         assert len(plan) == stages
+        cores = int(ray.cluster_resources()["CPU"])  # one node
+        assert model.pipeline.micro_batches(8) == (micro or 1)
+        assert [p.threads for p in plan] == [max(1, cores // (micro or 1))] * stages
         assert plan[0].start == 0 and plan[-1].end == model.config.num_hidden_layers
         assert all(a.end == b.start for a, b in zip(plan, plan[1:]))
         assert len({p.pid for p in plan}) == stages  # one actor process per stage
@@ -113,7 +121,8 @@ DRIVER = textwrap.dedent("""
                                       stage_resources=[{"node_a": 1}, {"node_b": 1}], placement="spread")
     ids, mask = prompts(4)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=%d, do_sample=False)
-    print("RESULT " + json.dumps({"plan": [p.as_dict() for p in model.plan], "sequences": out.tolist()}))
+    print("RESULT " + json.dumps({"plan": [p.as_dict() for p in model.plan], "sequences": out.tolist(),
+                                  "micro_batches": model.pipeline.micro_batches(4)}))
     model.close()
 """ % NEW)
 
@@ -137,6 +146,7 @@ def test_two_ray_nodes_one_stage_each(tiny_dir, hf_model, tmp_path):
     got = json.loads(line[0][len("RESULT "):])
     node_ids = [p["node_id"] for p in got["plan"]]
     assert len(set(node_ids)) == 2 and all(node_ids)
+    assert got["micro_batches"] == 2  # stages on separate nodes work at once
     ids, mask = prompts(4)
     assert got["sequences"] == reference(hf_model("qwen2"), ids, mask).sequences.tolist()
 

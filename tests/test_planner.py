@@ -3,7 +3,7 @@
 import pytest
 
 from distlayer.errors import PlanError
-from distlayer.planner import plan_stages
+from distlayer.planner import plan_concurrency, plan_stages
 from distlayer.report import format_plan
 
 L10 = [10] * 8
@@ -56,10 +56,10 @@ def test_plan_errors_say_what_to_change(layers, budgets, kw, words):
 def test_format_plan_is_a_table():
     from distlayer.pipeline import StagePlan
 
-    text = format_plan([StagePlan(0, "10.0.0.1", 11, "cpu", 0, 4, None, 2**30, 0),
+    text = format_plan([StagePlan(0, "10.0.0.1", 11, "cpu", 0, 4, None, 2**30, 0, threads=2),
                         StagePlan(1, "10.0.0.2", 12, "cuda:0", 4, 8, 2**31, 2**30, 2**29)])
     lines = text.splitlines()
-    assert lines[0].split()[:5] == ["stage", "node", "pid", "device", "layers"]
+    assert lines[0].split()[:6] == ["stage", "node", "pid", "device", "threads", "layers"]
     assert "0-3" in lines[1] and "unlimited" in lines[1] and "4-7" in lines[2] and "512.00 MiB" in lines[2]
 
 
@@ -71,3 +71,22 @@ def test_plan_model_reads_only_the_manifest(tiny_dir):
     assert all(p.budget_bytes == 2**20 and p.streamed_bytes == 0 for p in plans)
     unlimited = plan_model(tiny_dir("llama"), stages=2, progress=False)  # no budget: nothing streams
     assert [(p.start, p.end, p.budget_bytes, p.streamed_bytes) for p in unlimited] == [(0, 2, None, 0), (2, 4, None, 0)]
+
+
+@pytest.mark.parametrize("nodes, cores, device, mb, threads, expected", [
+    # CPU stages sharing one node take turns with the whole batch, each on all its cores
+    (["a", "a"], {"a": 2}, "cpu", None, None, (1, [2, 2])),
+    (["a", "a", "a"], {"a": 8}, "cpu", None, None, (1, [8, 8, 8])),
+    # one stage per node: one micro-batch per node, every stage on its node's cores
+    (["a", "b"], {"a": 2, "b": 4}, "cpu", None, None, (2, [2, 4])),
+    # two nodes, two stages each: two micro-batches, so two busy stages share a node
+    (["a", "a", "b", "b"], {"a": 8, "b": 8}, "cpu", None, None, (2, [4, 4, 4, 4])),
+    # the caller's choices win; micro-batches on one node split its cores
+    (["a", "a"], {"a": 2}, "cpu", 2, None, (2, [1, 1])),
+    (["a", "a"], {"a": 2}, "cpu", None, 3, (1, [3, 3])),
+    (["a", "a"], {"a": 1}, "cpu", 2, None, (2, [1, 1])),
+    # GPU stages are separate devices: one micro-batch each, torch's default threads
+    (["a", "a"], {"a": 16}, "cuda", None, None, (2, [None, None])),
+])
+def test_plan_concurrency(nodes, cores, device, mb, threads, expected):
+    assert plan_concurrency(nodes, cores, device, mb, threads) == expected
