@@ -5,13 +5,16 @@
 Default model: the embedded SmolLM2-135M-Instruct. Everything resident unless
 ``--memory-per-stage`` makes the stages stream.
 Each configuration runs once to warm up, then ``--repeat`` timed runs, alternating
-between transformers and distlayer; the best of each is kept.
+between transformers and distlayer, so drift in the machine's speed (about ±10% on
+a shared 2-core VM) hits both alike. ``ratio`` compares the best run of each,
+``median_ratio`` the medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -28,18 +31,18 @@ def batch(tok, n: int):
     return enc["input_ids"], enc["attention_mask"]
 
 
-def best_times(fns: dict, repeat: int) -> dict:
-    """Best wall time of each function, after one warm-up run each; the runs alternate
-    between the functions so drift in the machine's speed hits them alike."""
+def wall_times(fns: dict, repeat: int) -> dict:
+    """``repeat`` wall times of each function, after one warm-up run each; the runs
+    alternate between the functions."""
     for fn in fns.values():
         fn()
-    best = {name: float("inf") for name in fns}
+    times = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
             t = time.perf_counter()
             fn()
-            best[name] = min(best[name], time.perf_counter() - t)
-    return best
+            times[name].append(time.perf_counter() - t)
+    return times
 
 
 def main(argv=None):
@@ -48,7 +51,7 @@ def main(argv=None):
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads-per-stage", type=int, default=None)
     ap.add_argument("--micro-batches", type=int, default=None, help="default: one per stage")
     ap.add_argument("--memory-per-stage", default=None, help="budget per stage (default: all resident)")
@@ -71,11 +74,13 @@ def main(argv=None):
         kw = dict(max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False, pad_token_id=tok.pad_token_id)
         ours = dict(max_new_tokens=a.new, do_sample=False, eos_token_id=[])
         with torch.inference_mode():
-            best = best_times({"hf": lambda: hf.generate(ids, attention_mask=mask, **kw),
-                               "distlayer": lambda: dl.generate(ids, attention_mask=mask, **ours)}, a.repeat)
-        t_hf, t_dl = best["hf"], best["distlayer"]
+            times = wall_times({"hf": lambda: hf.generate(ids, attention_mask=mask, **kw),
+                                "distlayer": lambda: dl.generate(ids, attention_mask=mask, **ours)}, a.repeat)
+        t_hf, t_dl = min(times["hf"]), min(times["distlayer"])
+        m_hf, m_dl = statistics.median(times["hf"]), statistics.median(times["distlayer"])
         row = {"batch": b, "new_tokens": a.new, "hf_tok_s": round(b * a.new / t_hf, 2),
-               "distlayer_tok_s": round(b * a.new / t_dl, 2), "ratio": round(t_hf / t_dl, 3)}
+               "distlayer_tok_s": round(b * a.new / t_dl, 2), "ratio": round(t_hf / t_dl, 3),
+               "median_ratio": round(m_hf / m_dl, 3)}
         results.append(row)
         print(json.dumps(row), flush=True)
     print("plan:", [p.as_dict() for p in dl.plan])
