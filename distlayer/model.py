@@ -166,7 +166,7 @@ class DistModel:
         input_ids = torch.as_tensor(input_ids)
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
-        # The batch runs as micro-batches (one per stage) so every stage has work; greedy
+        # The batch runs as micro-batches (one per device that works at once); greedy
         # decode on Ray actors also keeps a few steps in flight, the first stage taking the
         # last stage's tokens straight from it, so no stage waits on this process.
         groups = 1 if streamer is not None else self.pipeline.micro_batches(input_ids.shape[0])
