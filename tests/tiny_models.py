@@ -128,19 +128,9 @@ def make_tiny(arch: str, path, seed: int = 0, num_layers: int = 4, tie: bool | N
 
 def make_sharded(arch: str, path, max_shard_size="50KB", seed: int = 0, num_layers: int = 4,
                  tie: bool | None = None) -> pathlib.Path:
-    """Saves a tiny checkpoint as several safetensors shards plus ``model.safetensors.index.json``.
-
-    Args:
-        arch: One of :data:`ARCHS`.
-        path: Output directory (created).
-        max_shard_size: Passed to ``save_pretrained``; the 50KB default gives many shards.
-        seed: Weight seed.
-        num_layers: Number of decoder layers.
-        tie: Force ``tie_word_embeddings``; ``None`` keeps the architecture's default.
-
-    Returns:
-        ``path`` as a ``pathlib.Path``.
-    """
+    """Like :func:`make_tiny`, but saved as several safetensors shards plus
+    ``model.safetensors.index.json``; ``max_shard_size`` goes to ``save_pretrained``
+    (the 50KB default gives many shards)."""
     path = pathlib.Path(path)
     build_tiny(arch, seed, num_layers, tie).save_pretrained(path, max_shard_size=max_shard_size)
     return path
@@ -152,17 +142,8 @@ def make_bin(arch: str, path, seed: int = 0, num_layers: int = 4, tie: bool | No
     transformers 5 dropped ``safe_serialization=False``, so the model is saved normally
     and its safetensors file is rewritten with ``torch.save``. The tensors therefore
     carry the same on-disk names as :func:`make_tiny` (e.g. per-expert MoE weights,
-    not the fused in-memory ones) and tied weights are left out.
-
-    Args:
-        arch: One of :data:`ARCHS`.
-        path: Output directory (created).
-        seed: Weight seed.
-        num_layers: Number of decoder layers.
-        tie: Force ``tie_word_embeddings``; ``None`` keeps the architecture's default.
-
-    Returns:
-        ``path`` as a ``pathlib.Path``.
+    not the fused in-memory ones) and tied weights are left out. Arguments as for
+    :func:`make_tiny`.
     """
     path = make_tiny(arch, path, seed, num_layers, tie)
     st = path / "model.safetensors"
