@@ -322,13 +322,25 @@ def run_batch(model, batch: list[Record], gen) -> list[dict]:
     return results
 
 
-def _load_model(cfg: JobConfig, show_split: bool):
+def _open_store(cfg: JobConfig, show_split: bool):
+    """The job's layer store (split first if needed) and its tokenizer; no weights are loaded."""
+    from .model import _load_tokenizer
+    from .store import open_store
+
+    p = cfg.pipeline
+    store = open_store(resolve_model(cfg.model), p.shards_dir, p.compression, progress=show_split)
+    return store, _load_tokenizer(store.path)
+
+
+def _load_model(cfg: JobConfig, store, batch_size: int, context: int):
+    """The model, planned for the job's largest batch and sequence, so a ``memory_per_stage``
+    budget also covers their KV cache and activations."""
     from .model import AutoModel
 
     p = cfg.pipeline
-    return AutoModel.from_pretrained(resolve_model(cfg.model), stages=p.stages, memory_per_stage=p.memory_per_stage,
-                                     compression=p.compression, shards_dir=p.shards_dir, address=p.address,
-                                     dtype=p.dtype, progress=show_split)
+    return AutoModel.from_pretrained(str(store.path), stages=p.stages, memory_per_stage=p.memory_per_stage,
+                                     address=p.address, dtype=p.dtype, progress=False, batch_size=batch_size,
+                                     context=context)
 
 
 def _error(r: Record) -> dict:
@@ -379,8 +391,12 @@ def run_job(path_or_config: str | os.PathLike | JobConfig | dict, progress: bool
             say(f"resuming: {summary.skipped} of {len(records)} records already in {cfg.output}")
         if not pending:
             return summary
-        model = _load_model(cfg, mode == "bar")
-        valid = _tokenize_all([r for r in records if not r.error], model, cfg, writer, summary)
+        store, tokenizer = _open_store(cfg, mode == "bar")
+        valid = _tokenize_all([r for r in records if not r.error], tokenizer, store.config, cfg, writer, summary)
+        if not valid:
+            return summary
+        model = _load_model(cfg, store, min(cfg.batch_size, len(valid)),
+                            max(len(r.tokens) for r in valid) + cfg.generation.max_new_tokens)
         bar = Progress(sum(r.key not in writer.done for r in valid), mode)
         bar.say(f"{bar.total} prompts to run in batches of {cfg.batch_size}")
         for batch in plan_batches(valid, cfg.batch_size):
@@ -408,18 +424,19 @@ def run_job(path_or_config: str | os.PathLike | JobConfig | dict, progress: bool
         writer.close()
 
 
-def _tokenize_all(records: list[Record], model, cfg: JobConfig, writer: ResultWriter, summary: JobSummary):
+def _tokenize_all(records: list[Record], tokenizer, config, cfg: JobConfig, writer: ResultWriter,
+                  summary: JobSummary):
     """Tokenize every runnable record (done ones too: the batches must not depend on resume state).
 
     Records that fail (no chat template, longer than the context) get their error record.
     """
-    if model.tokenizer is None:
+    if tokenizer is None:
         raise ConfigError(f"model {cfg.model} has no tokenizer files: a job needs a model with a tokenizer")
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = getattr(config, "max_position_embeddings", None)
     valid = []
     for r in records:
         try:
-            r.tokens = tokenize(r, model.tokenizer, cfg.generation.chat_template)
+            r.tokens = tokenize(r, tokenizer, cfg.generation.chat_template)
             if not r.tokens:
                 raise ValueError("the prompt has no tokens: write the prompt text")
             if context and len(r.tokens) > context:

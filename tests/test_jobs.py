@@ -293,3 +293,29 @@ def test_progress_bar_shows_prompts_and_tokens_per_second(make_job, capsys):
     run_job(make_job(sample_prompts(4)), progress=True)
     err = capsys.readouterr().err
     assert "4/4" in err and "prompt/s" in err and "tok/s" in err
+
+
+def test_job_budget_covers_the_jobs_kv_cache(make_job, tiny_dir):
+    """A budget that holds the weights (streaming) but not the KV cache and activations of
+    the job's batch and longest sequence fails at planning, before any output is written."""
+    from distlayer import LayerStore, split
+    from distlayer.errors import PlanError
+    from distlayer.pipeline import activation_bytes, kv_bytes_per_layer
+
+    rows = sample_prompts(6)
+    job = make_job(rows)
+    store = LayerStore(split(tiny_dir("llama"), progress=False))
+    longest = max(len(r["prompt"].split()) for r in rows) + 1  # one token per word, plus bos
+    context = longest + MAX_NEW
+    need = (kv_bytes_per_layer(store.config, 3, context, torch.float32) * store.num_layers
+            + activation_bytes(store.config, 3, context, torch.float32))
+    budget = max(store.unit_bytes(u) for u in store.units) + need // 2
+    # without the job's batch and context the same budget plans (and streams)
+    with AutoModel.from_pretrained(tiny_dir("llama"), stages=0, memory_per_stage=budget, progress=False) as m:
+        assert m.plan[0].streamed_bytes > 0
+    job["pipeline"]["memory_per_stage"] = budget
+    with pytest.raises(PlanError, match="KV cache and activations"):
+        run_job(job, progress=False)
+    assert not Path(job["output"]).exists() or read_out(Path(job["output"])) == []
+    job["pipeline"]["memory_per_stage"] = budget + need  # room for both: the job runs
+    assert run_job(job, progress=False).completed == len(rows)
