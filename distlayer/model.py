@@ -46,8 +46,9 @@ class AutoModel:
             pretrained_model_name_or_path: HF repo id, local model dir, ``.gguf`` file or layer store.
             stages: pipeline stages; None: one per GPU in the cluster, else 1. ``0`` runs one
                 in-process stage without Ray.
-            memory_per_stage: weight budget per stage (``"4GiB"``, bytes, or a list per stage);
-                None: no limit.
+            memory_per_stage: budget per stage (``"4GiB"``, bytes, or a list per stage); None:
+                90% of what each stage's device has free (a GPU's memory, or on CPU an equal
+                share of the node's available RAM among its stages).
             compression: None (``"8bit"`` / ``"4bit"`` are not available yet).
             shards_dir: where the per-layer shards live.
             address: None for a local Ray, ``"auto"`` or ``"host:port"`` to join a cluster.

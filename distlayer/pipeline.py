@@ -150,7 +150,7 @@ class Pipeline:
     Args:
         store: the layer store (its path must exist on every node that runs a stage).
         memory_per_stage: budget per stage (weights + KV + activations): a size, a list
-            per stage, or None for "what the device has" on GPUs and no limit on CPUs. A
+            per stage, or None for "what the device has" (see :meth:`_budgets`). A
             list's length is the number of stages when ``opts.stages`` is None.
         dtype: compute dtype.
         prefetch: stream units on a background thread.
@@ -185,7 +185,7 @@ class Pipeline:
             cores = {node["NodeID"]: int(node["Resources"].get("CPU", 1)) for node in self._ray.nodes()}
             self._micro, threads = plan_concurrency([node_id for _, node_id in nodes], cores, device,
                                                     o.micro_batches, o.threads_per_stage)
-        budgets = self._budgets(budgets_from(memory_per_stage, n), device)
+        budgets = self._budgets(budgets_from(memory_per_stage, n), device, [node_id for _, node_id in nodes])
         ranges = plan_ranges(self.store, budgets, self.dtype, o.batch_size, o.context)
         wb = weight_budgets(self.store, ranges, budgets, self.dtype, o.batch_size, o.context)
         infos = self._get([self._call(a, "setup", r, b, t) for a, r, b, t in zip(self.actors, ranges, wb, threads)])
@@ -193,11 +193,13 @@ class Pipeline:
                                info["resident_bytes"], info["streamed_bytes"], node_id, info["threads"])
                      for i, ((ip, node_id), info, r) in enumerate(zip(nodes, infos, ranges))]
 
-    def _budgets(self, budgets: list[int | None], device: str) -> list[int | None]:
-        """On GPUs a stage without a budget gets 90% of what its device has free."""
-        if device.startswith("cuda") and any(b is None for b in budgets):
+    def _budgets(self, budgets: list[int | None], device: str, node_ids: list[str]) -> list[int | None]:
+        """A stage without a budget gets 90% of what its device has free: its GPU's memory,
+        or on CPU an equal share of its node's available RAM among the node's stages."""
+        if any(b is None for b in budgets):
             free = self._get([self._call(a, "free_memory") for a in self.actors])
-            budgets = [b if b is not None else int(f * 0.9) for b, f in zip(budgets, free)]
+            share = [node_ids.count(n) if device == "cpu" else 1 for n in node_ids]
+            budgets = [b if b is not None else int(f * 0.9) // k for b, f, k in zip(budgets, free, share)]
         return budgets
 
     def _start_ray(self, prefetch, memory_per_stage) -> tuple[int, str]:

@@ -50,6 +50,7 @@ def check(model, hf, batch, seed=0):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("stages", [1, 2, 3])
 def test_actors_match_transformers(arch, stages, tiny_dir, hf_model):
+    import psutil
     import ray
 
     # llama: the default on one node, stages taking turns with the whole batch on all
@@ -61,6 +62,9 @@ def test_actors_match_transformers(arch, stages, tiny_dir, hf_model):
         cores = int(ray.cluster_resources()["CPU"])  # one node
         assert model.pipeline.micro_batches(8) == (micro or 1)
         assert [p.threads for p in plan] == [max(1, cores // (micro or 1))] * stages
+        # no memory_per_stage: each stage budgets an equal share of the node's free RAM
+        ram = psutil.virtual_memory().total
+        assert all(0 < p.budget_bytes <= 0.9 * ram / stages for p in plan)
         assert plan[0].start == 0 and plan[-1].end == model.config.num_hidden_layers
         assert all(a.end == b.start for a, b in zip(plan, plan[1:]))
         assert len({p.pid for p in plan}) == stages  # one actor process per stage
