@@ -178,14 +178,16 @@ class Pipeline:
             device = o.device or ("cuda" if torch.cuda.is_available() else "cpu")
             self.actors = [StageActor(str(self.store.path), i, device, self.dtype, prefetch) for i in range(n)]
             nodes = [(local_ip(), "")] * n
-            self._micro, threads = 1, [None] * n  # stages never overlap here; torch's threads are the caller's
         else:
             n, device = self._start_ray(prefetch, memory_per_stage)
             nodes = self._get([a.__ray_call__.remote(_node) for a in self.actors])
+        node_ids = [node_id for _, node_id in nodes]
+        if self.remote:
             cores = {node["NodeID"]: int(node["Resources"].get("CPU", 1)) for node in self._ray.nodes()}
-            self._micro, threads = plan_concurrency([node_id for _, node_id in nodes], cores, device,
-                                                    o.micro_batches, o.threads_per_stage)
-        budgets = self._budgets(budgets_from(memory_per_stage, n), device, [node_id for _, node_id in nodes])
+            self._micro, threads = plan_concurrency(node_ids, cores, device, o.micro_batches, o.threads_per_stage)
+        else:
+            self._micro, threads = 1, [None] * n  # stages never overlap here; torch's threads are the caller's
+        budgets = self._budgets(budgets_from(memory_per_stage, n), device, node_ids)
         ranges = plan_ranges(self.store, budgets, self.dtype, o.batch_size, o.context)
         wb = weight_budgets(self.store, ranges, budgets, self.dtype, o.batch_size, o.context)
         infos = self._get([self._call(a, "setup", r, b, t) for a, r, b, t in zip(self.actors, ranges, wb, threads)])
