@@ -69,6 +69,13 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(mask == 0, 1)
 
 
+def picking(s: SamplingSettings, group: int = 0) -> SamplingSettings:
+    """What the stage that picks tokens needs from ``s``: the sampling filters, with the
+    seed of micro-batch ``group`` (``seed + group``), and nothing about stopping."""
+    return SamplingSettings(max_new_tokens=0, do_sample=s.do_sample, temperature=s.temperature, top_k=s.top_k,
+                            top_p=s.top_p, seed=None if s.seed is None else s.seed + group)
+
+
 def pick_next(logits: torch.Tensor, s: SamplingSettings, gen: torch.Generator | None) -> torch.Tensor:
     """Choose one token per row from ``[B, V]`` logits."""
     if not s.do_sample:

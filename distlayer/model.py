@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
-from .generate import Generated, SamplingSettings, generate
+from .generate import Generated, SamplingSettings, generate, picking
 from .pipeline import Pipeline, PipelineOptions
 from .planner import budgets_from
 from .runner import _config_dtype
 from .store import LayerStore, open_store
 
-AHEAD = 3  # greedy decode steps in flight per micro-batch
+AHEAD = 3  # decode steps in flight per micro-batch when the last stage picks the tokens
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -167,20 +167,21 @@ class DistModel:
         input_ids = torch.as_tensor(input_ids)
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
-        # The batch runs as micro-batches (one per device that works at once); greedy
-        # decode on Ray actors also keeps a few steps in flight, the first stage taking the
-        # last stage's tokens straight from it, so no stage waits on this process.
+        # The batch runs as micro-batches (one per device that works at once). Unless logits
+        # are wanted, the last stage picks each token (greedy or sampled, each micro-batch
+        # with its own seed), and on Ray actors a few steps stay in flight, the first stage
+        # taking the last stage's tokens straight from it, so no stage waits on this process.
         groups = 1 if streamer is not None else self.pipeline.micro_batches(input_ids.shape[0])
-        greedy = not s.do_sample and not output_logits  # then only token ids come back
-        ahead = AHEAD if greedy and self.pipeline.remote else 1
+        picks = None if output_logits else [picking(s, k) for k in range(groups)]
+        ahead = AHEAD if picks and self.pipeline.remote else 1
         cache_id = uuid.uuid4().hex
 
         def step(k, ids, mask, pos):
-            return self.pipeline.submit(ids, mask, pos, f"{cache_id}:{k}", greedy=greedy)
+            return self.pipeline.submit(ids, mask, pos, f"{cache_id}:{k}", pick=picks and picks[k])
 
         def fetch(handle):
             out = self.pipeline.fetch(handle)
-            return out if greedy else out[:, -1, :]
+            return out if picks else out[:, -1, :]
 
         try:
             out = generate(step, input_ids, attention_mask, s, tokenizer=self.tokenizer, streamer=streamer,

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .errors import ConfigError, PlanError, StageError
+from .generate import SamplingSettings
 from .planner import budgets_from, plan_concurrency, plan_stages
 from .runner import LayerRange
 from .stage import StageActor
@@ -295,29 +296,30 @@ class Pipeline:
         return max(1, min(self._micro, batch))
 
     def submit(self, ids, mask: torch.Tensor | None, pos: torch.Tensor, cache_id: str, logits_to_keep: int = 1,
-               greedy: bool = False):
+               pick: SamplingSettings | None = None):
         """Start one micro-batch through every stage; returns a handle for :meth:`fetch`.
 
-        ``ids`` is a ``[B, T]`` tensor, or the handle of an earlier greedy step, whose
-        tokens then go from the last stage to the first without passing the driver. The
-        hidden states go from stage to stage as ObjectRefs too. Calls from several threads
-        (one per micro-batch) overlap.
+        ``ids`` is a ``[B, T]`` tensor, or the handle of an earlier step whose last stage
+        picked the tokens (``pick``); those then go from the last stage to the first
+        without passing the driver. The hidden states go from stage to stage as ObjectRefs
+        too.
         """
         msg = (ids, time.time()) if isinstance(ids, torch.Tensor) else ids
-        for a in self.actors:
-            msg = self._call(a, "forward", msg, mask, pos, cache_id, logits_to_keep, greedy)
+        for i, a in enumerate(self.actors):
+            last = i == len(self.actors) - 1
+            msg = self._call(a, "forward", msg, mask, pos, cache_id, logits_to_keep, pick if last else None)
         return msg
 
     def fetch(self, handle) -> torch.Tensor:
-        """The last stage's logits ``[B, T, V]``, or with ``greedy`` the argmax tokens of the
-        last position ``[B]``."""
+        """The last stage's logits ``[B, T, V]``, or with ``pick`` the next token of each
+        row ``[B]``."""
         out, _ = self._get(handle)
         return out
 
     def forward(self, ids, mask: torch.Tensor | None, pos: torch.Tensor, cache_id: str, logits_to_keep: int = 1,
-                greedy: bool = False) -> torch.Tensor:
+                pick: SamplingSettings | None = None) -> torch.Tensor:
         """:meth:`submit` then :meth:`fetch`."""
-        return self.fetch(self.submit(ids, mask, pos, cache_id, logits_to_keep, greedy))
+        return self.fetch(self.submit(ids, mask, pos, cache_id, logits_to_keep, pick))
 
     def drop(self, cache_id: str) -> None:
         """Free a finished request's KV caches on every stage."""

@@ -11,6 +11,7 @@ import psutil
 import torch
 
 from .errors import StoreError
+from .generate import SamplingSettings, pick_next
 from .runner import LayerRange, LayerRunner
 from .store import LayerStore
 
@@ -41,6 +42,7 @@ class StageActor:
         self.dtype, self.prefetch = dtype, prefetch
         self.runner: LayerRunner | None = None
         self.transfer_s = 0.0
+        self._gens: dict[str, torch.Generator] = {}  # seeded sampling, per micro-batch cache
 
     def free_memory(self) -> int:
         """Bytes this stage's device has free now."""
@@ -60,26 +62,39 @@ class StageActor:
                 "resident_bytes": sum(r.unit_bytes[u] for u in r.resident),
                 "streamed_bytes": sum(r.unit_bytes[u] for u in r.streamed)}
 
-    def forward(self, msg: tuple, mask, pos, cache_id: str, logits_to_keep: int = 1, greedy: bool = False) -> tuple:
+    def forward(self, msg: tuple, mask, pos, cache_id: str, logits_to_keep: int = 1,
+                pick: SamplingSettings | None = None) -> tuple:
         """Run one micro-batch. ``msg`` is ``(tensor, sent_at)`` from the driver or the
         previous stage; returns ``(output, sent_at)`` for the next hop.
 
-        With ``greedy`` the last stage returns the argmax token of the last position
-        (``[B]``) instead of logits, so only token ids travel back to the driver.
+        With ``pick`` (``generate.picking``) the last stage returns the next token of each
+        row (``[B]``: argmax, or sampled with the micro-batch's own seeded generator)
+        instead of logits, so only token ids travel on.
         """
         x, sent_at = msg
         self.transfer_s += max(0.0, time.time() - sent_at)
         if x.dim() == 1:  # tokens the last stage picked in the previous step
             x = x[:, None]
         out = self.runner.forward(x, mask, pos, cache_id, logits_to_keep)
-        if greedy and self.runner.range.last:
-            out = out[:, -1, :].argmax(-1)
+        if pick is not None and self.runner.range.last:
+            last = out[:, -1, :]
+            out = pick_next(last.float().cpu(), pick, self._generator(cache_id, pick)) if pick.do_sample \
+                else last.argmax(-1)
         return out.cpu(), time.time()
+
+    def _generator(self, cache_id: str, pick: SamplingSettings) -> torch.Generator | None:
+        if pick.seed is None:
+            return None
+        if cache_id not in self._gens:
+            self._gens[cache_id] = torch.Generator().manual_seed(pick.seed)
+        return self._gens[cache_id]
 
     def drop(self, cache_id: str) -> None:
         """Free the KV caches of a finished request (all its micro-batches)."""
         for key in [k for k in self.runner.caches if k == cache_id or k.startswith(cache_id + ":")]:
             self.runner.drop(key)
+        for key in [k for k in self._gens if k == cache_id or k.startswith(cache_id + ":")]:
+            del self._gens[key]
 
     def stats(self) -> dict:
         """The runner's stats plus peak RSS and hand-off seconds."""

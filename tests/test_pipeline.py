@@ -77,6 +77,27 @@ def test_actors_match_transformers(arch, stages, tiny_dir, hf_model):
             assert {"load_s", "transfer_s"} <= set(s)
 
 
+def test_sampling_on_the_last_stage(tiny_dir):
+    """Sampled tokens are picked on the last stage with steps in flight: seeded runs repeat,
+    equal the in-process run (one micro-batch, the same seed), and top_k=1 is greedy."""
+    ids, mask = prompts(4)
+    kw = dict(attention_mask=mask, max_new_tokens=3 * NEW, do_sample=True, temperature=0.9, top_p=0.95)
+    with AutoModel.from_pretrained(tiny_dir("llama"), stages=0, progress=False) as local:
+        ref = local.generate(ids, seed=7, **kw)
+        other = local.generate(ids, seed=8, **kw)
+    assert ref.tolist() != other.tolist()
+    with AutoModel.from_pretrained(tiny_dir("llama"), stages=2, progress=False) as model:
+        assert model.pipeline.micro_batches(4) == 1
+        assert model.generate(ids, seed=7, **kw).tolist() == ref.tolist()
+        assert model.generate(ids, seed=7, **kw).tolist() == ref.tolist()
+    with AutoModel.from_pretrained(tiny_dir("llama"), stages=2, micro_batches=2, progress=False) as model:
+        first = model.generate(ids, seed=7, **kw)
+        assert model.generate(ids, seed=7, **kw).tolist() == first.tolist()  # each micro-batch has its seed
+        greedy = model.generate(ids, attention_mask=mask, max_new_tokens=3 * NEW, do_sample=False)
+        top1 = model.generate(ids, attention_mask=mask, max_new_tokens=3 * NEW, do_sample=True, top_k=1, seed=0)
+        assert top1.tolist() == greedy.tolist()
+
+
 def test_uneven_budgets_give_uneven_ranges_and_streaming_still_matches(tiny_dir, hf_model):
     path = tiny_dir("llama")
     store = LayerStore(split(path, progress=False))
