@@ -11,6 +11,7 @@ this process, one after another, without Ray. This is the only module that impor
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import socket
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .channel import FromPeer
 from .errors import ConfigError, PlanError, StageError
 from .generate import SamplingSettings
 from .planner import budgets_from, plan_concurrency, plan_stages
@@ -73,6 +75,9 @@ class PipelineOptions:
         batch_size, context: the job's largest batch and sequence (prompt + new tokens). With a
             context, each budget also reserves that KV cache and activations; without, a
             budget bounds weights alone.
+        transport: how outputs go from stage to stage on Ray. ``"auto"``: when every stage is
+            on one node, straight from actor to actor over a Unix socket (``channel``), else
+            as Ray object refs; ``"ray"``: always object refs.
     """
 
     stages: int | None = None
@@ -86,8 +91,11 @@ class PipelineOptions:
     micro_batches: int | None = None
     batch_size: int = 1
     context: int | None = None
+    transport: str = "auto"
 
     def __post_init__(self):
+        if self.transport not in ("auto", "ray"):
+            raise ConfigError(f"transport={self.transport!r}: use 'auto' or 'ray'")
         if self.placement not in ("pack", "spread"):
             raise ConfigError(f"placement={self.placement!r}: use 'pack' or 'spread'")
         if self.stages is not None and (not isinstance(self.stages, int) or self.stages < 0):
@@ -137,6 +145,15 @@ def _kv_and_reserve(config, batch_size: int, context: int | None, dtype) -> tupl
     return kv_bytes_per_layer(config, batch_size, context, dtype), activation_bytes(config, batch_size, context, dtype)
 
 
+@dataclass
+class Handle:
+    """A submitted step: the last stage's result (an ObjectRef on Ray) and, when its
+    tokens also went to the first stage's mailbox, their key there."""
+
+    ref: object
+    ring_key: str | None = None
+
+
 def local_ip() -> str:
     """This machine's address (best effort)."""
     try:
@@ -164,6 +181,8 @@ class Pipeline:
         self._ray = None
         self._pg = None
         self.actors: list = []
+        self.transport = "in-process"
+        self._keys = itertools.count()
         try:
             self._start(memory_per_stage, prefetch)
         except BaseException:
@@ -195,6 +214,18 @@ class Pipeline:
         self.plan = [StagePlan(i, ip, info["pid"], info["device"], r.start, r.end, info["budget_bytes"],
                                info["resident_bytes"], info["streamed_bytes"], node_id, info["threads"])
                      for i, ((ip, node_id), info, r) in enumerate(zip(nodes, infos, ranges))]
+        if self.remote:
+            self._connect(o.transport == "auto" and len(set(node_ids)) == 1)
+
+    def _connect(self, channels: bool) -> None:
+        """With ``channels``, give every stage a mailbox and a link to the next one (the last
+        stage's to the first, for the tokens it picks); else hand-offs stay Ray object refs."""
+        self.transport = "channel" if channels else "ray"
+        if channels:
+            n, key = len(self.actors), os.urandom(32)
+            addrs = self._get([self._call(a, "listen", key, (i - 1) % n) for i, a in enumerate(self.actors)])
+            self._get([self._call(a, "connect", addrs[(i + 1) % n], key, (i + 1) % n)
+                       for i, a in enumerate(self.actors)])
 
     def _budgets(self, budgets: list[int | None], device: str, node_ids: list[str]) -> list[int | None]:
         """A stage without a budget gets 90% of what its device has free: its GPU's memory,
@@ -296,24 +327,37 @@ class Pipeline:
         return max(1, min(self._micro, batch))
 
     def submit(self, ids, mask: torch.Tensor | None, pos: torch.Tensor, cache_id: str, logits_to_keep: int = 1,
-               pick: SamplingSettings | None = None):
+               pick: SamplingSettings | None = None) -> Handle:
         """Start one micro-batch through every stage; returns a handle for :meth:`fetch`.
 
         ``ids`` is a ``[B, T]`` tensor, or the handle of an earlier step whose last stage
         picked the tokens (``pick``); those then go from the last stage to the first
-        without passing the driver. The hidden states go from stage to stage as ObjectRefs
-        too.
+        without passing the driver. The hidden states go from stage to stage without
+        passing the driver too: through the stages' mailboxes (``transport="channel"``),
+        or as ObjectRefs.
         """
-        msg = (ids, time.time()) if isinstance(ids, torch.Tensor) else ids
+        first = (ids, time.time()) if isinstance(ids, torch.Tensor) else None
+        if self.transport != "channel":
+            msg = first or ids.ref
+            for i, a in enumerate(self.actors):
+                last = i == len(self.actors) - 1
+                msg = self._call(a, "forward", msg, mask, pos, cache_id, logits_to_keep, pick if last else None)
+            return Handle(msg)
+        if first is None and ids.ring_key is None:
+            raise ValueError("a step's handle can feed the next step only when its last stage picked the tokens")
+        key = str(next(self._keys))
+        msg = first or FromPeer(ids.ring_key)
         for i, a in enumerate(self.actors):
             last = i == len(self.actors) - 1
-            msg = self._call(a, "forward", msg, mask, pos, cache_id, logits_to_keep, pick if last else None)
-        return msg
+            relay = key if not last or pick is not None else None
+            ref = self._call(a, "forward", msg, mask, pos, cache_id, logits_to_keep, pick if last else None, relay)
+            msg = FromPeer(key)
+        return Handle(ref, key if pick is not None else None)
 
-    def fetch(self, handle) -> torch.Tensor:
+    def fetch(self, handle: Handle) -> torch.Tensor:
         """The last stage's logits ``[B, T, V]``, or with ``pick`` the next token of each
         row ``[B]``."""
-        out, _ = self._get(handle)
+        out, _ = self._get(handle.ref)
         return out
 
     def forward(self, ids, mask: torch.Tensor | None, pos: torch.Tensor, cache_id: str, logits_to_keep: int = 1,

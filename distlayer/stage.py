@@ -10,10 +10,19 @@ from pathlib import Path
 import psutil
 import torch
 
-from .errors import StoreError
+from .channel import FromPeer, Link, Mailbox
+from .errors import StageError, StoreError
 from .generate import SamplingSettings, pick_next
 from .runner import LayerRange, LayerRunner
 from .store import LayerStore
+
+
+# A CPU forward of fewer tokens than this (decode at batch 1 to 7) runs on one thread:
+# its matmuls are too small to split well, and stages sharing a node's cores then do not
+# contend with each other's idle OpenMP threads. Measured on a 2-core node (SmolLM2,
+# 2 stages, against transformers on 2 threads): batch 1 0.85x -> 0.93x, batch 4
+# 0.95-0.99x -> 1.07-1.12x; batch 8 is faster on 2 threads (0.96-1.01x against 0.93x).
+SMALL_FORWARD = 8
 
 
 class StageActor:
@@ -43,6 +52,9 @@ class StageActor:
         self.runner: LayerRunner | None = None
         self.transfer_s = 0.0
         self._gens: dict[str, torch.Generator] = {}  # seeded sampling, per micro-batch cache
+        self._inbox: Mailbox | None = None  # same-node channels (see ``channel``)
+        self._outbox: Link | None = None
+        self._threads: int | None = None  # set by setup; None: leave torch's threads alone
 
     def free_memory(self) -> int:
         """Bytes this stage's device has free now."""
@@ -55,6 +67,7 @@ class StageActor:
         ``num_threads``: torch intra-op threads for this stage; None leaves torch's default."""
         if num_threads:
             torch.set_num_threads(num_threads)
+            self._threads = num_threads
         self.runner = LayerRunner(self.store, layer_range, device=self.device, dtype=self.dtype,
                                   budget_bytes=budget_bytes, prefetch=self.prefetch, stage=self.stage)
         r = self.runner
@@ -62,25 +75,58 @@ class StageActor:
                 "resident_bytes": sum(r.unit_bytes[u] for u in r.resident),
                 "streamed_bytes": sum(r.unit_bytes[u] for u in r.streamed)}
 
-    def forward(self, msg: tuple, mask, pos, cache_id: str, logits_to_keep: int = 1,
-                pick: SamplingSettings | None = None) -> tuple:
+    def listen(self, authkey: bytes, upstream: int) -> str:
+        """Open this stage's mailbox for inputs from stage ``upstream`` on the same node;
+        returns its address for :meth:`connect`."""
+        self._inbox = Mailbox(authkey, self.stage, upstream)
+        return self._inbox.address
+
+    def connect(self, address: str, authkey: bytes, downstream: int) -> None:
+        """Send outputs that the driver asks to relay to the mailbox at ``address``."""
+        self._outbox = Link(address, authkey, downstream)
+
+    def forward(self, msg, mask, pos, cache_id: str, logits_to_keep: int = 1,
+                pick: SamplingSettings | None = None, relay: str | None = None) -> tuple:
         """Run one micro-batch. ``msg`` is ``(tensor, sent_at)`` from the driver or the
-        previous stage; returns ``(output, sent_at)`` for the next hop.
+        previous stage, or :class:`FromPeer` when it comes through this stage's mailbox;
+        returns ``(output, sent_at)`` for the next hop.
 
         With ``pick`` (``generate.picking``) the last stage returns the next token of each
         row (``[B]``: argmax, or sampled with the micro-batch's own seeded generator)
         instead of logits, so only token ids travel on.
+
+        With ``relay``, the output also goes to the next stage's mailbox under that key
+        (an error goes there too, so the stages after this one raise it as well); a stage
+        other than the last then returns None in its place.
         """
-        x, sent_at = msg
-        self.transfer_s += max(0.0, time.time() - sent_at)
-        if x.dim() == 1:  # tokens the last stage picked in the previous step
-            x = x[:, None]
-        out = self.runner.forward(x, mask, pos, cache_id, logits_to_keep)
-        if pick is not None and self.runner.range.last:
-            last = out[:, -1, :]
-            out = pick_next(last.float().cpu(), pick, self._generator(cache_id, pick)) if pick.do_sample \
-                else last.argmax(-1)
-        return out.cpu(), time.time()
+        try:
+            x, sent_at = self._inbox.take(msg.key) if isinstance(msg, FromPeer) else msg
+            self.transfer_s += max(0.0, time.time() - sent_at)
+            if x.dim() == 1:  # tokens the last stage picked in the previous step
+                x = x[:, None]
+            if self._threads and self.device == "cpu":
+                few = x.shape[0] * x.shape[1] < SMALL_FORWARD
+                n = 1 if few else self._threads
+                if torch.get_num_threads() != n:
+                    torch.set_num_threads(n)
+            out = self.runner.forward(x, mask, pos, cache_id, logits_to_keep)
+            if pick is not None and self.runner.range.last:
+                last = out[:, -1, :]
+                out = pick_next(last.float().cpu(), pick, self._generator(cache_id, pick)) if pick.do_sample \
+                    else last.argmax(-1)
+            out = out.cpu()
+        except BaseException as e:
+            if relay is not None:
+                try:
+                    self._outbox.send_error(relay, cache_id, e)
+                except StageError:
+                    pass
+            raise
+        if relay is not None:
+            self._outbox.send(relay, cache_id, out)
+            if not self.runner.range.last:
+                out = None
+        return out, time.time()
 
     def _generator(self, cache_id: str, pick: SamplingSettings) -> torch.Generator | None:
         if pick.seed is None:
@@ -95,11 +141,16 @@ class StageActor:
             self.runner.drop(key)
         for key in [k for k in self._gens if k == cache_id or k.startswith(cache_id + ":")]:
             del self._gens[key]
+        if self._inbox is not None:
+            self._inbox.discard(cache_id)
 
     def stats(self) -> dict:
         """The runner's stats plus peak RSS and hand-off seconds."""
         return {**self.runner.stats(), "transfer_s": round(self.transfer_s, 4)}
 
     def close(self) -> None:
+        for end in (self._outbox, self._inbox):
+            if end is not None:
+                end.close()
         if self.runner is not None:
             self.runner.close()

@@ -68,6 +68,7 @@ def test_actors_match_transformers(arch, stages, tiny_dir, hf_model):
         assert plan[0].start == 0 and plan[-1].end == model.config.num_hidden_layers
         assert all(a.end == b.start for a, b in zip(plan, plan[1:]))
         assert len({p.pid for p in plan}) == stages  # one actor process per stage
+        assert model.pipeline.transport == "channel"  # one node: actor to actor over Unix sockets
         for batch in (1, 8):
             check(model, hf_model(arch), batch)
         stats = model.stats()
@@ -75,6 +76,25 @@ def test_actors_match_transformers(arch, stages, tiny_dir, hf_model):
         for s in stats:
             assert s["compute_s"] > 0 and s["peak_weight_bytes"] > 0 and s["peak_rss_bytes"] > 0
             assert {"load_s", "transfer_s"} <= set(s)
+
+
+def test_ray_object_ref_transport_matches(tiny_dir, hf_model):
+    with AutoModel.from_pretrained(tiny_dir("qwen2"), stages=2, transport="ray", progress=False) as model:
+        assert model.pipeline.transport == "ray"
+        check(model, hf_model("qwen2"), 8)
+
+
+def test_a_stage_error_reaches_the_driver_through_the_channels(tiny_dir):
+    """An error in stage 0 goes down the channels, so the last stage raises it instead of
+    waiting forever, and the pipeline still works afterwards."""
+    ids, mask = prompts(2)
+    with AutoModel.from_pretrained(tiny_dir("llama"), stages=3, progress=False) as model:
+        good = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
+        bad = ids.clone()
+        bad[0, -1] = model.config.vocab_size + 5  # out of the embedding's range
+        with pytest.raises(IndexError):
+            model.generate(bad, attention_mask=mask, max_new_tokens=NEW)
+        assert model.generate(ids, attention_mask=mask, max_new_tokens=NEW).tolist() == good.tolist()
 
 
 def test_sampling_on_the_last_stage(tiny_dir):
@@ -147,7 +167,8 @@ DRIVER = textwrap.dedent("""
     ids, mask = prompts(4)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=%d, do_sample=False)
     print("RESULT " + json.dumps({"plan": [p.as_dict() for p in model.plan], "sequences": out.tolist(),
-                                  "micro_batches": model.pipeline.micro_batches(4)}))
+                                  "micro_batches": model.pipeline.micro_batches(4),
+                                  "transport": model.pipeline.transport}))
     model.close()
 """ % NEW)
 
@@ -172,6 +193,7 @@ def test_two_ray_nodes_one_stage_each(tiny_dir, hf_model, tmp_path):
     node_ids = [p["node_id"] for p in got["plan"]]
     assert len(set(node_ids)) == 2 and all(node_ids)
     assert got["micro_batches"] == 2  # stages on separate nodes work at once
+    assert got["transport"] == "ray"  # no Unix socket between nodes
     ids, mask = prompts(4)
     assert got["sequences"] == reference(hf_model("qwen2"), ids, mask).sequences.tolist()
 
@@ -187,4 +209,10 @@ def test_dead_stage_gives_a_clear_error(tiny_dir):
         model.generate(ids, attention_mask=mask, max_new_tokens=2)
         os.kill(model.plan[1].pid, signal.SIGKILL)
         with pytest.raises(StageError, match="stage 1 died.*load it again"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2)
+    # the first stage: the next stage learns it from its closed channel
+    with AutoModel.from_pretrained(tiny_dir("llama"), stages=2, progress=False) as model:
+        model.generate(ids, attention_mask=mask, max_new_tokens=2)
+        os.kill(model.plan[0].pid, signal.SIGKILL)
+        with pytest.raises(StageError, match="stage 0 died.*load it again"):
             model.generate(ids, attention_mask=mask, max_new_tokens=2)
