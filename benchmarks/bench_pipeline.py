@@ -1,11 +1,12 @@
 """Tokens/s of a distlayer pipeline against transformers in memory, in the same run.
 
     python benchmarks/bench_pipeline.py [--model DIR] [--stages 2] [--batches 1 16] [--new 32]
+                                        [--transports auto ray]
 
 Default model: the embedded SmolLM2-135M-Instruct. Everything resident unless
 ``--memory-per-stage`` makes the stages stream.
 Each configuration runs once to warm up, then ``--repeat`` timed runs, alternating
-between transformers and distlayer, so drift in the machine's speed (about ±10% on
+between transformers and distlayer (one pipeline per ``--transports`` entry), so drift in the machine's speed (about ±10% on
 a shared 2-core VM) hits both alike. ``ratio`` compares the best run of each,
 ``median_ratio`` the medians.
 """
@@ -55,6 +56,8 @@ def main(argv=None):
     ap.add_argument("--threads-per-stage", type=int, default=None)
     ap.add_argument("--micro-batches", type=int, default=None, help="default: one per stage")
     ap.add_argument("--memory-per-stage", default=None, help="budget per stage (default: all resident)")
+    ap.add_argument("--transports", nargs="+", default=["auto"], choices=["auto", "ray"],
+                    help="hand-offs to compare: auto (same-node channels) and/or ray (object refs)")
     ap.add_argument("--json", default=None, help="write results here")
     a = ap.parse_args(argv)
 
@@ -64,8 +67,11 @@ def main(argv=None):
     from distlayer.smollm import ensure_smollm2
 
     path = a.model or str(ensure_smollm2())
-    dl = AutoModel.from_pretrained(path, stages=a.stages, progress=False, threads_per_stage=a.threads_per_stage,
-                                   micro_batches=a.micro_batches, memory_per_stage=a.memory_per_stage)
+    cpus = 1 / len(a.transports) / a.stages  # room for every pipeline's stages on one node
+    dls = {tr: AutoModel.from_pretrained(path, stages=a.stages, progress=False, threads_per_stage=a.threads_per_stage,
+                                         micro_batches=a.micro_batches, memory_per_stage=a.memory_per_stage,
+                                         transport=tr, cpus_per_stage=cpus) for tr in a.transports}
+    dl = dls[a.transports[0]]
     tok = dl.tokenizer
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dl.dtype).eval()
     results = []
@@ -73,20 +79,24 @@ def main(argv=None):
         ids, mask = batch(tok, b)
         kw = dict(max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False, pad_token_id=tok.pad_token_id)
         ours = dict(max_new_tokens=a.new, do_sample=False, eos_token_id=[])
+        fns = {"hf": lambda: hf.generate(ids, attention_mask=mask, **kw)}
+        for tr, m in dls.items():
+            fns[tr] = lambda m=m: m.generate(ids, attention_mask=mask, **ours)
         with torch.inference_mode():
-            times = wall_times({"hf": lambda: hf.generate(ids, attention_mask=mask, **kw),
-                                "distlayer": lambda: dl.generate(ids, attention_mask=mask, **ours)}, a.repeat)
-        t_hf, t_dl = min(times["hf"]), min(times["distlayer"])
-        m_hf, m_dl = statistics.median(times["hf"]), statistics.median(times["distlayer"])
-        row = {"batch": b, "new_tokens": a.new, "hf_tok_s": round(b * a.new / t_hf, 2),
-               "distlayer_tok_s": round(b * a.new / t_dl, 2), "ratio": round(t_hf / t_dl, 3),
-               "median_ratio": round(m_hf / m_dl, 3)}
-        results.append(row)
-        print(json.dumps(row), flush=True)
+            times = wall_times(fns, a.repeat)
+        t_hf, m_hf = min(times["hf"]), statistics.median(times["hf"])
+        for tr, m in dls.items():
+            t_dl, m_dl = min(times[tr]), statistics.median(times[tr])
+            row = {"batch": b, "new_tokens": a.new, "transport": m.pipeline.transport,
+                   "hf_tok_s": round(b * a.new / t_hf, 2), "distlayer_tok_s": round(b * a.new / t_dl, 2),
+                   "ratio": round(t_hf / t_dl, 3), "median_ratio": round(m_hf / m_dl, 3)}
+            results.append(row)
+            print(json.dumps(row), flush=True)
     print("plan:", [p.as_dict() for p in dl.plan])
     print("stats:", dl.stats())
     print("threads:", torch.get_num_threads(), "(driver / transformers)")
-    dl.close()
+    for m in dls.values():
+        m.close()
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

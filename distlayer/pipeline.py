@@ -15,6 +15,7 @@ import itertools
 import math
 import os
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -183,6 +184,9 @@ class Pipeline:
         self.actors: list = []
         self.transport = "in-process"
         self._keys = itertools.count()
+        # a step's tasks reach every stage in the same order as every other step's, even
+        # from several threads; else two stages could each wait for the other's message
+        self._submitting = threading.Lock()
         try:
             self._start(memory_per_stage, prefetch)
         except BaseException:
@@ -347,11 +351,12 @@ class Pipeline:
             raise ValueError("a step's handle can feed the next step only when its last stage picked the tokens")
         key = str(next(self._keys))
         msg = first or FromPeer(ids.ring_key)
-        for i, a in enumerate(self.actors):
-            last = i == len(self.actors) - 1
-            relay = key if not last or pick is not None else None
-            ref = self._call(a, "forward", msg, mask, pos, cache_id, logits_to_keep, pick if last else None, relay)
-            msg = FromPeer(key)
+        with self._submitting:
+            for i, a in enumerate(self.actors):
+                last = i == len(self.actors) - 1
+                relay = key if not last or pick is not None else None
+                ref = self._call(a, "forward", msg, mask, pos, cache_id, logits_to_keep, pick if last else None, relay)
+                msg = FromPeer(key)
         return Handle(ref, key if pick is not None else None)
 
     def fetch(self, handle: Handle) -> torch.Tensor:
