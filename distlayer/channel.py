@@ -73,6 +73,7 @@ class Mailbox:
         reason = f"stage {self.upstream} closed its channel"
         try:
             conn = self._listener.accept()
+            self.close()  # one sender per mailbox: the socket's path is no longer needed
             while True:
                 key, group, sent_at, payload = pickle.loads(conn.recv_bytes())
                 with self._cond:
@@ -109,6 +110,7 @@ class Mailbox:
                 del self._msgs[key]
 
     def close(self) -> None:
+        """Stop accepting senders and remove the socket's path (a connected sender stays)."""
         self._listener.close()
         shutil.rmtree(self._dir, ignore_errors=True)
 

@@ -20,8 +20,8 @@ from .store import LayerStore
 # A CPU forward of fewer tokens than this (decode at batch 1 to 7) runs on one thread:
 # its matmuls are too small to split well, and stages sharing a node's cores then do not
 # contend with each other's idle OpenMP threads. Measured on a 2-core node (SmolLM2,
-# 2 stages, against transformers on 2 threads): batch 1 0.85x -> 0.93x, batch 4
-# 0.95-0.99x -> 1.07-1.12x; batch 8 is faster on 2 threads (0.96-1.01x against 0.93x).
+# 2 stages, against transformers on 2 threads): batch 1 0.85x -> 0.89-0.93x, batch 4
+# 0.95-0.99x -> 1.06-1.12x; batch 8 is faster on 2 threads (0.96-1.01x against 0.93x).
 SMALL_FORWARD = 8
 
 
@@ -105,8 +105,7 @@ class StageActor:
             if x.dim() == 1:  # tokens the last stage picked in the previous step
                 x = x[:, None]
             if self._threads and self.device == "cpu":
-                few = x.shape[0] * x.shape[1] < SMALL_FORWARD
-                n = 1 if few else self._threads
+                n = 1 if x.shape[0] * x.shape[1] < SMALL_FORWARD else self._threads
                 if torch.get_num_threads() != n:
                     torch.set_num_threads(n)
             out = self.runner.forward(x, mask, pos, cache_id, logits_to_keep)
