@@ -15,13 +15,12 @@ import itertools
 import math
 import os
 import socket
-import threading
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from .channel import FromPeer
+from .channel import Link, Mailbox
 from .errors import ConfigError, PlanError, StageError
 from .generate import SamplingSettings
 from .planner import budgets_from, plan_concurrency, plan_stages
@@ -76,9 +75,9 @@ class PipelineOptions:
         batch_size, context: the job's largest batch and sequence (prompt + new tokens). With a
             context, each budget also reserves that KV cache and activations; without, a
             budget bounds weights alone.
-        transport: how outputs go from stage to stage on Ray. ``"auto"``: when every stage is
-            on one node, straight from actor to actor over a Unix socket (``channel``), else
-            as Ray object refs; ``"ray"``: always object refs.
+        transport: how work goes from stage to stage on Ray. ``"auto"``: when the driver and
+            every stage are on one node, from mailbox to mailbox over Unix sockets with no Ray
+            call per step (``channel``), else as Ray object refs; ``"ray"``: always object refs.
     """
 
     stages: int | None = None
@@ -148,11 +147,12 @@ def _kv_and_reserve(config, batch_size: int, context: int | None, dtype) -> tupl
 
 @dataclass
 class Handle:
-    """A submitted step: the last stage's result (an ObjectRef on Ray) and, when its
-    tokens also went to the first stage's mailbox, their key there."""
+    """A submitted step: the last stage's result (an ObjectRef on Ray, the value
+    in-process), or its key in the driver's mailbox (``channel``)."""
 
-    ref: object
-    ring_key: str | None = None
+    ref: object = None
+    key: str | None = None
+    picked: bool = False  # the last stage picked tokens, which also went to the first stage
 
 
 def local_ip() -> str:
@@ -184,9 +184,8 @@ class Pipeline:
         self.actors: list = []
         self.transport = "in-process"
         self._keys = itertools.count()
-        # a step's tasks reach every stage in the same order as every other step's, even
-        # from several threads; else two stages could each wait for the other's message
-        self._submitting = threading.Lock()
+        self._inbox: Mailbox | None = None  # channel: results from the last stage
+        self._link: Link | None = None      # channel: work to the first stage
         try:
             self._start(memory_per_stage, prefetch)
         except BaseException:
@@ -219,17 +218,25 @@ class Pipeline:
                                info["resident_bytes"], info["streamed_bytes"], node_id, info["threads"])
                      for i, ((ip, node_id), info, r) in enumerate(zip(nodes, infos, ranges))]
         if self.remote:
-            self._connect(o.transport == "auto" and len(set(node_ids)) == 1)
+            here = self._ray.get_runtime_context().get_node_id()
+            self._connect(o.transport == "auto" and set(node_ids) == {here})
 
     def _connect(self, channels: bool) -> None:
-        """With ``channels``, give every stage a mailbox and a link to the next one (the last
-        stage's to the first, for the tokens it picks); else hand-offs stay Ray object refs."""
+        """With ``channels``, chain the stages' mailboxes: the driver's link to the first
+        stage, each stage's to the next, the last stage's to the driver and (for the tokens
+        it picks) to the first stage; then start their loops. Else hand-offs stay Ray
+        object refs."""
         self.transport = "channel" if channels else "ray"
-        if channels:
-            n, key = len(self.actors), os.urandom(32)
-            addrs = self._get([self._call(a, "listen", key, (i - 1) % n) for i, a in enumerate(self.actors)])
-            self._get([self._call(a, "connect", addrs[(i + 1) % n], key, (i + 1) % n)
-                       for i, a in enumerate(self.actors)])
+        if not channels:
+            return
+        n, key = len(self.actors), os.urandom(32)
+        addrs = self._get([self._call(a, "listen", key, 2 if i == 0 else 1) for i, a in enumerate(self.actors)])
+        self._inbox = Mailbox(key, "the driver")
+        links = [{"next": (addrs[i + 1], f"stage {i + 1}")} for i in range(n - 1)]
+        links.append({"driver": (self._inbox.address, "the driver"), "ring": (addrs[0], "stage 0")})
+        self._get([self._call(a, "connect", key, ln) for a, ln in zip(self.actors, links)])
+        self._link = Link(addrs[0], key, "the driver", "stage 0")
+        self._get([self._call(a, "serve") for a in self.actors])
 
     def _budgets(self, budgets: list[int | None], device: str, node_ids: list[str]) -> list[int | None]:
         """A stage without a budget gets 90% of what its device has free: its GPU's memory,
@@ -340,28 +347,24 @@ class Pipeline:
         passing the driver too: through the stages' mailboxes (``transport="channel"``),
         or as ObjectRefs.
         """
-        first = (ids, time.time()) if isinstance(ids, torch.Tensor) else None
-        if self.transport != "channel":
-            msg = first or ids.ref
-            for i, a in enumerate(self.actors):
-                last = i == len(self.actors) - 1
-                msg = self._call(a, "forward", msg, mask, pos, cache_id, logits_to_keep, pick if last else None)
-            return Handle(msg)
-        if first is None and ids.ring_key is None:
-            raise ValueError("a step's handle can feed the next step only when its last stage picked the tokens")
-        key = str(next(self._keys))
-        msg = first or FromPeer(ids.ring_key)
-        with self._submitting:
-            for i, a in enumerate(self.actors):
-                last = i == len(self.actors) - 1
-                relay = key if not last or pick is not None else None
-                ref = self._call(a, "forward", msg, mask, pos, cache_id, logits_to_keep, pick if last else None, relay)
-                msg = FromPeer(key)
-        return Handle(ref, key if pick is not None else None)
+        if self.transport == "channel":
+            key = str(next(self._keys))
+            x, ring_key = (ids, None) if isinstance(ids, torch.Tensor) else (None, ids.key)
+            if ring_key is not None and not ids.picked:
+                raise ValueError("a step's handle can feed the next step only when its last stage picked the tokens")
+            self._link.send("q", key, cache_id, (x, ring_key, mask, pos, logits_to_keep, pick, pick is not None))
+            return Handle(key=key, picked=pick is not None)
+        msg = (ids, time.time()) if isinstance(ids, torch.Tensor) else ids.ref
+        for i, a in enumerate(self.actors):
+            last = i == len(self.actors) - 1
+            msg = self._call(a, "forward", msg, mask, pos, cache_id, logits_to_keep, pick if last else None)
+        return Handle(msg)
 
     def fetch(self, handle: Handle) -> torch.Tensor:
         """The last stage's logits ``[B, T, V]``, or with ``pick`` the next token of each
         row ``[B]``."""
+        if handle.key is not None:
+            return self._inbox.take(handle.key)[0]
         out, _ = self._get(handle.ref)
         return out
 
@@ -371,8 +374,12 @@ class Pipeline:
         return self.fetch(self.submit(ids, mask, pos, cache_id, logits_to_keep, pick))
 
     def drop(self, cache_id: str) -> None:
-        """Free a finished request's KV caches on every stage."""
-        if self.actors:
+        """Free a finished request's KV caches on every stage (with channels, each stage
+        does so after the work it has queued)."""
+        if self.transport == "channel":
+            self._inbox.discard(cache_id)
+            self._link.send("q", "", cache_id, "drop")
+        elif self.actors:
             self._get([self._call(a, "drop", cache_id) for a in self.actors])
 
     def stats(self) -> list[dict]:
@@ -382,6 +389,10 @@ class Pipeline:
     def close(self) -> None:
         """Stop the stages (and their actors and placement group)."""
         actors, self.actors = self.actors, []
+        for end in (self._link, self._inbox):
+            if end is not None:
+                end.close()
+        self._link = self._inbox = None
         if self._ray is None:
             for a in actors:
                 a.close()

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import time
 from pathlib import Path
 
 import psutil
 import torch
 
-from .channel import FromPeer, Link, Mailbox
+from .channel import Failed, Link, Mailbox
 from .errors import StageError, StoreError
 from .generate import SamplingSettings, pick_next
 from .runner import LayerRange, LayerRunner
@@ -83,7 +84,8 @@ class StageActor:
         self.transfer_s = 0.0
         self._gens: dict[str, torch.Generator] = {}  # seeded sampling, per micro-batch cache
         self._inbox: Mailbox | None = None  # same-node channels (see ``channel``)
-        self._outbox: Link | None = None
+        self._links: dict[str, Link] = {}
+        self._lock = threading.Lock()  # the serving loop against calls from Ray
         self._threads: int | None = None  # set by setup; None: leave torch's threads alone
 
     def free_memory(self) -> int:
@@ -105,59 +107,89 @@ class StageActor:
                 "resident_bytes": sum(r.unit_bytes[u] for u in r.resident),
                 "streamed_bytes": sum(r.unit_bytes[u] for u in r.streamed)}
 
-    def listen(self, authkey: bytes, upstream: int) -> str:
-        """Open this stage's mailbox for inputs from stage ``upstream`` on the same node;
-        returns its address for :meth:`connect`."""
-        self._inbox = Mailbox(authkey, self.stage, upstream)
+    def listen(self, authkey: bytes, senders: int) -> str:
+        """Open this stage's mailbox for ``senders`` peers on its node; returns its address."""
+        self._inbox = Mailbox(authkey, f"stage {self.stage}", senders)
         return self._inbox.address
 
-    def connect(self, address: str, authkey: bytes, downstream: int) -> None:
-        """Send outputs that the driver asks to relay to the mailbox at ``address``."""
-        self._outbox = Link(address, authkey, downstream)
+    def connect(self, authkey: bytes, links: dict[str, tuple[str, str]]) -> None:
+        """Connect to the mailboxes this stage sends to: ``{role: (address, receiver)}``,
+        roles ``"next"`` (the next stage), or on the last stage ``"driver"`` and ``"ring"``
+        (the first stage, for the tokens it picks)."""
+        self._links = {role: Link(addr, authkey, f"stage {self.stage}", who) for role, (addr, who) in links.items()}
 
-    def forward(self, msg, mask, pos, cache_id: str, logits_to_keep: int = 1,
-                pick: SamplingSettings | None = None, relay: str | None = None) -> tuple:
-        """Run one micro-batch. ``msg`` is ``(tensor, sent_at)`` from the driver or the
-        previous stage, or :class:`FromPeer` when it comes through this stage's mailbox;
-        returns ``(output, sent_at)`` for the next hop.
+    def serve(self) -> None:
+        """Start the loop that takes work from this stage's mailbox (see ``channel``)."""
+        threading.Thread(target=self._serve, name=f"stage-{self.stage}", daemon=True).start()
+
+    def _serve(self) -> None:
+        if self._threads:
+            torch.set_num_threads(self._threads)  # OpenMP's thread count is per calling thread
+        last = self.runner.range.last
+        while True:
+            try:
+                key, group, sent_at, work = self._inbox.next()
+            except StageError:  # the stage before died: say so downstream, and stop
+                for link in self._links.values():
+                    try:
+                        link.send("gone", "", "", self._inbox.gone)
+                    except StageError:
+                        pass
+                return
+            try:
+                if work == "drop":
+                    self.drop(group)
+                    if not last:
+                        self._links["next"].send("q", key, group, work)
+                    continue
+                x, ring_key, mask, pos, logits_to_keep, pick, ring = work
+                if not isinstance(x, Failed):
+                    try:
+                        if x is None:  # tokens the last stage picked in the previous step
+                            x, sent_at = self._inbox.take(ring_key)
+                        self.transfer_s += max(0.0, time.time() - sent_at)
+                        x = self._compute(x, mask, pos, group, logits_to_keep, pick)
+                    except BaseException as e:
+                        x = Failed(e)
+                if not last:
+                    self._links["next"].send("q", key, group, (x, None, mask, pos, logits_to_keep, pick, ring))
+                    continue
+                self._links["driver"].send("k", key, group, x)
+                if ring:
+                    self._links["ring"].send("k", key, group, x)
+            except StageError:  # the stage after died; the driver learns it from its own mailbox
+                return
+
+    def forward(self, msg: tuple, mask, pos, cache_id: str, logits_to_keep: int = 1,
+                pick: SamplingSettings | None = None) -> tuple:
+        """Run one micro-batch (the Ray object-ref hand-off). ``msg`` is ``(tensor, sent_at)``
+        from the driver or the previous stage; returns ``(output, sent_at)`` for the next hop."""
+        x, sent_at = msg
+        self.transfer_s += max(0.0, time.time() - sent_at)
+        return self._compute(x, mask, pos, cache_id, logits_to_keep, pick), time.time()
+
+    def _compute(self, x, mask, pos, cache_id: str, logits_to_keep: int, pick: SamplingSettings | None):
+        """This stage's forward of one micro-batch, on the CPU.
 
         With ``pick`` (``generate.picking``) the last stage returns the next token of each
         row (``[B]``: argmax, or sampled with the micro-batch's own seeded generator)
         instead of logits, so only token ids travel on.
-
-        With ``relay``, the output also goes to the next stage's mailbox under that key
-        (an error goes there too, so the stages after this one raise it as well); a stage
-        other than the last then returns None in its place.
         """
-        try:
-            x, sent_at = self._inbox.take(msg.key) if isinstance(msg, FromPeer) else msg
-            self.transfer_s += max(0.0, time.time() - sent_at)
-            if x.dim() == 1:  # tokens the last stage picked in the previous step
-                x = x[:, None]
-            if self._threads and self.device == "cpu":
-                n = 1 if x.shape[0] * x.shape[1] < SMALL_FORWARD else self._threads
-                if torch.get_num_threads() != n:
-                    torch.set_num_threads(n)
+        if x.dim() == 1:  # tokens the last stage picked in the previous step
+            x = x[:, None]
+        if self._threads and self.device == "cpu":
+            n = 1 if x.shape[0] * x.shape[1] < SMALL_FORWARD else self._threads
+            if torch.get_num_threads() != n:
+                torch.set_num_threads(n)
+        with self._lock:
             out = self.runner.forward(x, mask, pos, cache_id, logits_to_keep)
             if pick is not None and self.runner.range.last:
                 last = out[:, -1, :]
                 out = pick_next(last.float().cpu(), pick, self._generator(cache_id, pick)) if pick.do_sample \
                     else last.argmax(-1)
-            out = out.cpu()
-            if self.device == "cpu" and torch.get_num_threads() > 1:
-                release_openmp_threads()
-        except BaseException as e:
-            if relay is not None:
-                try:
-                    self._outbox.send_error(relay, cache_id, e)
-                except StageError:
-                    pass
-            raise
-        if relay is not None:
-            self._outbox.send(relay, cache_id, out)
-            if not self.runner.range.last:
-                out = None
-        return out, time.time()
+        if self.device == "cpu" and torch.get_num_threads() > 1:
+            release_openmp_threads()
+        return out.cpu()
 
     def _generator(self, cache_id: str, pick: SamplingSettings) -> torch.Generator | None:
         if pick.seed is None:
@@ -168,10 +200,11 @@ class StageActor:
 
     def drop(self, cache_id: str) -> None:
         """Free the KV caches of a finished request (all its micro-batches)."""
-        for key in [k for k in self.runner.caches if k == cache_id or k.startswith(cache_id + ":")]:
-            self.runner.drop(key)
-        for key in [k for k in self._gens if k == cache_id or k.startswith(cache_id + ":")]:
-            del self._gens[key]
+        with self._lock:
+            for key in [k for k in self.runner.caches if k == cache_id or k.startswith(cache_id + ":")]:
+                self.runner.drop(key)
+            for key in [k for k in self._gens if k == cache_id or k.startswith(cache_id + ":")]:
+                del self._gens[key]
         if self._inbox is not None:
             self._inbox.discard(cache_id)
 
@@ -180,7 +213,7 @@ class StageActor:
         return {**self.runner.stats(), "transfer_s": round(self.transfer_s, 4)}
 
     def close(self) -> None:
-        for end in (self._outbox, self._inbox):
+        for end in [*self._links.values(), self._inbox]:
             if end is not None:
                 end.close()
         if self.runner is not None:
