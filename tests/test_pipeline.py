@@ -4,6 +4,7 @@ two architectures, budgets that force streaming, and stages on two Ray nodes."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -62,6 +63,9 @@ def test_actors_match_transformers(arch, stages, tiny_dir, hf_model):
         cores = int(ray.cluster_resources()["CPU"])  # one node
         assert model.pipeline.micro_batches(8) == (micro or 1)
         assert [p.threads for p in plan] == [max(1, cores // (micro or 1))] * stages
+        # stages that take turns on all the node's cores bind their OpenMP threads, one per core
+        binds = ray.get([a.__ray_call__.remote(lambda _: os.environ.get("OMP_PROC_BIND")) for a in model.pipeline.actors])
+        assert binds == ["close" if plan[0].threads == cores else None] * stages
         # no memory_per_stage: each stage budgets an equal share of the node's free RAM
         ram = psutil.virtual_memory().total
         assert all(0 < p.budget_bytes <= 0.9 * ram / stages for p in plan)

@@ -90,3 +90,14 @@ def test_plan_model_reads_only_the_manifest(tiny_dir):
 ])
 def test_plan_concurrency(nodes, cores, device, mb, threads, expected):
     assert plan_concurrency(nodes, cores, device, mb, threads) == expected
+
+
+def test_stage_env_binds_only_stages_that_use_every_core_and_keeps_the_users_settings():
+    from distlayer.pipeline import GOMP_SPINCOUNT, stage_env
+
+    bound = {"GOMP_SPINCOUNT": GOMP_SPINCOUNT, "OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
+    assert stage_env("cpu", True, {}) == bound
+    assert stage_env("cpu", False, {}) == {"GOMP_SPINCOUNT": GOMP_SPINCOUNT}
+    assert stage_env("cuda", True, {}) == {}
+    assert stage_env("cpu", True, {"GOMP_CPU_AFFINITY": "0-3"}) == {"GOMP_SPINCOUNT": GOMP_SPINCOUNT}
+    assert stage_env("cpu", True, {"OMP_WAIT_POLICY": "passive"}) == {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
