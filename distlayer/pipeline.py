@@ -2,9 +2,10 @@
 of hidden states through them.
 
 With Ray, each stage is an actor on its own device (a GPU, or a share of a node's
-CPUs), placed with a placement group; hidden states go from actor to actor as
-ObjectRefs, never through the driver, and several micro-batches are in flight so
-every stage works at once. ``in_process=True`` runs the same StageActor objects in
+CPUs), placed with a placement group; hidden states go from actor to actor, never
+through the driver (over Unix sockets when the driver and every stage share a node, see
+``channel``; else as ObjectRefs), and several micro-batches are in flight so every
+stage works at once. ``in_process=True`` runs the same StageActor objects in
 this process, one after another, without Ray. This is the only module that imports
 ``ray``.
 """
