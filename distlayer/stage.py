@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 import time
@@ -20,40 +19,10 @@ from .store import LayerStore
 
 
 # A CPU forward of fewer tokens than this (decode at batch 1 to 7) runs on one thread:
-# its matmuls are too small to split well, and stages sharing a node's cores then do not
-# contend with each other's idle OpenMP threads. Measured on a 2-core node (SmolLM2,
-# 2 stages, against transformers on 2 threads): batch 1 0.85x -> 0.89-0.93x, batch 4
-# 0.95-0.99x -> 1.06-1.12x; batch 8 is faster on 2 threads (0.96-1.01x against 0.93x).
+# its matmuls are too small to split well. Measured on a 2-core node (SmolLM2, 2 stages
+# taking turns, 32 new tokens, median of 6): batch 4 1.96 s against 2.04 s on 2 threads,
+# batch 1 1.43 s against 1.45 s; batch 8 is faster on 2 threads.
 SMALL_FORWARD = 8
-
-
-def _openmp_pause():
-    """libgomp's ``omp_pause_resource_all``, from the OpenMP runtime torch loaded; None
-    where there is none (another runtime, or no ``/proc``)."""
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "libgomp" in line})
-        return ctypes.CDLL(paths[0]).omp_pause_resource_all if paths else None
-    except (OSError, AttributeError):
-        return None
-
-
-_pause = []  # looked up once, on first use
-
-
-def release_openmp_threads() -> None:
-    """End this process's idle OpenMP threads now instead of letting them spin.
-
-    After a parallel region libgomp's threads spin for a while (``GOMP_SPINCOUNT``)
-    before they sleep. A CPU stage that has finished its forward would so hold the
-    cores the next stage on its node needs; measured (SmolLM2, 2 stages, batch 16) that
-    cost 0.07-0.1 s of compute per 32 tokens. The pool is rebuilt on the next parallel
-    region (about 0.1 ms).
-    """
-    if not _pause:
-        _pause.append(_openmp_pause())
-    if _pause[0] is not None:
-        _pause[0](1)  # omp_pause_soft
 
 
 class StageActor:
@@ -187,8 +156,6 @@ class StageActor:
                 last = out[:, -1, :]
                 out = pick_next(last.float().cpu(), pick, self._generator(cache_id, pick)) if pick.do_sample \
                     else last.argmax(-1)
-        if self.device == "cpu" and torch.get_num_threads() > 1:
-            release_openmp_threads()
         return out.cpu()
 
     def _generator(self, cache_id: str, pick: SamplingSettings) -> torch.Generator | None:
