@@ -399,10 +399,12 @@ class Pipeline:
 
     def drop(self, cache_id: str) -> None:
         """Free a finished request's KV caches on every stage (with channels, each stage
-        does so after the work it has queued)."""
+        does so after the work it has queued); returns once all have."""
         if self.transport == "channel":
             self._inbox.discard(cache_id)
-            self._link.send("q", "", cache_id, "drop")
+            key = f"drop {next(self._keys)}"
+            self._link.send("q", key, cache_id, "drop")
+            self._inbox.take(key)
         elif self.actors:
             self._get([self._call(a, "drop", cache_id) for a in self.actors])
 

@@ -108,7 +108,9 @@ class StageActor:
             try:
                 if work == "drop":
                     self.drop(group)
-                    if not last:
+                    if last:  # every stage has dropped it: tell the driver
+                        self._links["driver"].send("k", key, "", None)
+                    else:
                         self._links["next"].send("q", key, group, work)
                     continue
                 x, ring_key, mask, pos, logits_to_keep, pick, ring = work

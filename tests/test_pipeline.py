@@ -80,6 +80,7 @@ def test_actors_match_transformers(arch, stages, tiny_dir, hf_model):
         for s in stats:
             assert s["compute_s"] > 0 and s["peak_weight_bytes"] > 0 and s["peak_rss_bytes"] > 0
             assert {"load_s", "transfer_s"} <= set(s)
+            assert s["kv_bytes"] == 0  # generate returns once every stage has freed its KV cache
 
 
 def test_ray_object_ref_transport_matches(tiny_dir, hf_model):
