@@ -6,8 +6,8 @@
 Default model: the embedded SmolLM2-135M-Instruct. Everything resident unless
 ``--memory-per-stage`` makes the stages stream.
 Each configuration runs once to warm up, then ``--repeat`` timed runs, alternating
-between transformers and distlayer (one pipeline per ``--transports`` entry), so drift in the machine's speed (about ±10% on
-a shared 2-core VM) hits both alike. ``ratio`` compares the best run of each,
+between transformers and distlayer (one pipeline per ``--transports`` entry), so
+drift in the machine's speed (about ±10% on a shared 2-core VM) hits all alike. ``ratio`` compares the best run of each,
 ``median_ratio`` the medians.
 """
 

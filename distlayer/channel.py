@@ -44,8 +44,9 @@ class Failed:
             self.exc = RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-def _in_group(group: str, prefix: str) -> bool:
-    return group == prefix or group.startswith(prefix + ":")
+def in_request(key: str, request: str) -> bool:
+    """Whether a cache id or message group ``key`` belongs to ``request`` (``request`` or ``request:k``)."""
+    return key == request or key.startswith(request + ":")
 
 
 class Mailbox:
@@ -89,7 +90,7 @@ class Mailbox:
                         self._gone = payload
                     elif kind == "q":
                         self._work.append((key, group, sent_at, payload))
-                    elif not any(_in_group(group, p) for p in self._dropped):
+                    elif not any(in_request(group, p) for p in self._dropped):
                         self._keyed[key] = (payload, sent_at, group)
                     self._cond.notify_all()
         except (EOFError, OSError) as e:
@@ -133,7 +134,7 @@ class Mailbox:
         """Free the keyed messages of requests ``prefix`` (and ``prefix:*``), now and when they arrive later."""
         with self._cond:
             self._dropped.append(prefix)
-            for key in [k for k, (_, _, g) in self._keyed.items() if _in_group(g, prefix)]:
+            for key in [k for k, (_, _, g) in self._keyed.items() if in_request(g, prefix)]:
                 del self._keyed[key]
 
     def close(self) -> None:

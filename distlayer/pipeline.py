@@ -376,7 +376,7 @@ class Pipeline:
             x, ring_key = (ids, None) if isinstance(ids, torch.Tensor) else (None, ids.key)
             if ring_key is not None and not ids.picked:
                 raise ValueError("a step's handle can feed the next step only when its last stage picked the tokens")
-            self._link.send("q", key, cache_id, (x, ring_key, mask, pos, logits_to_keep, pick, pick is not None))
+            self._link.send("q", key, cache_id, (x, ring_key, mask, pos, logits_to_keep, pick))
             return Handle(key=key, picked=pick is not None)
         msg = (ids, time.time()) if isinstance(ids, torch.Tensor) else ids.ref
         for i, a in enumerate(self.actors):

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from .channel import Failed, Link, Mailbox
+from .channel import Failed, Link, Mailbox, in_request
 from .errors import StageError, StoreError
 from .generate import SamplingSettings, pick_next
 from .runner import LayerRange, LayerRunner
@@ -113,7 +113,7 @@ class StageActor:
                     else:
                         self._links["next"].send("q", key, group, work)
                     continue
-                x, ring_key, mask, pos, logits_to_keep, pick, ring = work
+                x, ring_key, mask, pos, logits_to_keep, pick = work
                 if not isinstance(x, Failed):
                     try:
                         if x is None:  # tokens the last stage picked in the previous step
@@ -123,10 +123,10 @@ class StageActor:
                     except BaseException as e:
                         x = Failed(e)
                 if not last:
-                    self._links["next"].send("q", key, group, (x, None, mask, pos, logits_to_keep, pick, ring))
+                    self._links["next"].send("q", key, group, (x, None, mask, pos, logits_to_keep, pick))
                     continue
                 self._links["driver"].send("k", key, group, x)
-                if ring:
+                if pick is not None:  # picked tokens also feed the first stage's next step
                     self._links["ring"].send("k", key, group, x)
             except StageError:  # the stage after died; the driver learns it from its own mailbox
                 return
@@ -170,9 +170,9 @@ class StageActor:
     def drop(self, cache_id: str) -> None:
         """Free the KV caches of a finished request (all its micro-batches)."""
         with self._lock:
-            for key in [k for k in self.runner.caches if k == cache_id or k.startswith(cache_id + ":")]:
+            for key in [k for k in self.runner.caches if in_request(k, cache_id)]:
                 self.runner.drop(key)
-            for key in [k for k in self._gens if k == cache_id or k.startswith(cache_id + ":")]:
+            for key in [k for k in self._gens if in_request(k, cache_id)]:
                 del self._gens[key]
         if self._inbox is not None:
             self._inbox.discard(cache_id)
