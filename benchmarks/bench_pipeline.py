@@ -87,7 +87,7 @@ def main(argv=None):
         t_hf, m_hf = min(times["hf"]), statistics.median(times["hf"])
         for tr, m in dls.items():
             t_dl, m_dl = min(times[tr]), statistics.median(times[tr])
-            row = {"batch": b, "new_tokens": a.new, "transport": m.pipeline.transport,
+            row = {"batch": b, "new_tokens": a.new, "transport": m.pipeline.transport.name,
                    "hf_tok_s": round(b * a.new / t_hf, 2), "distlayer_tok_s": round(b * a.new / t_dl, 2),
                    "ratio": round(t_hf / t_dl, 3), "median_ratio": round(m_hf / m_dl, 3)}
             results.append(row)

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
+from .units import EMBED, HEAD, NORM, layer_unit, unit_order  # noqa: F401 (unit_order: used by store)
 
-EMBED, NORM, HEAD = "embed", "norm", "head"
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 # Attributes the models' forward loops read off a decoder layer.
 LAYER_ATTRS = ("attention_type", "is_block_boundary")
@@ -22,16 +22,6 @@ LAYER_ATTRS = ("attention_type", "is_block_boundary")
 TESTED_MODEL_TYPES = (
     "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "mixtral", "qwen2_moe",
 )
-
-
-def layer_unit(index: int) -> str:
-    """Name of the unit holding decoder layer ``index``."""
-    return f"layer.{index}"
-
-
-def unit_order(num_layers: int) -> list[str]:
-    """All unit names in forward order: embed, layer.0 … layer.N-1, norm, head."""
-    return [EMBED, *(layer_unit(i) for i in range(num_layers)), NORM, HEAD]
 
 
 def unit_of_raw_key(key: str) -> str:
@@ -153,3 +143,16 @@ class SkippedLayer(nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         return hidden_states
+
+
+def checkpoint_dtype(config) -> torch.dtype:
+    """The dtype the checkpoint's config declares (float32 if none)."""
+    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt, None)
+    return dt if isinstance(dt, torch.dtype) else torch.float32
+
+
+def compute_dtype(name: str | None, config) -> torch.dtype:
+    """The torch dtype named ``name`` (a canonical name from ``config.DTYPES``), else the checkpoint's."""
+    return getattr(torch, name) if name else checkpoint_dtype(config)

@@ -4,7 +4,7 @@ With Ray object refs, every hand-off is an actor task: the driver's core worker,
 next actor's task path, serialization and replies, about 3 ms a hop and a steady
 trickle of CPU work that, on a node whose cores the stages share, slows their compute.
 When the driver and every stage are on one node, each stage instead runs a loop
-(``StageActor.serve``) that takes work from its :class:`Mailbox` and sends its output
+(:class:`StageServer`) that takes work from its :class:`Mailbox` and sends its output
 over a Unix socket straight to the next stage's mailbox; the last stage sends the
 result to the driver's mailbox and the tokens it picked back to the first stage. Ray
 then only starts, inspects and stops the stages.
@@ -19,6 +19,7 @@ its message arrives. A sender that dies closes its socket, and the receiver rais
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import shutil
@@ -26,27 +27,13 @@ import tempfile
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from multiprocessing.connection import Client, Listener
 
 from .errors import StageError
+from .transport import Failed, Handle, Payload, Stages, Transport, Work, in_request
 
 LOST = "its KV caches are lost: close this model and load it again"
-
-
-class Failed:
-    """An exception raised by a stage, passed on so the driver raises it."""
-
-    def __init__(self, exc: BaseException):
-        try:
-            pickle.dumps(exc)
-            self.exc = exc
-        except Exception:
-            self.exc = RuntimeError(f"{type(exc).__name__}: {exc}")
-
-
-def in_request(key: str, request: str) -> bool:
-    """Whether a cache id or message group ``key`` belongs to ``request`` (``request`` or ``request:k``)."""
-    return key == request or key.startswith(request + ":")
 
 
 class Mailbox:
@@ -68,6 +55,7 @@ class Mailbox:
         self._dropped: deque[str] = deque(maxlen=64)
         self._cond = threading.Condition()
         self._gone: str | None = None  # why a sender is gone
+        self._closed = False
         threading.Thread(target=self._accept, args=(senders,), name=f"mailbox-{owner}", daemon=True).start()
 
     def _accept(self, senders: int) -> None:
@@ -138,8 +126,17 @@ class Mailbox:
                 del self._keyed[key]
 
     def close(self) -> None:
-        """Stop accepting senders and remove the socket's path (connected senders stay)."""
-        self._listener.close()
+        """Stop accepting senders and remove the socket's path (connected senders stay).
+        Safe to call twice, and from two threads (the accept loop closes it when every
+        sender has come)."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self._listener.close()
+        except OSError:  # its path is already gone
+            pass
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
@@ -169,3 +166,156 @@ class Link:
 
     def close(self) -> None:
         self._conn.close()
+
+
+# --------------------------------------------------------------------------- the transport
+
+
+@dataclass
+class Hop:
+    """Work on its way to the next stage's mailbox, with its input: a tensor, the
+    :class:`Failed` of a stage before, or None (take the tokens of ``work.feed``)."""
+
+    work: Work
+    x: object = None
+
+
+@dataclass
+class Drop:
+    """Free a request's KV caches on every stage, then acknowledge to the driver."""
+
+    cache_id: str
+
+
+class StageServer:
+    """A stage's end of the channels: its mailbox, links to the stages after it, and the
+    loop that runs work from the mailbox on the stage (``StageActor.run`` / ``drop``).
+
+    Args:
+        actor: the ``StageActor`` object this loop serves.
+        authkey: the pipeline's shared secret.
+        senders: peers that will connect (two for the first stage: the driver and the last stage).
+    """
+
+    def __init__(self, actor, authkey: bytes, senders: int):
+        self.actor, self.authkey = actor, authkey
+        self.name = f"stage {actor.stage}"
+        self.inbox = Mailbox(authkey, self.name, senders)
+        self.links: dict[str, Link] = {}
+
+    def connect(self, links: dict[str, tuple[str, str]]) -> None:
+        """Connect to ``{role: (address, receiver)}``: ``"next"`` (the next stage), or on the
+        last stage ``"driver"`` and ``"ring"`` (the first stage, for the tokens it picks);
+        then start serving."""
+        self.links = {role: Link(addr, self.authkey, self.name, who) for role, (addr, who) in links.items()}
+        threading.Thread(target=self._serve, name=f"{self.name}-loop", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                key, group, sent_at, msg = self.inbox.next()
+            except StageError:  # the stage before died: say so downstream, and stop
+                self._send_all("gone", "", "", self.inbox.gone)
+                return
+            try:
+                if isinstance(msg, Drop):
+                    self._drop(key, msg)
+                else:
+                    self._run(key, group, sent_at, msg)
+            except StageError:  # the stage after died; the driver learns it from its own mailbox
+                return
+
+    def _drop(self, key: str, msg: Drop) -> None:
+        self.actor.drop(msg.cache_id)
+        self.inbox.discard(msg.cache_id)
+        if "driver" in self.links:  # the last stage: every stage has dropped it
+            self.links["driver"].send("k", key, "", None)
+        else:
+            self.links["next"].send("q", key, msg.cache_id, msg)
+
+    def _run(self, key: str, group: str, sent_at: float, hop: Hop) -> None:
+        x, work = hop.x, hop.work
+        if not isinstance(x, Failed):
+            try:
+                if x is None:  # tokens the last stage picked in the previous step
+                    x, sent_at = self.inbox.take(work.feed)
+                x = self.actor.run(work, Payload(x, sent_at)).x
+            except BaseException as e:
+                x = Failed(e)
+        if "next" in self.links:
+            self.links["next"].send("q", key, group, Hop(work, x))
+            return
+        self.links["driver"].send("k", key, group, x)
+        if work.pick is not None:  # picked tokens also feed the first stage's next step
+            self.links["ring"].send("k", key, group, x)
+
+    def _send_all(self, *msg) -> None:
+        for link in self.links.values():
+            try:
+                link.send(*msg)
+            except StageError:
+                pass
+
+    def close(self) -> None:
+        """Close the mailbox and the links."""
+        for end in [*self.links.values(), self.inbox]:
+            end.close()
+
+
+def open_stage_mailbox(actor, authkey: bytes, senders: int) -> str:
+    """Run in a stage's process: attach a :class:`StageServer` to ``actor``; returns its address."""
+    server = actor.attach("channel", StageServer(actor, authkey, senders))
+    return server.inbox.address
+
+
+def connect_stage(actor, links: dict[str, tuple[str, str]]) -> None:
+    """Run in a stage's process: connect its server's links and start its loop."""
+    actor.attached["channel"].connect(links)
+
+
+class SocketTransport(Transport):
+    """Stage-to-stage hand-offs over Unix sockets on one node (see the module docstring).
+
+    Start-up takes two rounds of calls to the stages: open their mailboxes, then connect
+    each to the next and start their loops.
+    """
+
+    name = "channel"
+
+    def __init__(self, stages: Stages):
+        n, key = len(stages.actors), os.urandom(32)
+        self._keys = itertools.count()
+        addrs = stages.get([stages.call_with(a, open_stage_mailbox, key, 2 if i == 0 else 1)
+                            for i, a in enumerate(stages.actors)])
+        self._inbox = Mailbox(key, "the driver")
+        links = [{"next": (addrs[i + 1], f"stage {i + 1}")} for i in range(n - 1)]
+        links.append({"driver": (self._inbox.address, "the driver"), "ring": (addrs[0], "stage 0")})
+        self._link: Link | None = None
+        try:
+            stages.get([stages.call_with(a, connect_stage, ln) for a, ln in zip(stages.actors, links)])
+            self._link = Link(addrs[0], key, "the driver", "stage 0")
+        except BaseException:
+            self.close()
+            raise
+
+    def submit(self, work: Work, x) -> Handle:
+        if isinstance(x, Handle):
+            if not x.picked:
+                raise ValueError("a step's handle can feed the next step only when its last stage picked the tokens")
+            work.feed, x = x.key, None
+        self._link.send("q", work.key, work.cache_id, Hop(work, x))
+        return Handle(work.key, picked=work.pick is not None)
+
+    def fetch(self, handle: Handle):
+        return self._inbox.take(handle.key)[0]
+
+    def drop(self, cache_id: str) -> None:
+        self._inbox.discard(cache_id)
+        key = f"drop {next(self._keys)}"
+        self._link.send("q", key, cache_id, Drop(cache_id))
+        self._inbox.take(key)
+
+    def close(self) -> None:
+        for end in (self._link, self._inbox):
+            if end is not None:
+                end.close()

@@ -7,29 +7,65 @@ bad input are printed as ``error: ...`` with exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 
+from .config import GenerationConfig, PipelineConfig, build
 from .errors import ConfigError, DistlayerError
 
 DEMO_QUESTION = "What is the capital of France?"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
+def _cli_type(kind: type):
+    """An argparse type for a settings field: whole numbers at least 0, or ``kind``."""
+    if kind is not int:
+        return kind
+
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+        return value
+
+    return whole
 
 
-def _add_pipeline_flags(p: argparse.ArgumentParser, stages_help: str) -> None:
-    p.add_argument("--stages", type=_positive_int, default=None, help=stages_help)
-    p.add_argument("--memory-per-stage", default=None, metavar="SIZE",
-                   help="weight budget per stage, e.g. 2GiB (default: no limit)")
-    p.add_argument("--shards-dir", default=None, metavar="DIR", help="where the per-layer shards live")
-    p.add_argument("--dtype", default=None, help="compute dtype: float32, float16 or bfloat16 (default: the checkpoint's)")
+def flag(name: str) -> str:
+    """The command-line flag of a settings field: ``memory_per_stage`` -> ``--memory-per-stage``."""
+    return "--" + name.replace("_", "-")
+
+
+def add_settings_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of the settings dataclass ``cls`` that has a command-line type
+    (``config.setting(cli=...)``); booleans get ``--x/--no-x``. Defaults stay None so
+    the dataclass's own defaults apply."""
+    group = p.add_argument_group(f"{cls.__name__} settings")
+    for f in dataclasses.fields(cls):
+        if f.name in skip or "help" not in f.metadata:
+            continue
+        kind, text = f.metadata["cli"], f.metadata["help"]
+        names = [flag(f.name), *f.metadata.get("aliases", ())]
+        if f.type in ("bool", "bool | None"):
+            group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=text)
+        elif kind is not None:
+            many = f.name == "stop"
+            group.add_argument(*names, dest=f.name, type=_cli_type(kind), default=None,
+                               action="append" if many else None, metavar="TEXT" if many else f.name.upper(),
+                               help=text + (" (repeatable)" if many else ""))
+
+
+def settings_from(args, cls, **extra):
+    """Build ``cls`` from the parsed flags of its fields that were given (and ``extra``)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if isinstance(given.get("memory_per_stage"), str) and "," in given["memory_per_stage"]:
+        given["memory_per_stage"] = given["memory_per_stage"].split(",")
+    return build(cls, {**given, **extra}, "--", "flag")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,9 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print which layers each stage would own and what it keeps resident or "
                                    "streams, as a table. Reads the manifest only: no weights are loaded.")
     p.add_argument("model", help='HF repo id, local model dir, layer store, or "default"')
-    _add_pipeline_flags(p, "number of pipeline stages (default: one per GPU, else 1)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="batch size the KV estimate is for")
-    p.add_argument("--context", type=_positive_int, default=None, help="tokens per sequence for the KV estimate")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    add_settings_flags(p, PipelineConfig, skip=("address",))
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("generate", help="generate from one prompt, streaming tokens to stdout",
@@ -64,17 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "as tokens are produced.")
     p.add_argument("model", help='HF repo id, local model dir, .gguf file, layer store, or "default"')
     p.add_argument("prompt", help="the prompt text")
-    _add_pipeline_flags(p, "pipeline stages; 0 runs in-process without Ray (default: one per GPU, else 1)")
-    p.add_argument("--address", default=None, help='"auto" or host:port to join a `ray start` cluster')
-    p.add_argument("--compression", choices=["8bit", "4bit"], default=None, help="use compressed shards")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="most tokens to generate (default 64)")
-    p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature")
-    p.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k likeliest tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
-    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop at this text (repeatable)")
+    add_settings_flags(p, PipelineConfig)
+    add_settings_flags(p, GenerationConfig)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("run", help="batch job: JSONL in, JSONL out, resumable",
@@ -95,17 +121,9 @@ def _err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _load(model: str, args, stages=None, **kw):
-    from .jobs import resolve_model
-    from .model import AutoModel
-
-    return AutoModel.from_pretrained(resolve_model(model), stages=stages, memory_per_stage=args.memory_per_stage,
-                                     shards_dir=args.shards_dir, dtype=args.dtype, **kw)
-
-
 def cmd_split(args) -> int:
     """``distlayer split``: write the layer store, print its path."""
-    from .jobs import resolve_model
+    from .smollm import resolve_model
     from .store import split
 
     print(split(resolve_model(args.model), out=args.out, compression=args.compression, force=args.force))
@@ -113,14 +131,24 @@ def cmd_split(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    """``distlayer plan``: print the stage plan table without loading weights."""
-    from .jobs import resolve_model
+    """``distlayer plan``: print the plan ``from_pretrained`` would run with on this
+    machine (the same planning call and defaults), without loading weights."""
     from .pipeline import plan_model
-    from .report import format_plan
+    from .report import format_plan, plan_notes
+    from .smollm import resolve_model
 
-    plans = plan_model(resolve_model(args.model), args.stages or 1, args.memory_per_stage, shards_dir=args.shards_dir,
-                       dtype=args.dtype, batch_size=max(args.batch_size, 1), context=args.context)
-    print(format_plan(plans))
+    cfg = settings_from(args, PipelineConfig)
+    plan, store, dtype = plan_model(resolve_model(args.model), cfg)
+    if args.json:
+        keys = ("stage", "start", "end", "budget_bytes", "budget_source", "reserve_bytes", "resident_bytes",
+                "streamed_bytes", "resident_units", "streamed_units", "device", "threads")
+        print(json.dumps({"model": str(store.path), "dtype": str(dtype).removeprefix("torch."),
+                          "micro_batches": plan.micro_batches,
+                          "stages": [{k: p.as_dict()[k] for k in keys} for p in plan.stages]}, indent=1))
+    else:
+        print(format_plan(plan.stages))
+        print()
+        print(plan_notes(plan, cfg, dtype))
     return 0
 
 
@@ -128,12 +156,17 @@ def cmd_generate(args) -> int:
     """``distlayer generate``: stream one completion to stdout."""
     from transformers import TextStreamer
 
-    model = _load(args.model, args, stages=args.stages, address=args.address, compression=args.compression)
+    from .model import DistModel
+    from .smollm import resolve_model
+
+    cfg = settings_from(args, PipelineConfig)
+    gen = settings_from(args, GenerationConfig)  # checked before the model loads
+    model = DistModel.load(resolve_model(args.model), cfg)
     try:
         tok = model.tokenizer
         if tok is None:
             raise ConfigError(f"{args.model} has no tokenizer files: generate needs a model with a tokenizer")
-        if args.chat:
+        if gen.chat_template:
             if not getattr(tok, "chat_template", None):
                 raise ConfigError(f"{args.model}'s tokenizer has no chat template: run without --chat")
             text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
@@ -142,9 +175,7 @@ def cmd_generate(args) -> int:
         else:
             enc = tok(args.prompt, return_tensors="pt")
         streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        model.generate(enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=args.max_new_tokens,
-                       streamer=streamer, do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed, stop_strings=args.stop)
+        model.generate(enc.input_ids, attention_mask=enc.attention_mask, streamer=streamer, **dataclasses.asdict(gen))
     finally:
         model.close()
     return 0

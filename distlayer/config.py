@@ -1,4 +1,11 @@
-"""Job-file settings: plain dataclasses, loaded from YAML and checked in ``__post_init__``.
+"""Settings, one dataclass per concern, each checked once in ``__post_init__``.
+
+- :class:`PipelineConfig`: where and how the model runs. ``AutoModel.from_pretrained``'s
+  keywords, the job file's ``pipeline:`` section and the CLI's pipeline flags are its fields.
+- :class:`GenerationConfig`: how tokens are picked and when a completion stops.
+  ``generate()``'s keywords, the job file's ``generation:`` section, the CLI's generation
+  flags and the sampler all use it.
+- :class:`JobConfig`: a batch job (model, input, output, batch size and the two above).
 
 A job file looks like::
 
@@ -9,24 +16,63 @@ A job file looks like::
     pipeline: {stages: 2, memory_per_stage: 2GiB}
     generation: {max_new_tokens: 64, chat_template: true, stop: ["\\n\\n"]}
 
-Every error names the key and the bad value; an unknown key is rejected with the
-closest valid name suggested.
+Every error names the key and the bad value; an unknown key is rejected with the closest
+valid name suggested. No torch and no Ray here: importing this module is cheap.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .planner import parse_bytes
 
 COMPRESSIONS = (None, "8bit", "4bit")
-DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
+# Accepted dtype names and the torch dtype each means.
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+PLACEMENTS = ("pack", "spread")
+TRANSPORTS = ("auto", "ray")
+DEVICES = ("cpu", "cuda")
+
+
+def setting(help: str, cli: type | None = None, default: Any = None, aliases: tuple[str, ...] = (), **kw) -> Any:
+    """A dataclass field with its help text. ``cli``: the type the command line parses its
+    flag with (None: booleans get ``--x/--no-x``, others no flag); ``aliases``: more flags."""
+    return field(default=default, metadata={"help": help, "cli": cli, "aliases": aliases}, **kw)
+
+
+def parse_bytes(value: int | float | str | None) -> int | None:
+    """Parse ``"4GiB"``, ``"512MB"``, ``"1.5G"`` or a number of bytes.
+
+    Raises:
+        ValueError: not a byte size (text that does not parse, a bool, infinity, NaN).
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{value!r} is not a byte size; write it like 4GiB, 512MiB or 2000000000")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} is not a byte size; write a finite size like 4GiB")
+        return int(value)
+    text = value.strip().replace(" ", "")
+    units = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KIB": 2**10, "M": 10**6, "MB": 10**6,
+             "MIB": 2**20, "G": 10**9, "GB": 10**9, "GIB": 2**30, "T": 10**12, "TB": 10**12, "TIB": 2**40}
+    num = text.rstrip("KMGTBibkmgt")
+    suffix = text[len(num):].upper()
+    try:
+        number = float(num)
+        if suffix not in units or not math.isfinite(number):
+            raise ValueError
+        return int(number * units[suffix])
+    except ValueError:
+        raise ValueError(f"{value!r} is not a byte size; write it like 4GiB, 512MiB or 2000000000") from None
 
 
 def _is_int(v) -> bool:
@@ -57,90 +103,244 @@ def _check_str(key: str, value, optional: bool = False) -> None:
         raise _bad(key, value, "write a non-empty text value")
 
 
+def _check_bool(key: str, value, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, bool):
+        raise _bad(key, value, "write true or false")
+
+
+def _check_choice(key: str, value, choices) -> None:
+    if value not in choices:
+        shown = ", ".join("none" if c is None else str(c) for c in choices)
+        raise _bad(key, value, f"use one of {shown}")
+
+
+def dtype_name(dtype) -> str | None:
+    """The canonical name (``"bfloat16"``…) of a dtype name or ``torch.dtype``; None stays None.
+
+    Raises:
+        ConfigError: an unknown dtype.
+    """
+    if dtype is None:
+        return None
+    text = str(dtype).removeprefix("torch.")
+    if text not in DTYPES:
+        raise _bad("dtype", dtype, f"use one of {', '.join(DTYPES)}, or leave it out for the checkpoint's")
+    return DTYPES[text]
+
+
 @dataclass
 class PipelineConfig:
-    """Where and how the model runs (the ``pipeline:`` section).
+    """Where and how the model runs: ``from_pretrained``'s keywords, the job file's
+    ``pipeline:`` section and the CLI's pipeline flags. Sizes are parsed to bytes here,
+    once."""
 
-    Attributes:
-        stages: pipeline stages; None: one per GPU, else 1; 0: in-process, no Ray.
-        memory_per_stage: weight budget per stage (``"2GiB"``, bytes, or a list per stage); None: no limit.
-        compression: None, ``"8bit"`` or ``"4bit"``.
-        address: None for a local Ray, ``"auto"`` or ``"host:port"`` to join a cluster.
-        dtype: compute dtype name (``bfloat16``…); None: the checkpoint's.
-        shards_dir: where the per-layer shards live; None: next to the model.
-    """
-
-    stages: int | None = None
-    memory_per_stage: Any = None
-    compression: str | None = None
-    address: str | None = None
-    dtype: str | None = None
-    shards_dir: str | None = None
+    stages: int | None = setting(
+        "pipeline stages; 0 runs one stage in this process without Ray (default: one per GPU, else 1)", int)
+    memory_per_stage: Any = setting(
+        "budget per stage for weights, KV cache and activations: a size like 2GiB, bytes, or a list per stage "
+        "(default: 90%% of what each stage's device has free)", str)
+    compression: str | None = setting("block-wise compressed shards: 8bit or 4bit (not available yet)", str)
+    address: str | None = setting(
+        'None: a private local Ray; "auto" or host:port: join a `ray start` cluster', str)
+    dtype: str | None = setting("compute dtype: float32, float16 or bfloat16 (default: the checkpoint's)", str)
+    shards_dir: str | None = setting("where the per-layer shards live (default: beside the model)", str)
+    prefetch: bool = setting("stream units on a background thread ahead of use", default=True)
+    device: str | None = setting("cpu or cuda (default: cuda when the cluster has GPUs)", str)
+    in_process: bool = setting("run the stages in this process, one after another, without Ray", default=False)
+    placement: str = setting("pack (fill one node first) or spread (one stage per node)", str, default="pack")
+    stage_resources: list | None = setting('extra Ray resources per stage, e.g. [{"node_a": 1}, {"node_b": 1}]')
+    cpus_per_stage: float | None = setting("Ray CPUs per stage (default: an equal share, at most 1)", float)
+    threads_per_stage: int | None = setting(
+        "torch threads per CPU stage (default: its node's cores, shared by the node's stages that work at once)", int)
+    micro_batches: int | None = setting(
+        "micro-batches per batch (default: one per device: per GPU stage, or per CPU node)", int)
+    batch_size: int = setting("largest batch the budgets reserve KV cache for (with --context)", int, default=1)
+    context: int | None = setting(
+        "tokens per sequence (prompt + new) the budgets reserve KV cache and activations for", int)
+    transport: str = setting(
+        "hand-offs between stages: auto (same-node sockets when the driver and every stage share a node, "
+        "else Ray object refs) or ray (always object refs)", str, default="auto")
+    hf_token: str | None = setting("token for gated Hugging Face repos")
 
     def __post_init__(self):
         p = "pipeline."
         _check_int(p + "stages", self.stages, minimum=0, optional=True)
-        values = self.memory_per_stage if isinstance(self.memory_per_stage, list) else [self.memory_per_stage]
-        for v in values:
-            if isinstance(v, bool) or not (v is None or isinstance(v, (int, float, str))):
-                raise _bad(p + "memory_per_stage", self.memory_per_stage, "write a size such as 2GiB, or a list of sizes")
+        self.memory_per_stage = self._parse_budget(p + "memory_per_stage", self.memory_per_stage)
+        _check_choice(p + "compression", self.compression, COMPRESSIONS)
+        _check_str(p + "address", self.address, optional=True)
+        try:
+            self.dtype = dtype_name(self.dtype)
+        except ConfigError as e:
+            raise ConfigError(f"{p}{e}") from None
+        if self.shards_dir is not None:
+            _check_str(p + "shards_dir", self.shards_dir)
+            self.shards_dir = os.fspath(self.shards_dir)
+        for key in ("prefetch", "in_process"):
+            _check_bool(p + key, getattr(self, key))
+        if self.device is not None:
+            _check_str(p + "device", self.device)
+            _check_choice(p + "device", self.device.split(":")[0], DEVICES)
+        _check_choice(p + "placement", self.placement, PLACEMENTS)
+        _check_choice(p + "transport", self.transport, TRANSPORTS)
+        if self.stage_resources is not None and not (
+                isinstance(self.stage_resources, list) and all(isinstance(r, dict) for r in self.stage_resources)):
+            raise _bad(p + "stage_resources", self.stage_resources, 'write a list of mappings, one per stage')
+        if self.cpus_per_stage is not None and (not _is_number(self.cpus_per_stage) or self.cpus_per_stage <= 0):
+            raise _bad(p + "cpus_per_stage", self.cpus_per_stage, "use a number above 0, such as 0.5")
+        for key in ("threads_per_stage", "micro_batches", "context"):
+            _check_int(p + key, getattr(self, key), minimum=1, optional=True)
+        _check_int(p + "batch_size", self.batch_size, minimum=1)
+        _check_str(p + "hf_token", self.hf_token, optional=True)
+        n = self.stage_count_given()
+        for key, value in (("memory_per_stage", self.memory_per_stage), ("stage_resources", self.stage_resources)):
+            if isinstance(value, list) and n is not None and len(value) != n:
+                raise ConfigError(f"{p}{key} has {len(value)} entries but {p}stages is {self.stages}: "
+                                  "give one per stage" + (", or a single size for all" if key[0] == "m" else ""))
+
+    @staticmethod
+    def _parse_budget(key: str, value):
+        if isinstance(value, tuple):
+            value = list(value)
+        if isinstance(value, list) and not value:
+            raise _bad(key, value, "write a size such as 2GiB, or a list of sizes")
+        out = []
+        for v in value if isinstance(value, list) else [value]:
             try:
                 n = parse_bytes(v)
             except ValueError as e:
-                raise ConfigError(f"{p}memory_per_stage: {e}") from None
+                raise ConfigError(f"{key}: {e}") from None
             if n is not None and n <= 0:
-                raise _bad(p + "memory_per_stage", v, "use a positive size such as 2GiB")
-        if isinstance(self.memory_per_stage, list) and self.stages is not None \
-                and len(self.memory_per_stage) != max(self.stages, 1):
-            raise ConfigError(f"{p}memory_per_stage has {len(self.memory_per_stage)} entries but {p}stages is "
-                              f"{self.stages}: give one size per stage, or a single size for all")
-        if self.compression not in COMPRESSIONS:
-            raise _bad(p + "compression", self.compression, "use 8bit, 4bit, or leave it out")
-        _check_str(p + "address", self.address, optional=True)
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise _bad(p + "dtype", self.dtype, f"use one of {', '.join(DTYPES)}, or leave it out")
-        _check_str(p + "shards_dir", self.shards_dir, optional=True)
+                raise _bad(key, v, "use a positive size such as 2GiB")
+            out.append(n)
+        if isinstance(value, list):
+            if None in out:
+                raise _bad(key, value, "give a size for every stage")
+            return out
+        return out[0]
+
+    def stage_count_given(self) -> int | None:
+        """The number of stages the settings fix: ``stages`` (0 counts as one in-process
+        stage), else the length of a per-stage list; None when the cluster decides."""
+        if self.stages is not None:
+            return max(self.stages, 1)
+        for value in (self.memory_per_stage, self.stage_resources):
+            if isinstance(value, list):
+                return len(value)
+        return 1 if self.in_process else None
+
+    @property
+    def runs_in_process(self) -> bool:
+        """True when the stages run in this process (``stages=0`` or ``in_process``)."""
+        return self.in_process or self.stages == 0
+
+    def budgets(self, stages: int) -> list[int | None]:
+        """One budget in bytes per stage; None where no size was given."""
+        if isinstance(self.memory_per_stage, list):
+            if len(self.memory_per_stage) != stages:
+                raise ConfigError(f"memory_per_stage has {len(self.memory_per_stage)} entries but there are "
+                                  f"{stages} stages: give one per stage")
+            return list(self.memory_per_stage)
+        return [self.memory_per_stage] * stages
 
 
 @dataclass
 class GenerationConfig:
-    """How each completion is generated (the ``generation:`` section).
+    """How each completion is generated: ``generate()``'s keywords, the job file's
+    ``generation:`` section, the CLI's generation flags, and what the sampler reads.
 
-    Attributes:
-        max_new_tokens: most tokens per completion.
-        do_sample: False for greedy decoding (reproducible).
-        temperature, top_k, top_p: sampling filters; None: the model's generation_config.
-        seed: sampling seed (each batch restarts from it, so reruns reproduce).
-        stop: texts that end a completion; the text is cut before the first one.
-        chat_template: wrap each ``prompt`` as a user message and apply the model's chat
-            template (``messages`` records always get it).
+    A None means "the model's own ``generation_config``, else transformers' default";
+    :meth:`resolved` fills them in.
     """
 
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    chat_template: bool = False
+    max_new_tokens: int = setting("most tokens per completion", int, default=64)
+    min_new_tokens: int | None = setting("fewest tokens per completion (end-of-sequence is held back until then)",
+                                         int)
+    do_sample: bool | None = setting("sample instead of greedy decoding (default: the model's setting, else greedy)")
+    temperature: float | None = setting("sampling temperature, above 0", float)
+    top_k: int | None = setting("sample from the k likeliest tokens (0: off)", int)
+    top_p: float | None = setting("nucleus sampling threshold in (0, 1]", float)
+    repetition_penalty: float | None = setting("penalty above 0 for tokens already in the sequence (1: off)", float)
+    no_repeat_ngram_size: int | None = setting("never repeat an n-gram of this size (0: off)", int)
+    seed: int | None = setting("sampling seed: reruns reproduce", int)
+    stop: list[str] = setting("text that ends a completion; the text is cut before it", str,
+                              default=dataclasses.MISSING, default_factory=list)
+    eos_token_id: int | list[int] | None = setting("token id(s) that end a completion (default: the model's)")
+    pad_token_id: int | None = setting("token written after a row has stopped (default: the model's)")
+    chat_template: bool = setting("apply the model's chat template to a prompt", default=False,
+                                  aliases=("--chat",))
 
     def __post_init__(self):
         g = "generation."
         _check_int(g + "max_new_tokens", self.max_new_tokens, minimum=1)
-        for key in ("do_sample", "chat_template"):
-            if not isinstance(getattr(self, key), bool):
-                raise _bad(g + key, getattr(self, key), "write true or false")
-        if self.temperature is not None and (not _is_number(self.temperature) or self.temperature <= 0):
+        for key in ("min_new_tokens", "top_k", "no_repeat_ngram_size", "pad_token_id"):
+            _check_int(g + key, getattr(self, key), minimum=0, optional=True)
+        _check_bool(g + "do_sample", self.do_sample, optional=True)
+        _check_bool(g + "chat_template", self.chat_template)
+        if self.temperature is not None and (not _is_number(self.temperature) or self.temperature < 0
+                                             or (self.do_sample and self.temperature == 0)):
             raise _bad(g + "temperature", self.temperature, "use a number above 0, such as 0.7")
-        _check_int(g + "top_k", self.top_k, minimum=0, optional=True)
         if self.top_p is not None and (not _is_number(self.top_p) or not 0 < self.top_p <= 1):
             raise _bad(g + "top_p", self.top_p, "use a number in (0, 1], such as 0.9")
+        if self.repetition_penalty is not None and (not _is_number(self.repetition_penalty)
+                                                    or self.repetition_penalty <= 0):
+            raise _bad(g + "repetition_penalty", self.repetition_penalty, "use a number above 0, such as 1.2")
         _check_int(g + "seed", self.seed, optional=True)
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
+        if isinstance(self.stop, (str, tuple)):
+            self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if self.stop is None:
+            self.stop = []
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise _bad(g + "stop", self.stop, "write a list of non-empty texts, such as [\"\\n\\n\"]")
+        eos = self.eos_token_id
+        if eos is not None and not (_is_int(eos) or (isinstance(eos, (list, tuple)) and all(map(_is_int, eos)))):
+            raise _bad(g + "eos_token_id", eos, "write a token id or a list of token ids")
+        if self.min_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
+            raise _bad(g + "min_new_tokens", self.min_new_tokens,
+                       f"use at most max_new_tokens ({self.max_new_tokens})")
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """The end-of-sequence ids as a list."""
+        eos = self.eos_token_id
+        return [] if eos is None else [eos] if _is_int(eos) else list(eos)
+
+    @property
+    def needs_history(self) -> bool:
+        """True when picking a token reads the tokens before it (repetition penalty,
+        n-gram ban, a minimum length), so it cannot happen on the last stage alone."""
+        return bool((self.repetition_penalty not in (None, 1.0)) or self.no_repeat_ngram_size
+                    or (self.min_new_tokens and self.eos_ids))
+
+    def resolved(self, model_defaults=None, model_config=None) -> "GenerationConfig":
+        """A copy with every None filled: from ``model_defaults`` (the model's transformers
+        ``GenerationConfig``), then ``model_config`` (eos and pad ids), then transformers'
+        defaults (greedy, temperature 1)."""
+
+        def model_value(name, *sources):
+            return next((getattr(src, name) for src in sources if getattr(src, name, None) is not None), None)
+
+        out = dataclasses.replace(self)
+        for name, fallback in (("do_sample", False), ("temperature", 1.0), ("top_k", None), ("top_p", None),
+                               ("repetition_penalty", None), ("no_repeat_ngram_size", None)):
+            if getattr(out, name) is None:
+                value = model_value(name, model_defaults)
+                setattr(out, name, fallback if value is None else value)
+        if out.eos_token_id is None:
+            out.eos_token_id = model_value("eos_token_id", model_defaults, model_config)
+        if out.pad_token_id is None:
+            pad = model_value("pad_token_id", model_defaults, model_config)
+            out.pad_token_id = pad if pad is not None else out.eos_ids[0] if out.eos_ids else 0
+        if out.do_sample and not out.temperature > 0:
+            raise _bad("generation.temperature", out.temperature, "use a number above 0 when sampling "
+                       "(or do_sample=False)")
+        return out
+
+    def for_group(self, group: int) -> "GenerationConfig":
+        """What the stage that picks tokens of micro-batch ``group`` uses: the same filters,
+        seeded ``seed + group``."""
+        return dataclasses.replace(self, seed=None if self.seed is None else self.seed + group)
 
 
 @dataclass
@@ -168,9 +368,9 @@ class JobConfig:
             _check_str(key, getattr(self, key))
         _check_int("batch_size", self.batch_size, minimum=1)
         if isinstance(self.pipeline, dict):
-            self.pipeline = _build(PipelineConfig, self.pipeline, "pipeline.")
+            self.pipeline = build(PipelineConfig, self.pipeline, "pipeline.")
         if isinstance(self.generation, dict):
-            self.generation = _build(GenerationConfig, self.generation, "generation.")
+            self.generation = build(GenerationConfig, self.generation, "generation.")
         if not isinstance(self.pipeline, PipelineConfig):
             raise _bad("pipeline", self.pipeline, "write a mapping such as {stages: 2}")
         if not isinstance(self.generation, GenerationConfig):
@@ -204,28 +404,37 @@ class JobConfig:
             pipe = data.get("pipeline")
             if isinstance(pipe, dict) and isinstance(pipe.get("shards_dir"), str):
                 data["pipeline"] = {**pipe, "shards_dir": str(base / Path(pipe["shards_dir"]).expanduser())}
-        return _build(cls, data, "")
+        return build(cls, data, "")
 
 
 # Names users bring from other tools, mapped to ours (checked before difflib's guess).
-_ALIASES = {"stop_strings": "stop", "max_tokens": "max_new_tokens", "chat": "chat_template",
-            "num_stages": "stages", "memory": "memory_per_stage", "torch_dtype": "dtype"}
+ALIASES = {"stop_strings": "stop", "max_tokens": "max_new_tokens", "chat": "chat_template",
+           "num_stages": "stages", "memory": "memory_per_stage", "torch_dtype": "dtype",
+           "layer_shards_saving_path": "shards_dir", "token": "hf_token"}
 
 
-def _build(cls, data, prefix: str):
-    """``cls(**data)``, rejecting unknown keys (with a suggestion) and missing required ones."""
+def build(cls, data, prefix: str, what: str = "key"):
+    """``cls(**data)``, rejecting unknown keys (with the closest valid name) and missing
+    required ones.
+
+    Args:
+        cls: a settings dataclass.
+        data: its keys and values.
+        prefix: prepended to names in messages (``"pipeline."``).
+        what: what the keys are called in messages (``"key"``, ``"argument"``).
+    """
     if not isinstance(data, dict):
         raise _bad(prefix.rstrip(".") or "job file", data, "write a mapping of key: value")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            alias = _ALIASES.get(str(key))
+            alias = ALIASES.get(str(key))
             close = [alias] if alias in fields else difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(fields)}"
-            raise ConfigError(f"unknown key '{prefix}{key}': {hint}")
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid {what}s: {', '.join(fields)}"
+            raise ConfigError(f"unknown {what} '{prefix}{key}': {hint}")
     for name, f in fields.items():
         if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required key '{prefix}{name}': add `{name}: ...` to the job file")
+            raise ConfigError(f"missing required {what} '{prefix}{name}': add `{name}: ...` to the job file")
     return cls(**data)
 
 
@@ -249,7 +458,7 @@ def load_job_config(path: str | os.PathLike) -> JobConfig:
     except FileNotFoundError:
         raise ConfigError(f"job file {path} does not exist: check the path") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"job file {path} cannot be read ({e})") from None
+        raise ConfigError(f"job file {path} cannot be read ({e}): check the path") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

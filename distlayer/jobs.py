@@ -14,6 +14,7 @@ greedy text is identical, and so is seeded sampling.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -66,15 +67,6 @@ class JobSummary:
 def record_key(id_, line: int) -> str:
     """Identity of a record in the output: its id, or its line number when it has none."""
     return f"line:{line}" if id_ is None else json.dumps(id_, sort_keys=True)
-
-
-def resolve_model(name: str) -> str:
-    """``"default"`` → the embedded SmolLM2-135M-Instruct checkpoint (converted once); else ``name``."""
-    from .smollm import DEFAULT_MODEL_NAME, ensure_smollm2
-
-    if name in ("default", DEFAULT_MODEL_NAME) and not Path(name).exists():
-        return str(ensure_smollm2(progress=lambda m: print(m, file=sys.stderr)))
-    return name
 
 
 # --------------------------------------------------------------------------- reading input
@@ -307,9 +299,7 @@ def run_batch(model, batch: list[Record], gen) -> list[dict]:
         ids[i, width - len(r.tokens):] = torch.tensor(r.tokens)
         mask[i, width - len(r.tokens):] = 1
     t0 = time.perf_counter()
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=gen.max_new_tokens, return_dict_in_generate=True,
-                         do_sample=gen.do_sample, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
-                         seed=gen.seed, stop_strings=gen.stop or None)
+    out = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **dataclasses.asdict(gen))
     seconds = round(time.perf_counter() - t0, 4)
     results = []
     for i, r in enumerate(batch):
@@ -324,23 +314,22 @@ def run_batch(model, batch: list[Record], gen) -> list[dict]:
 
 def _open_store(cfg: JobConfig, show_split: bool):
     """The job's layer store (split first if needed) and its tokenizer; no weights are loaded."""
-    from .model import _load_tokenizer
+    from .model import load_tokenizer
+    from .smollm import resolve_model
     from .store import open_store
 
     p = cfg.pipeline
-    store = open_store(resolve_model(cfg.model), p.shards_dir, p.compression, progress=show_split)
-    return store, _load_tokenizer(store.path)
+    store = open_store(resolve_model(cfg.model), p.shards_dir, p.compression, p.hf_token, progress=show_split)
+    return store, load_tokenizer(store.path)
 
 
 def _load_model(cfg: JobConfig, store, batch_size: int, context: int):
     """The model, planned for the job's largest batch and sequence, so a ``memory_per_stage``
     budget also covers their KV cache and activations."""
-    from .model import AutoModel
+    from .model import DistModel
 
-    p = cfg.pipeline
-    return AutoModel.from_pretrained(str(store.path), stages=p.stages, memory_per_stage=p.memory_per_stage,
-                                     address=p.address, dtype=p.dtype, progress=False, batch_size=batch_size,
-                                     context=context)
+    pipe = dataclasses.replace(cfg.pipeline, shards_dir=None, batch_size=batch_size, context=context)
+    return DistModel.load(store.path, pipe, progress=False)
 
 
 def _error(r: Record) -> dict:
@@ -439,8 +428,11 @@ def _tokenize_all(records: list[Record], tokenizer, config, cfg: JobConfig, writ
             r.tokens = tokenize(r, tokenizer, cfg.generation.chat_template)
             if not r.tokens:
                 raise ValueError("the prompt has no tokens: write the prompt text")
-            if context and len(r.tokens) > context:
-                raise ValueError(f"prompt is {len(r.tokens)} tokens but the model's context is {context}: shorten it")
+            need = len(r.tokens) + cfg.generation.max_new_tokens
+            if context and need > context:
+                raise ValueError(f"prompt is {len(r.tokens)} tokens and generation.max_new_tokens is "
+                                 f"{cfg.generation.max_new_tokens}, {need} in all, but the model's context is "
+                                 f"{context}: shorten the prompt or lower max_new_tokens")
         except (ValueError, TypeError) as e:
             r.error = str(e)
             if r.key not in writer.done:

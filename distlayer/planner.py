@@ -1,10 +1,20 @@
-"""Pure planning functions: which units a stage keeps resident, which layers each
-stage owns, and how many micro-batches and threads the stages run with. No torch,
-no Ray, no I/O."""
+"""Pure planning: which layers each stage owns, what its budget is and where that number
+came from, which units it keeps resident and which it streams, and how many micro-batches
+and threads the stages run with. No torch, no Ray, no I/O: the driver measures (unit
+bytes from the manifest, each stage's node, free memory and cores) and
+:func:`plan_pipeline` decides. ``distlayer plan`` and ``from_pretrained`` both call it, so
+the plan printed is the plan run.
+"""
 
 from __future__ import annotations
 
-from .errors import ConfigError, PlanError
+from dataclasses import asdict, dataclass, field
+
+from .errors import PlanError
+from .units import EMBED, HEAD, NORM, LayerRange, layer_unit
+
+# Share of a device's free memory a stage without a budget takes.
+FREE_FRACTION = 0.9
 
 GiB = 2**30
 
@@ -15,52 +25,6 @@ def fmt_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
-
-
-def parse_bytes(value: int | float | str | None) -> int | None:
-    """Parse ``"4GiB"``, ``"512MB"``, ``"1.5G"`` or a number of bytes.
-
-    Raises:
-        ValueError: the text is not a byte size.
-    """
-    if value is None or isinstance(value, (int, float)):
-        return None if value is None else int(value)
-    text = str(value).strip().replace(" ", "")
-    units = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KIB": 2**10, "M": 10**6, "MB": 10**6,
-             "MIB": 2**20, "G": 10**9, "GB": 10**9, "GIB": 2**30, "T": 10**12, "TB": 10**12, "TIB": 2**40}
-    num = text.rstrip("KMGTBibkmgt")
-    suffix = text[len(num):].upper()
-    try:
-        if suffix not in units:
-            raise ValueError
-        return int(float(num) * units[suffix])
-    except ValueError:
-        raise ValueError(f"{value!r} is not a byte size; write it like 4GiB, 512MiB or 2000000000") from None
-
-
-def budgets_from(memory_per_stage, stages: int) -> list[int | None]:
-    """One byte budget per stage from ``"4GiB"``, bytes, a list per stage, or None (no
-    budget: None for every stage).
-
-    Raises:
-        ConfigError: a size that does not parse or is not positive, or a list whose
-            length is not ``stages``.
-    """
-    if isinstance(memory_per_stage, (list, tuple)):
-        values = list(memory_per_stage)
-        if len(values) != stages:
-            raise ConfigError(f"memory_per_stage has {len(values)} entries but there are {stages} stages: "
-                              "give one per stage")
-    else:
-        values = [memory_per_stage] * stages
-    try:
-        budgets = [parse_bytes(v) for v in values]
-    except ValueError as e:
-        raise ConfigError(f"memory_per_stage: {e}") from None
-    for b in budgets:
-        if b is not None and b <= 0:
-            raise ConfigError(f"memory_per_stage={b}: must be a positive size such as 2GiB")
-    return budgets
 
 
 def choose_resident(unit_bytes: dict[str, int], budget: int | None, stage: int = 0) -> list[str]:
@@ -104,70 +68,85 @@ def choose_resident(unit_bytes: dict[str, int], budget: int | None, stage: int =
     return names[:best]
 
 
-def _stage_units(layer_bytes: list[int], a: int, b: int, first: bool, last: bool,
-                 embed: int, norm: int, head: int) -> dict[str, int]:
-    units = {"embed": embed} if first else {}
-    units.update({f"layer.{i}": layer_bytes[i] for i in range(a, b)})
-    if last:
-        units.update({"norm": norm, "head": head})
-    return units
+@dataclass(frozen=True)
+class ModelShape:
+    """What planning needs to know of a model, in its compute dtype.
 
-
-def plan_stages(layer_bytes: list[int], budgets: list[int | None], embed: int = 0, norm: int = 0, head: int = 0,
-                kv_bytes_per_layer: int = 0, reserve_bytes: int = 0) -> list[tuple[int, int]]:
-    """Assign each stage a contiguous ``(start, end)`` range of decoder layers.
-
-    The first stage also holds the embeddings, the last the final norm and head. Each
-    stage's budget covers its weights, the KV cache of its layers
-    (``kv_bytes_per_layer`` each) and ``reserve_bytes`` of activations.
-
-    When every stage can keep its range resident, ranges are balanced by compute (the
-    bytes each token reads: all of every layer and the head, one row of the embeddings)
-    within each budget, and uneven budgets give uneven ranges. Otherwise
-    ranges are chosen so the most bytes any stage streams per step is as small as
-    possible: streaming time is balanced across stages.
-
-    Args:
+    Attributes:
         layer_bytes: weight bytes of each decoder layer.
-        budgets: bytes per stage; None means unlimited.
         embed, norm, head: weight bytes of those units.
-        kv_bytes_per_layer: KV cache bytes one layer needs for the job's batch and context.
-        reserve_bytes: activation bytes each stage keeps free.
-
-    Raises:
-        PlanError: more stages than layers, or a budget that cannot hold a layer.
+        kv_bytes_per_token: keys and values one token takes in one layer's KV cache.
+        hidden: hidden size.
+        vocab: vocabulary size.
+        itemsize: bytes per element of the compute dtype.
     """
-    n, s = len(layer_bytes), len(budgets)
-    if not 1 <= s <= n:
-        raise PlanError(f"stages={s}: the model has {n} layers, so use 1 to {n} stages")
 
-    def units(i, a, b):
-        return _stage_units(layer_bytes, a, b, i == 0, i == s - 1, embed, norm, head)
+    layer_bytes: tuple[int, ...]
+    embed: int
+    norm: int
+    head: int
+    kv_bytes_per_token: int = 0
+    hidden: int = 0
+    vocab: int = 0
+    itemsize: int = 4
 
-    def weight_budget(i, a, b):
-        return None if budgets[i] is None else budgets[i] - kv_bytes_per_layer * (b - a) - reserve_bytes
+    def unit_bytes(self, r: LayerRange) -> dict[str, int]:
+        """Bytes of each unit of ``r``, in forward order."""
+        units = {EMBED: self.embed} if r.first else {}
+        units.update({layer_unit(i): self.layer_bytes[i] for i in range(r.start, r.end)})
+        if r.last:
+            units.update({NORM: self.norm, HEAD: self.head})
+        return units
 
-    def streamed(i, a, b) -> float:
-        u, wb = units(i, a, b), weight_budget(i, a, b)
+    def kv_bytes_per_layer(self, batch_size: int, context: int | None) -> int:
+        """KV cache bytes one decoder layer needs for ``batch_size`` sequences of ``context``
+        tokens (0 without a context)."""
+        return batch_size * (context or 0) * self.kv_bytes_per_token
+
+    def activation_bytes(self, batch_size: int, context: int | None) -> int:
+        """Rough activation bytes of a prefill: a few hidden-state copies plus last-position
+        logits (0 without a context)."""
+        if not context:
+            return 0
+        return batch_size * context * self.hidden * self.itemsize * 4 + batch_size * self.vocab * 4
+
+
+class _Cuts:
+    """Per-stage costs of candidate ranges, for :func:`plan_stages`."""
+
+    def __init__(self, shape: ModelShape, budgets: list[int | None], kv_per_layer: int, reserve: int):
+        self.shape, self.budgets, self.kv, self.reserve = shape, budgets, kv_per_layer, reserve
+        self.n, self.s = len(shape.layer_bytes), len(budgets)
+
+    def units(self, i: int, a: int, b: int) -> dict[str, int]:
+        return self.shape.unit_bytes(LayerRange(a, b, i == 0, i == self.s - 1))
+
+    def weight_budget(self, i: int, a: int, b: int) -> int | None:
+        return None if self.budgets[i] is None else self.budgets[i] - self.kv * (b - a) - self.reserve
+
+    def streamed(self, i: int, a: int, b: int) -> float:
+        """Bytes stage ``i`` streams per step with layers ``[a, b)`` (inf: cannot fit)."""
+        u, wb = self.units(i, a, b), self.weight_budget(i, a, b)
         if wb is None:
             return 0
         if wb < max(u.values()):
             return float("inf")
         return sum(u.values()) - sum(u[k] for k in choose_resident(u, wb))
 
-    def work(i, a, b) -> int:
-        """Compute of a resident stage, in weight bytes read per token: an embedding
-        lookup reads one row, every other unit all of its bytes."""
-        return sum(units(i, a, b).values()) - (embed if i == 0 else 0)
+    def work(self, i: int, a: int, b: int) -> int:
+        """Compute of a resident stage, in weight bytes read per token: an embedding lookup
+        reads one row, every other unit all of its bytes."""
+        return sum(self.units(i, a, b).values()) - (self.shape.embed if i == 0 else 0)
 
-    def greedy(ok) -> list[tuple[int, int]] | None:
+    def greedy(self, ok) -> list[tuple[int, int]] | None:
+        """Cut left to right, each stage taking as many layers as ``ok`` allows."""
         cuts, a = [], 0
-        for i in range(s):
-            if i == s - 1:
-                b = n
+        for i in range(self.s):
+            if i == self.s - 1:
+                b = self.n
             else:
                 b = a + 1
-                while b < n - (s - 1 - i) and ok(i, a, b + 1):
+                while b < self.n - (self.s - 1 - i) and ok(i, a, b + 1):
                     b += 1
             if not ok(i, a, b):
                 return None
@@ -175,30 +154,57 @@ def plan_stages(layer_bytes: list[int], budgets: list[int | None], embed: int = 
             a = b
         return cuts
 
-    total = sum(layer_bytes) + embed + norm + head
-    if greedy(lambda i, a, b: streamed(i, a, b) <= total) is None:
-        raise _too_small(layer_bytes, budgets, embed, norm, head, kv_bytes_per_layer, reserve_bytes)
-    lo, hi = 0, total  # least T with a plan streaming at most T bytes per stage per step
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if greedy(lambda i, a, b: streamed(i, a, b) <= mid) is not None:
-            hi = mid
-        else:
-            lo = mid + 1
-    if lo > 0:
-        return greedy(lambda i, a, b: streamed(i, a, b) <= lo)
-    lo, hi = 0, total  # all resident: least M with every stage holding at most M bytes
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if greedy(lambda i, a, b: streamed(i, a, b) == 0 and work(i, a, b) <= mid) is not None:
-            hi = mid
-        else:
-            lo = mid + 1
-    return greedy(lambda i, a, b: streamed(i, a, b) == 0 and work(i, a, b) <= lo)
+    def least(self, ok_under, total: int) -> int:
+        """The least limit ``T`` in ``[0, total]`` for which ``greedy(ok_under(T))`` finds a plan."""
+        lo, hi = 0, total
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.greedy(ok_under(mid)) is not None:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
 
-def _too_small(layer_bytes, budgets, embed, norm, head, kv, reserve) -> PlanError:
-    named = {"embed": embed, "norm": norm, "head": head, **{f"layer {i}": b for i, b in enumerate(layer_bytes)}}
+def plan_stages(shape: ModelShape, budgets: list[int | None], kv_bytes_per_layer: int = 0,
+                reserve_bytes: int = 0) -> list[tuple[int, int]]:
+    """Assign each stage a contiguous ``(start, end)`` range of decoder layers.
+
+    The first stage also holds the embeddings, the last the final norm and head. Each
+    stage's budget covers its weights, the KV cache of its layers (``kv_bytes_per_layer``
+    each) and ``reserve_bytes`` of activations.
+
+    When every stage can keep its range resident, ranges are balanced by compute (the
+    bytes each token reads: all of every layer and the head, one row of the embeddings)
+    within each budget, and uneven budgets give uneven ranges. Otherwise ranges are
+    chosen so the most bytes any stage streams per step is as small as possible:
+    streaming time is balanced across stages.
+
+    Args:
+        shape: the model's unit sizes.
+        budgets: bytes per stage; None means unlimited.
+        kv_bytes_per_layer: KV cache bytes one layer needs for the job's batch and context.
+        reserve_bytes: activation bytes each stage keeps free.
+
+    Raises:
+        PlanError: more stages than layers, or a budget that cannot hold a layer.
+    """
+    c = _Cuts(shape, budgets, kv_bytes_per_layer, reserve_bytes)
+    if not 1 <= c.s <= c.n:
+        raise PlanError(f"stages={c.s}: the model has {c.n} layers, so use 1 to {c.n} stages")
+    total = sum(shape.layer_bytes) + shape.embed + shape.norm + shape.head
+    if c.greedy(lambda i, a, b: c.streamed(i, a, b) <= total) is None:
+        raise _too_small(shape, budgets, kv_bytes_per_layer, reserve_bytes)
+    limit = c.least(lambda t: lambda i, a, b: c.streamed(i, a, b) <= t, total)
+    if limit > 0:  # something streams: balance the bytes streamed per step
+        return c.greedy(lambda i, a, b: c.streamed(i, a, b) <= limit)
+    # all resident: balance compute
+    limit = c.least(lambda t: lambda i, a, b: c.streamed(i, a, b) == 0 and c.work(i, a, b) <= t, total)
+    return c.greedy(lambda i, a, b: c.streamed(i, a, b) == 0 and c.work(i, a, b) <= limit)
+
+def _too_small(shape: ModelShape, budgets, kv: int, reserve: int) -> PlanError:
+    named = {EMBED: shape.embed, NORM: shape.norm, HEAD: shape.head,
+             **{f"layer {i}": b for i, b in enumerate(shape.layer_bytes)}}
     big_name = max(named, key=named.__getitem__)
     i = min(range(len(budgets)), key=lambda k: budgets[k] if budgets[k] is not None else float("inf"))
     room = budgets[i] - kv - reserve
@@ -210,7 +216,8 @@ def _too_small(layer_bytes, budgets, embed, norm, head, kv, reserve) -> PlanErro
 
 
 def plan_concurrency(stage_nodes: list[str], node_cores: dict[str, int], device: str,
-                     micro_batches: int | None = None, threads: int | None = None) -> tuple[int, list[int | None]]:
+                     micro_batches: int | None = None, threads: int | None = None,
+                     in_process: bool = False) -> tuple[int, list[int | None]]:
     """How many micro-batches a batch runs as, and how many torch threads each stage uses.
 
     Stages on separate devices work at once, so a batch is cut into one micro-batch per
@@ -226,10 +233,14 @@ def plan_concurrency(stage_nodes: list[str], node_cores: dict[str, int], device:
         device: ``"cpu"`` or ``"cuda"``.
         micro_batches: the caller's choice, kept if given.
         threads: the caller's threads per stage, kept if given.
+        in_process: the stages run one after another in one process: one micro-batch,
+            and the caller's threads (None: torch's default).
 
     Returns:
         ``(micro_batches, threads per stage)``; threads are None on GPUs (torch's default).
     """
+    if in_process:
+        return 1, [threads] * len(stage_nodes)
     if device != "cpu":
         return micro_batches or len(stage_nodes), [threads] * len(stage_nodes)
     m = micro_batches or len(set(stage_nodes))
@@ -238,3 +249,127 @@ def plan_concurrency(stage_nodes: list[str], node_cores: dict[str, int], device:
         sharing = min(m, stage_nodes.count(node))  # stages of this node that can be busy at once
         out.append(threads or max(1, node_cores[node] // sharing))
     return m, out
+
+
+def stage_count(given: int | None, device: str, gpus: int) -> int:
+    """How many stages to run: what the settings fix, else one per GPU on a GPU cluster, else 1."""
+    if given is not None:
+        return given
+    return gpus if device.startswith("cuda") and gpus else 1
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a stage runs, as the driver measured it before planning.
+
+    Attributes:
+        node_id: the node's id (Ray's node id; any label in one process).
+        node_ip: the node's address, for people.
+        free_bytes: memory the stage's device has free (a GPU's, or the node's available RAM).
+        cores: CPU cores of the node.
+    """
+
+    node_id: str
+    node_ip: str
+    free_bytes: int
+    cores: int
+
+
+@dataclass
+class StagePlan:
+    """One stage's plan (``model.plan`` entries). ``pid`` is set once its actor runs."""
+
+    stage: int
+    start: int                      # first decoder layer (inclusive)
+    end: int                        # last decoder layer (exclusive)
+    last: bool                      # holds the final norm and head
+    device: str
+    node_ip: str = "-"
+    node_id: str = ""
+    pid: int | None = None
+    threads: int | None = None      # torch threads the stage computes with (None: torch's default)
+    budget_bytes: int | None = None  # weights + KV cache + activations; None: unlimited
+    budget_source: str = "unlimited"
+    reserve_bytes: int = 0          # of the budget, kept for KV cache and activations
+    resident_units: list[str] = field(default_factory=list)
+    streamed_units: list[str] = field(default_factory=list)
+    resident_bytes: int = 0
+    streamed_bytes: int = 0
+
+    @property
+    def layer_range(self) -> LayerRange:
+        """The units this stage owns."""
+        return LayerRange(self.start, self.end, self.stage == 0, self.last)
+
+    @property
+    def weight_budget_bytes(self) -> int | None:
+        """What the stage may spend on weights: its budget less the KV and activation reserve."""
+        return None if self.budget_bytes is None else self.budget_bytes - self.reserve_bytes
+
+    def as_dict(self) -> dict:
+        """The plan as plain data (JSON-ready)."""
+        return asdict(self)
+
+
+@dataclass
+class Plan:
+    """The whole pipeline's plan: one :class:`StagePlan` per stage, and how many
+    micro-batches a batch runs as."""
+
+    stages: list[StagePlan]
+    micro_batches: int
+
+
+def default_budgets(budgets: list[int | None], sites: list[Site], device: str,
+                    fraction: float = FREE_FRACTION) -> list[tuple[int | None, str]]:
+    """Each stage's budget and where it came from. A stage without one gets ``fraction``
+    of what its device has free: its GPU's memory, or on CPU an equal share of its node's
+    available RAM among the node's stages."""
+    out = []
+    for b, site in zip(budgets, sites):
+        if b is not None:
+            out.append((b, "memory_per_stage"))
+            continue
+        share = sum(s.node_id == site.node_id for s in sites) if device == "cpu" else 1
+        what = "available RAM" if device == "cpu" else "free memory of its GPU"
+        shared = f", shared by the node's {share} stages" if share > 1 else ""
+        out.append((int(site.free_bytes * fraction) // share,
+                    f"{fraction:.0%} of the {fmt_bytes(site.free_bytes)} {what} on {site.node_ip}{shared}"))
+    return out
+
+
+def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None], device: str,
+                  concurrency: tuple[int, list[int | None]], batch_size: int = 1,
+                  context: int | None = None) -> Plan:
+    """The complete plan of a pipeline: ranges, budgets and where they came from, KV and
+    activation reserves, resident and streamed units, threads and micro-batches.
+
+    Args:
+        shape: the model's unit sizes in the compute dtype.
+        sites: where each stage runs (one per stage).
+        budgets: bytes per stage from the settings; None: a share of the free memory.
+        device: ``"cpu"`` or ``"cuda"``/``"cuda:0"``.
+        concurrency: ``(micro_batches, threads per stage)`` from :func:`plan_concurrency`,
+            decided once, before the stages start (their environment depends on it).
+        batch_size, context: the largest batch and sequence to reserve KV cache and
+            activations for; without a context a budget bounds weights alone.
+
+    Raises:
+        PlanError: the stages or budgets cannot hold the model.
+    """
+    budgeted = default_budgets(budgets, sites, device.split(":")[0])
+    kv = shape.kv_bytes_per_layer(batch_size, context)
+    act = shape.activation_bytes(batch_size, context)
+    cuts = plan_stages(shape, [b for b, _ in budgeted], kv, act)
+    micro, stage_threads = concurrency
+    plans = []
+    for i, ((a, b), (budget, source), site) in enumerate(zip(cuts, budgeted, sites)):
+        p = StagePlan(i, a, b, i == len(cuts) - 1, device, site.node_ip, site.node_id, threads=stage_threads[i],
+                      budget_bytes=budget, budget_source=source, reserve_bytes=kv * (b - a) + act if budget else 0)
+        sizes = shape.unit_bytes(p.layer_range)
+        p.resident_units = choose_resident(sizes, p.weight_budget_bytes, i)
+        p.streamed_units = [u for u in sizes if u not in p.resident_units]
+        p.resident_bytes = sum(sizes[u] for u in p.resident_units)
+        p.streamed_bytes = sum(sizes[u] for u in p.streamed_units)
+        plans.append(p)
+    return Plan(plans, micro)

@@ -32,8 +32,41 @@ def format_plan(plans) -> str:
     return table([{"stage": p.stage, "node": p.node_ip, "pid": p.pid, "device": p.device, "threads": p.threads,
                    "layers": f"{p.start}-{p.end - 1}",
                    "budget": fmt_bytes(p.budget_bytes) if p.budget_bytes is not None else "unlimited",
-                   "resident": fmt_bytes(p.resident_bytes), "streamed": fmt_bytes(p.streamed_bytes)}
+                   "kv+act": fmt_bytes(p.reserve_bytes), "resident": fmt_bytes(p.resident_bytes),
+                   "streamed": fmt_bytes(p.streamed_bytes)}
                   for p in plans])
+
+
+def plan_notes(plan, cfg, dtype) -> str:
+    """Where each number of ``plan`` came from, and the flag that sets it.
+
+    Args:
+        plan: a ``planner.Plan``.
+        cfg: the ``PipelineConfig`` it was planned with.
+        dtype: the compute dtype.
+    """
+    def origin(given: bool, default: str, flag: str) -> str:
+        return f"({flag})" if given else f"(default: {default}; set {flag})"
+
+    lines = [f"stages: {len(plan.stages)} "
+             + origin(cfg.stage_count_given() is not None, "one per GPU, else 1", "--stages"),
+             f"dtype: {str(dtype).removeprefix('torch.')} "
+             + origin(cfg.dtype is not None, "the checkpoint's", "--dtype")]
+    for p in plan.stages:
+        budget = fmt_bytes(p.budget_bytes) if p.budget_bytes is not None else "unlimited"
+        lines.append(f"stage {p.stage} budget: {budget} "
+                     + origin(p.budget_source == "memory_per_stage", p.budget_source, "--memory-per-stage"))
+    if cfg.context:
+        lines.append(f"reserved per stage for KV cache and activations: batch {cfg.batch_size} x {cfg.context} "
+                     "tokens (--batch-size, --context)")
+    else:
+        lines.append("no KV cache reserved: a budget bounds weights alone (set --context to reserve it)")
+    lines.append(f"threads: {', '.join(str(p.threads) for p in plan.stages)} "
+                 + origin(cfg.threads_per_stage is not None, "the node's cores, shared by its stages that work "
+                          "at once", "--threads-per-stage"))
+    lines.append(f"micro-batches: {plan.micro_batches} "
+                 + origin(cfg.micro_batches is not None, "one per device", "--micro-batches"))
+    return "\n".join(lines)
 
 
 def stats_table(stats: list[dict]) -> str:

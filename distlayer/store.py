@@ -4,228 +4,29 @@ A unit is the embeddings, one decoder layer, the final norm or the head. The sto
 ``manifest.json`` lists, for every unit, its file, tensor names, dtypes, shapes, byte
 size and sha256. Splitting converts checkpoint tensors into the model's own parameter
 layout with transformers' loading code, so a unit file loads straight into the model.
+Finding the checkpoint (local dir, HF repo id, ``.gguf``) and reading its tensors is
+``sources.py``'s job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
-import re
 import shutil
 import threading
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import arch
 from .errors import ConfigError, StoreError
+from .sources import MANIFEST, PARTIAL, WEIGHT_SUFFIXES, Checkpoint, convert_gguf, default_shards_dir, resolve_source
 
-MANIFEST = "manifest.json"
-PARTIAL = "manifest.partial.json"
 FORMAT_VERSION = 1
-SHARDS_DIRNAME = "distlayer-shards"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
-_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_UNIT_FILE_RE = re.compile(r"^(?:embed|norm|head|layer\.\d+)\.safetensors$")
-
-
-
-# --------------------------------------------------------------------------- sources
-
-
-@dataclass
-class Source:
-    """Where a checkpoint lives once resolved: a local HF dir, or a GGUF file."""
-
-    path: Path
-    kind: str                 # "dir" or "gguf"
-    repo_id: str | None = None
-
-
-def resolve_source(model: str | os.PathLike, token: str | None = None) -> Source:
-    """Resolve a local directory, a ``.gguf`` file or an HF repo id to local files.
-
-    Repo ids go through huggingface_hub's cache; ``HF_HUB_OFFLINE=1`` is honoured.
-
-    Raises:
-        StoreError: the path does not exist, holds no checkpoint, or the repo is not
-            reachable and not cached.
-    """
-    text = os.fspath(model)
-    path = Path(text).expanduser()
-    if path.is_file():
-        if path.suffix == ".gguf":
-            return Source(path, "gguf")
-        raise StoreError(f"{path} is a file but not a .gguf checkpoint: pass the model's directory instead")
-    if path.is_dir():
-        if _is_unfinished_store(path):
-            why = "its split was interrupted" if (path / PARTIAL).is_file() else "its manifest.json is missing"
-            raise StoreError(
-                f"{path} holds layer shards but no {MANIFEST} ({why}): finish it with "
-                f"`distlayer split MODEL --out {path}` from the original checkpoint, or delete it and pass the model"
-            )
-        if (path / "config.json").is_file():
-            return Source(path, "dir")
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return Source(ggufs[0], "gguf")
-        if (path / MANIFEST).is_file():
-            return Source(path, "dir")
-        raise StoreError(
-            f"{path} holds no config.json{' and several .gguf files' if ggufs else ''}: "
-            "pass a Hugging Face model directory, a .gguf file, or a repo id"
-        )
-    if _REPO_RE.match(text) and not text.startswith((".", "/", "~")):
-        return Source(_download(text, token), "dir", repo_id=text)
-    raise StoreError(f"model path {text!r} does not exist: check the path, or pass an HF repo id like 'org/name'")
-
-
-def _is_unfinished_store(path: Path) -> bool:
-    """A dir whose only weights are unit shards (a store) but that has no manifest."""
-    if (path / MANIFEST).is_file():
-        return False
-    weights = [f.name for f in path.iterdir() if f.name.endswith(_WEIGHT_SUFFIXES)]
-    return bool(weights) and all(_UNIT_FILE_RE.match(w) for w in weights)
-
-
-def _download(repo_id: str, token: str | None) -> Path:
-    from huggingface_hub import constants, snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-    try:
-        snap = Path(snapshot_download(repo_id, token=token, allow_patterns=patterns))
-        if not list(snap.glob("*.safetensors")):
-            snap = Path(snapshot_download(repo_id, token=token, allow_patterns=patterns + ["*.bin"]))
-    except Exception as e:  # huggingface_hub raises many types; all mean "not available"
-        how = ("HF_HUB_OFFLINE=1 is set and it is not in the local HF cache" if offline
-               else f"it could not be fetched ({type(e).__name__}) and it is not in the local HF cache")
-        raise StoreError(
-            f"model {repo_id!r}: {how}. Download it where the Hub is reachable "
-            f"(`hf download {repo_id}`) and copy the HF cache here, or pass a local model directory; "
-            "for a gated repo pass hf_token=."
-        ) from e
-    return snap
-
-
-def default_shards_dir(source: Source, compression: str | None = None) -> Path:
-    """Where the shards of ``source`` go when the caller names no directory."""
-    leaf = SHARDS_DIRNAME + (f"-{compression}" if compression else "")
-    if source.kind == "dir" and (source.path / MANIFEST).is_file():
-        return source.path  # already a layer store
-    if source.repo_id:
-        from huggingface_hub import constants
-
-        rev = source.path.name
-        return Path(constants.HF_HUB_CACHE) / "distlayer" / source.repo_id.replace("/", "--") / rev / leaf
-    base = source.path.parent if source.kind == "gguf" else source.path
-    name = source.path.stem + "-" + leaf if source.kind == "gguf" else leaf
-    if os.access(base, os.W_OK):
-        return base / name
-    from .smollm import home_dir
-
-    digest = hashlib.sha256(str(source.path.resolve()).encode()).hexdigest()[:12]
-    return home_dir() / "shards" / f"{source.path.name}-{digest}" / leaf
-
-
-# --------------------------------------------------------------------------- reading checkpoints
-
-
-class _Checkpoint:
-    """Reads tensors of a local HF checkpoint dir by name, one at a time."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.files: dict[str, Path] = {}
-        self._open: dict[Path, object] = {}
-        st = sorted(path.glob("*.safetensors"))
-        bins = sorted(p for p in path.glob("*.bin") if p.name != "training_args.bin")
-        if st:
-            for f in st:
-                with safe_open(f, "pt") as h:
-                    self.files.update({k: f for k in h.keys()})
-        elif bins:
-            for f in bins:
-                sd = self._load_bin(f)
-                self.files.update({k: f for k in sd})
-        if not self.files:
-            raise StoreError(
-                f"{path} has a config.json but no weights (*.safetensors or *.bin): "
-                "the download is incomplete; fetch the model's weight files again"
-            )
-
-    def _load_bin(self, f: Path) -> dict:
-        if f not in self._open:
-            try:
-                self._open[f] = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
-                raise StoreError(f"cannot read {f} ({e}): the file is corrupt or not a PyTorch state dict") from e
-        return self._open[f]
-
-    def get(self, key: str) -> torch.Tensor:
-        f = self.files[key]
-        if f.suffix == ".bin":
-            return self._load_bin(f)[key]
-        if f not in self._open:
-            self._open[f] = safe_open(f, "pt")
-        try:
-            return self._open[f].get_tensor(key)
-        except Exception as e:
-            raise StoreError(f"cannot read tensor {key} from {f} ({e}): the file is corrupt; download it again") from e
-
-    def nbytes(self) -> int:
-        return sum({f: f.stat().st_size for f in self.files.values()}.values())
-
-
-def is_checkpoint(path: Path) -> bool:
-    """True when ``path`` holds a config.json and safetensors weights."""
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
-
-
-def convert_gguf(gguf: Path, out: Path, dtype=None) -> Path:
-    """Convert a GGUF file into a float HF checkpoint dir at ``out`` (once) with
-    transformers' GGUF loader. It is written to a temporary dir beside ``out`` and renamed
-    into place, so an interrupted conversion leaves nothing half-written.
-
-    Raises:
-        StoreError: the gguf package is missing, or ``out`` holds something else.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if is_checkpoint(out):
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        except ImportError as e:
-            raise StoreError(f"reading {gguf} needs the gguf package: pip install 'distlayer[gguf]'") from e
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None  # save plain float weights
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if is_checkpoint(out):  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-            return out
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # os.replace cannot overwrite a directory, even an empty one
-        elif out.exists():
-            raise StoreError(f"{out} exists but is not a complete checkpoint: remove it")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 # --------------------------------------------------------------------------- splitting
@@ -246,7 +47,7 @@ def _write_json(path: Path, data) -> None:
 
 def _copy_side_files(src: Path, out: Path) -> None:
     for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.endswith(".index.json") \
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.endswith(".index.json") \
                 and f.name not in (MANIFEST, PARTIAL):
             shutil.copy2(f, out / f.name)
 
@@ -283,6 +84,11 @@ def split(
 
     Returns:
         The store directory.
+
+    Raises:
+        ConfigError: ``compression`` is set.
+        StoreError: the checkpoint is missing, damaged or incomplete, its model is not
+            supported, or the disk is too full.
     """
     if compression is not None:
         raise ConfigError(
@@ -302,26 +108,19 @@ def split(
 
 
 def _split_dir(src: Path, out: Path, progress: bool) -> None:
+    """Write every unit of the checkpoint dir ``src`` that ``out`` lacks, then the manifest."""
     from transformers import AutoConfig
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import convert_and_load_state_dict_in_model
-    from transformers.modeling_utils import LoadStateDictConfig
+    from tqdm.auto import tqdm
 
     try:
         config = AutoConfig.from_pretrained(src)
     except Exception as e:
         raise StoreError(f"cannot read {src / 'config.json'} ({e}): the model directory is damaged") from e
-    skeleton = arch.build_skeleton(config, dtype=_checkpoint_dtype(config))
+    skeleton = arch.build_skeleton(config, dtype=arch.checkpoint_dtype(config))
     p = arch.parts(skeleton)  # unsupported models fail here, before any weights are read
-    ckpt = _Checkpoint(src)
+    ckpt = Checkpoint(src)
     n = len(p.layers)
-    raw: dict[str, list[str]] = {u: [] for u in arch.unit_order(n)}
-    for key in ckpt.files:
-        raw.setdefault(arch.unit_of_raw_key(key), []).append(key)
-    extra = set(raw) - set(arch.unit_order(n))
-    if extra:
-        raise StoreError(f"{src} has tensors for layers {sorted(extra)} beyond num_hidden_layers={n}: config and weights disagree")
-
+    raw = _raw_keys_by_unit(ckpt, n, src)
     partial = json.loads((out / PARTIAL).read_text()) if (out / PARTIAL).is_file() else {}
     done = {u["name"]: u for u in partial.get("units", []) if _unit_file_ok(out, u)}
     if arch.HEAD not in done:
@@ -331,25 +130,14 @@ def _split_dir(src: Path, out: Path, progress: bool) -> None:
                      for t in arch.unit_params(p, u).values())
     _check_disk(out, todo_bytes)
     _copy_side_files(src, out)
-    mapping = get_model_conversion_mapping(skeleton)
-    lc = LoadStateDictConfig(weight_mapping=mapping)
+    load = _unit_loader(skeleton, ckpt)
     # The head goes right after the embeddings: a tied head shares their tensor.
     order = [arch.EMBED, arch.HEAD, *(arch.layer_unit(i) for i in range(n)), arch.NORM]
-    from tqdm.auto import tqdm
-
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with _quiet_transformers():
         for unit in tqdm(order, desc=f"split {src.name}", unit="unit", disable=not progress):
             if unit in done:
                 continue
-            sd = {k: ckpt.get(k) for k in raw[unit]}
-            if sd:
-                convert_and_load_state_dict_in_model(skeleton, sd, lc)
+            load(raw[unit])
             tensors = arch.unit_params(p, unit)
             if unit == arch.HEAD:
                 tensors = arch.tie_head(p, tensors)
@@ -362,28 +150,56 @@ def _split_dir(src: Path, out: Path, progress: bool) -> None:
                 _free_unit(p, unit)
                 if unit == arch.HEAD:
                     _free_unit(p, arch.EMBED)
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-    manifest = {
-        "format": FORMAT_VERSION,
-        "model_type": config.model_type,
-        "num_layers": n,
-        "compression": None,
-        "source": str(src),
-        "units": [done[u] for u in arch.unit_order(n)],
-    }
+    manifest = {"format": FORMAT_VERSION, "model_type": config.model_type, "num_layers": n, "compression": None,
+                "source": str(src), "units": [done[u] for u in arch.unit_order(n)]}
     _write_json(out / MANIFEST, manifest)
     (out / PARTIAL).unlink(missing_ok=True)
 
 
-def _checkpoint_dtype(config) -> torch.dtype:
-    """The dtype the checkpoint declares (float32 if none): shards keep it, not float32."""
-    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dt, str):
-        dt = getattr(torch, dt, None)
-    return dt if isinstance(dt, torch.dtype) else torch.float32
+def _raw_keys_by_unit(ckpt: Checkpoint, n: int, src: Path) -> dict[str, list[str]]:
+    """The checkpoint's tensor names, grouped by the unit each belongs to."""
+    raw: dict[str, list[str]] = {u: [] for u in arch.unit_order(n)}
+    for key in ckpt.files:
+        raw.setdefault(arch.unit_of_raw_key(key), []).append(key)
+    extra = set(raw) - set(arch.unit_order(n))
+    if extra:
+        raise StoreError(f"{src} has tensors for layers {sorted(extra)} beyond num_hidden_layers={n}: "
+                         "config and weights disagree")
+    return raw
+
+
+def _unit_loader(skeleton, ckpt: Checkpoint):
+    """``load(keys)``: read those checkpoint tensors into ``skeleton`` with transformers'
+    own conversion (renamed keys, fused experts), so they land in the model's layout."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    lc = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(skeleton))
+
+    def load(keys: list[str]) -> None:
+        sd = {k: ckpt.get(k) for k in keys}
+        if sd:
+            convert_and_load_state_dict_in_model(skeleton, sd, lc)
+
+    return load
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers without its progress bars and warnings, restored after."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _free_unit(p: arch.Parts, unit: str) -> None:
@@ -517,7 +333,21 @@ def open_store(
     token: str | None = None,
     progress: bool = True,
 ) -> LayerStore:
-    """Open the layer store for ``model``, splitting the checkpoint first if needed."""
+    """Opens the layer store for ``model``, splitting the checkpoint first if needed.
+
+    Args:
+        model: a layer store dir, local HF dir, ``.gguf`` file, or HF repo id.
+        shards_dir: store directory; default under the model dir or the HF cache.
+        compression: must be None for now.
+        token: HF token for gated repos.
+        progress: show a progress bar while splitting.
+
+    Returns:
+        The opened :class:`LayerStore`.
+
+    Raises:
+        StoreError: the checkpoint or store is missing, damaged or incomplete.
+    """
     path = Path(model).expanduser()
     if shards_dir is None and path.is_dir() and (path / MANIFEST).is_file():
         return LayerStore(path)

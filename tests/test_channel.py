@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from distlayer.channel import Failed, Link, Mailbox
+from distlayer.channel import Link, Mailbox
+from distlayer.transport import Failed
 from distlayer.errors import StageError
 
 KEY = b"k" * 32

@@ -85,10 +85,84 @@ def test_split_and_plan(tiny_dir, tmp_path, capsys):
     assert main(["split", str(tiny_dir("llama")), "--out", str(store)]) == 0
     assert capsys.readouterr().out.strip() == str(store) and (store / "manifest.json").is_file()
     assert main(["plan", str(store), "--stages", "2", "--memory-per-stage", "1GiB"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    table, notes = capsys.readouterr().out.strip().split("\n\n")
+    lines = table.splitlines()
     assert lines[0].split()[:2] == ["stage", "node"] and len(lines) == 3
+    assert "stage 1 budget: 1.00 GiB (--memory-per-stage)" in notes and "stages: 2 (--stages)" in notes
+    assert main(["plan", str(store), "--stages", "2"]) == 0
+    assert "(default: 90% of the" in capsys.readouterr().out      # says where the default came from
     assert main(["plan", str(store), "--stages", "2", "--memory-per-stage", "lots"]) == 2
-    assert "error: " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "memory_per_stage" in err and "'lots'" in err
+
+
+def plan_json(capsys, *args) -> dict:
+    assert main(["plan", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def same_plan(printed: dict, run, exact_budget: bool) -> None:
+    """The plan ``distlayer plan --json`` printed is the plan a pipeline runs with."""
+    import re
+
+    assert len(printed["stages"]) == len(run)
+    for p, r in zip(printed["stages"], run):
+        keys = ("stage", "start", "end", "resident_units", "streamed_units", "threads", "reserve_bytes")
+        assert {k: p[k] for k in keys} == {k: getattr(r, k) for k in keys}
+        if exact_budget:
+            assert p["budget_bytes"] == r.budget_bytes and p["budget_source"] == r.budget_source
+        else:  # 90% of the free memory, measured twice a few seconds apart
+            assert abs(p["budget_bytes"] - r.budget_bytes) < 0.1 * r.budget_bytes
+            words = lambda s: re.sub(r"[\d.]+ [KMG]?i?B|on \S+", "", s)  # noqa: E731
+            assert words(p["budget_source"]) == words(r.budget_source)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_the_plan_printed_is_the_plan_run(tiny_dir, capsys, stages):
+    model = str(tiny_dir("qwen2"))
+    default = plan_json(capsys, model, "--stages", str(stages))
+    budget = plan_json(capsys, model, "--stages", str(stages), "--memory-per-stage", "300KiB", "--context", "64")
+    assert any(p["streamed_units"] for p in budget["stages"])  # a budget that makes stages stream
+    with AutoModel.from_pretrained(model, stages=stages, progress=False) as m:
+        same_plan(default, m.plan, exact_budget=False)
+    with AutoModel.from_pretrained(model, stages=stages, memory_per_stage="300KiB", context=64, progress=False) as m:
+        same_plan(budget, m.plan, exact_budget=True)
+
+
+def test_flags_job_keys_and_keywords_are_the_settings_fields():
+    """One definition of each setting: every CLI flag, job-file key and keyword maps to a field."""
+    import dataclasses
+    import inspect
+
+    from distlayer.cli import flag
+    from distlayer.config import GenerationConfig, JobConfig, PipelineConfig
+
+    pipeline = {f.name for f in dataclasses.fields(PipelineConfig)}
+    generation = {f.name for f in dataclasses.fields(GenerationConfig)}
+    verbs = build_parser()._subparsers._group_actions[0].choices
+    for verb, owners in (("generate", pipeline | generation), ("plan", pipeline)):
+        dests = {a.dest for a in verbs[verb]._actions if a.option_strings and a.dest not in ("help", "json")}
+        assert dests <= owners, dests - owners                    # every flag is a field
+        for a in verbs[verb]._actions:
+            if a.dest in owners:
+                assert flag(a.dest) in a.option_strings            # named after it
+    flags = {a.dest for a in verbs["generate"]._actions}
+    assert {f.name for f in dataclasses.fields(GenerationConfig) if f.metadata.get("cli") or f.type == "bool"
+            or f.type == "bool | None"} <= flags
+    job = {f.name: f for f in dataclasses.fields(JobConfig)}
+    assert job["pipeline"].default_factory is PipelineConfig and job["generation"].default_factory is GenerationConfig
+    # from_pretrained takes the pipeline fields as keywords, and only those
+    params = inspect.signature(AutoModel.from_pretrained).parameters
+    assert set(params) == {"pretrained_model_name_or_path", "progress", "settings"}
+    from distlayer import ConfigError
+
+    with pytest.raises(ConfigError, match="did you mean 'memory_per_stage'"):
+        AutoModel.from_pretrained("x", memory_per_stag="1GiB")
+    for name in pipeline:  # every field is accepted as a keyword (a bad value, not an unknown name)
+        with pytest.raises(ConfigError) as e:
+            AutoModel.from_pretrained("x", **{name: object()})
+        assert "unknown" not in str(e.value) and name in str(e.value)
 
 
 def test_run_verb(tiny_dir, tmp_path, capsys):

@@ -10,7 +10,14 @@ from transformers.generation.streamers import BaseStreamer
 
 from conftest import EOS, PAD, prompts, word_token
 from distlayer import AutoModel, ConfigError
-from distlayer.generate import SamplingSettings, generate, pick_next, positions_from_mask
+from distlayer.config import GenerationConfig
+from distlayer.generate import generate, pick_next, positions_from_mask
+
+
+def settings(**kw) -> GenerationConfig:
+    """Resolved settings without a model (transformers' defaults)."""
+    kw.setdefault("max_new_tokens", 20)
+    return GenerationConfig(**kw).resolved()
 
 MAX_NEW = 10
 
@@ -55,12 +62,12 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(model):
 def test_pick_next_filters():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
     gen = torch.Generator().manual_seed(0)
-    s = SamplingSettings(do_sample=True, top_k=2)
+    s = settings(do_sample=True, top_k=2)
     assert {pick_next(logits, s, gen).item() for _ in range(200)} == {2, 3}
     # softmax of [0,1,2,3] is [.03,.09,.24,.64]: top_p=0.8 keeps the 2 most likely
-    s = SamplingSettings(do_sample=True, top_p=0.8)
+    s = settings(do_sample=True, top_p=0.8)
     assert {pick_next(logits, s, gen).item() for _ in range(200)} == {2, 3}
-    s = SamplingSettings(do_sample=True, temperature=1e-3)
+    s = settings(do_sample=True, temperature=1e-3)
     assert {pick_next(logits, s, gen).item() for _ in range(50)} == {3}
 
 
@@ -94,8 +101,26 @@ def test_eos_stops_rows_like_transformers(model, hf):
 
 
 def test_default_eos_from_generation_config(model):
-    s = model.sampling_settings()
-    assert list(s.eos_token_ids) == [EOS] and s.pad_token_id == PAD
+    s = model.generation_settings()
+    assert s.eos_ids == [EOS] and s.pad_token_id == PAD
+
+
+@pytest.mark.parametrize("kw", [
+    dict(min_new_tokens=MAX_NEW),
+    dict(repetition_penalty=1.3),
+    dict(repetition_penalty=0.7),
+    dict(no_repeat_ngram_size=2),
+    dict(no_repeat_ngram_size=1, repetition_penalty=1.5, min_new_tokens=3),
+])
+def test_history_settings_match_transformers(model, hf, kw):
+    """Settings that read earlier tokens, as people pass them to transformers' generate."""
+    changed = False
+    for ids, mask in (prompts(4), (torch.tensor([[5, 6, 7] * 4]), None)):
+        ours = model.generate(ids, attention_mask=mask, max_new_tokens=40, **kw)
+        want = hf.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=PAD, **kw)
+        assert ours.tolist() == want.tolist()
+        changed |= ours.tolist() != model.generate(ids, attention_mask=mask, max_new_tokens=40).tolist()
+    assert changed  # the setting made a difference, so this test can fail
 
 
 def test_stop_strings_stop_early(model):
@@ -112,7 +137,7 @@ def test_stop_strings_stop_early(model):
 def test_stop_strings_need_a_tokenizer():
     step = lambda ids, mask, pos: torch.zeros(ids.shape[0], 8)  # noqa: E731
     with pytest.raises(ValueError, match="tokenizer"):
-        generate(step, torch.tensor([[3, 4]]), None, SamplingSettings(stop_strings=["x"]))
+        generate(step, torch.tensor([[3, 4]]), None, settings(stop=["x"]))
 
 
 # --------------------------------------------------------------------------- streamers
@@ -198,13 +223,11 @@ def test_generate_without_model():
         return logits
 
     out = generate(step, torch.tensor([[0, 0, 3, 4], [3, 4, 3, 4]]), mask,
-                   SamplingSettings(max_new_tokens=4, eos_token_ids=[7]))
+                   settings(max_new_tokens=4, eos_token_id=[7]))
     assert out.sequences[:, 4:].tolist() == [[5, 5, 7], [5, 5, 7]]
     assert out.finish_reasons == ["stop", "stop"] and out.completion_tokens == [3, 3]
     assert seen[0] == ((2, 4), (2, 4), [[1, 1, 0, 1], [0, 1, 2, 3]])
     assert seen[1] == ((2, 1), (2, 5), [[2], [4]])
-    empty = generate(step, torch.tensor([[3, 4]]), None, SamplingSettings(max_new_tokens=0))
-    assert empty.sequences.tolist() == [[3, 4]] and empty.finish_reasons == ["length"]
 
 
 def counting_model(calls):
@@ -223,7 +246,7 @@ def counting_model(calls):
 def test_micro_batches_and_steps_ahead_give_the_same_tokens(groups, ahead):
     ids = torch.tensor([[0, 1, 2], [0, 5, 6], [3, 4, 5], [1, 1, 1], [2, 2, 8]])
     mask = torch.tensor([[0, 1, 1], [0, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1]])
-    s = SamplingSettings(max_new_tokens=6, eos_token_ids=[9], pad_token_id=0)
+    s = settings(max_new_tokens=6, eos_token_id=[9], pad_token_id=0)
     ref_calls, calls = [], []
     step, fetch = counting_model(ref_calls)
     ref = generate(step, ids, mask, s, fetch=fetch)

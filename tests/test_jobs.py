@@ -106,28 +106,31 @@ def test_duplicate_ids_rejected_before_any_work(make_job, no_model):
 def test_bad_records_get_error_records_and_job_goes_on(make_job, tmp_path):
     good = sample_prompts(3)
     rows = [good[0], {"prompt": "w010 w011"}, {"id": "empty", "prompt": "  "}, good[1],
-            {"id": "long", "prompt": text_of([5] * 300)}, "{not json", {"id": "both", "prompt": "w1", "messages": []},
+            {"id": "long", "prompt": text_of([5] * 300)}, {"id": "long+new", "prompt": text_of([5] * 250)}, "{not json", {"id": "both", "prompt": "w1", "messages": []},
             {"id": "nomsg", "messages": []}, {"id": 7, "messages": [{"role": "user", "content": "w010"}]}, good[2]]
     job = make_job(rows)
     inp = Path(job["input"])
     inp.write_bytes(inp.read_bytes() + b'{"id": "latin", "prompt": "caf\xe9"}\n')   # not UTF-8
     s = run_job(job, progress=False)
     out = read_out(Path(job["output"]))
-    assert s.completed == 3 and s.errors == 8 and len(out) == 11
+    assert s.completed == 3 and s.errors == 9 and len(out) == 12
     got = by_id(r for r in out if r["id"] is not None)
     assert all("text" in got[g["id"]] for g in good)
     assert "empty prompt" in got["empty"]["error"]
-    assert "300 tokens but the model's context is 256" in got["long"]["error"]
+    assert "prompt is 300 tokens" in got["long"]["error"] and "context is 256" in got["long"]["error"]
+    # the prompt fits, but not with the new tokens after it (250 + 8 > 256)
+    assert "prompt is 250 tokens and generation.max_new_tokens is 8, 258 in all" in got["long+new"]["error"]
+    assert "lower max_new_tokens" in got["long+new"]["error"]
     assert "exactly one of" in got["both"]["error"]
     assert "non-empty list" in got["nomsg"]["error"]
     assert "no chat template" in got[7]["error"]                 # the tiny tokenizer has none
     assert "not valid UTF-8" in got["latin"]["error"]
     anonymous = sorted((r["line"], r["error"]) for r in out if r["id"] is None)
     assert anonymous[0][0] == 2 and "missing id" in anonymous[0][1]
-    assert anonymous[1][0] == 6 and "not valid JSON" in anonymous[1][1]
+    assert anonymous[1][0] == 7 and "not valid JSON" in anonymous[1][1]
     # A rerun has nothing left to do: error records count as done, and no model is loaded.
     s2 = run_job(job, progress=False)
-    assert (s2.completed, s2.errors, s2.skipped) == (0, 0, 11) and len(read_out(Path(job["output"]))) == 11
+    assert (s2.completed, s2.errors, s2.skipped) == (0, 0, 12) and len(read_out(Path(job["output"]))) == 12
 
 
 def test_messages_use_the_chat_template(make_job, tiny_dir, tmp_path):
@@ -300,15 +303,15 @@ def test_job_budget_covers_the_jobs_kv_cache(make_job, tiny_dir):
     the job's batch and longest sequence fails at planning, before any output is written."""
     from distlayer import LayerStore, split
     from distlayer.errors import PlanError
-    from distlayer.pipeline import activation_bytes, kv_bytes_per_layer
+    from distlayer.pipeline import model_shape
 
     rows = sample_prompts(6)
     job = make_job(rows)
     store = LayerStore(split(tiny_dir("llama"), progress=False))
     longest = max(len(r["prompt"].split()) for r in rows) + 1  # one token per word, plus bos
     context = longest + MAX_NEW
-    need = (kv_bytes_per_layer(store.config, 3, context, torch.float32) * store.num_layers
-            + activation_bytes(store.config, 3, context, torch.float32))
+    shape = model_shape(store, torch.float32)
+    need = shape.kv_bytes_per_layer(3, context) * store.num_layers + shape.activation_bytes(3, context)
     budget = max(store.unit_bytes(u) for u in store.units) + need // 2
     # without the job's batch and context the same budget plans (and streams)
     with AutoModel.from_pretrained(tiny_dir("llama"), stages=0, memory_per_stage=budget, progress=False) as m:

@@ -64,7 +64,7 @@ def test_actors_match_transformers(arch, stages, tiny_dir, hf_model):
         assert model.pipeline.micro_batches(8) == (micro or 1)
         assert [p.threads for p in plan] == [max(1, cores // (micro or 1))] * stages
         # stages that take turns on all the node's cores bind their OpenMP threads, one per core
-        binds = ray.get([a.__ray_call__.remote(lambda _: os.environ.get("OMP_PROC_BIND")) for a in model.pipeline.actors])
+        binds = ray.get([a.__ray_call__.remote(lambda _: os.environ.get("OMP_PROC_BIND")) for a in model.pipeline.stages.actors])
         assert binds == ["close" if plan[0].threads == cores else None] * stages
         # no memory_per_stage: each stage budgets an equal share of the node's free RAM
         ram = psutil.virtual_memory().total
@@ -72,7 +72,7 @@ def test_actors_match_transformers(arch, stages, tiny_dir, hf_model):
         assert plan[0].start == 0 and plan[-1].end == model.config.num_hidden_layers
         assert all(a.end == b.start for a, b in zip(plan, plan[1:]))
         assert len({p.pid for p in plan}) == stages  # one actor process per stage
-        assert model.pipeline.transport == "channel"  # one node: actor to actor over Unix sockets
+        assert model.pipeline.transport.name == "channel"  # one node: actor to actor over Unix sockets
         for batch in (1, 8):
             check(model, hf_model(arch), batch)
         stats = model.stats()
@@ -85,7 +85,7 @@ def test_actors_match_transformers(arch, stages, tiny_dir, hf_model):
 
 def test_ray_object_ref_transport_matches(tiny_dir, hf_model):
     with AutoModel.from_pretrained(tiny_dir("qwen2"), stages=2, transport="ray", progress=False) as model:
-        assert model.pipeline.transport == "ray"
+        assert model.pipeline.transport.name == "ray"
         check(model, hf_model("qwen2"), 8)
 
 
@@ -173,7 +173,7 @@ DRIVER = textwrap.dedent("""
     out = model.generate(ids, attention_mask=mask, max_new_tokens=%d, do_sample=False)
     print("RESULT " + json.dumps({"plan": [p.as_dict() for p in model.plan], "sequences": out.tolist(),
                                   "micro_batches": model.pipeline.micro_batches(4),
-                                  "transport": model.pipeline.transport}))
+                                  "transport": model.pipeline.transport.name}))
     model.close()
 """ % NEW)
 

@@ -3,10 +3,14 @@
 import pytest
 
 from distlayer.errors import PlanError
-from distlayer.planner import plan_concurrency, plan_stages
+from distlayer.planner import ModelShape, Site, StagePlan, plan_concurrency, plan_pipeline, plan_stages
 from distlayer.report import format_plan
 
 L10 = [10] * 8
+
+
+def run_plan_stages(layers, budgets, embed=0, norm=0, head=0, **kw):
+    return plan_stages(ModelShape(tuple(layers), embed, norm, head), budgets, **kw)
 
 
 @pytest.mark.parametrize("layers, budgets, kw, expected", [
@@ -30,12 +34,12 @@ L10 = [10] * 8
     ([30, 10, 10, 10, 10, 10], [None, None], {}, [(0, 2), (2, 6)]),
 ])
 def test_plan_stages(layers, budgets, kw, expected):
-    assert plan_stages(layers, budgets, **kw) == expected
+    assert run_plan_stages(layers, budgets, **kw) == expected
 
 
 def test_streaming_plan_balances_streamed_bytes():
     # stage 0 has room to keep 3 layers resident, stage 1 none: stage 1 should get fewer layers
-    plan = plan_stages([10] * 10, [50, 20])
+    plan = run_plan_stages([10] * 10, [50, 20])
     a, b = plan
     assert a[1] - a[0] > b[1] - b[0]
 
@@ -48,29 +52,60 @@ def test_streaming_plan_balances_streamed_bytes():
 ])
 def test_plan_errors_say_what_to_change(layers, budgets, kw, words):
     with pytest.raises(PlanError) as e:
-        plan_stages(layers, budgets, **kw)
+        run_plan_stages(layers, budgets, **kw)
     for w in words:
         assert w in str(e.value)
 
 
 def test_format_plan_is_a_table():
-    from distlayer.pipeline import StagePlan
-
-    text = format_plan([StagePlan(0, "10.0.0.1", 11, "cpu", 0, 4, None, 2**30, 0, threads=2),
-                        StagePlan(1, "10.0.0.2", 12, "cuda:0", 4, 8, 2**31, 2**30, 2**29)])
+    text = format_plan([StagePlan(0, 0, 4, False, "cpu", "10.0.0.1", pid=11, threads=2, resident_bytes=2**30),
+                        StagePlan(1, 4, 8, True, "cuda:0", "10.0.0.2", pid=12, budget_bytes=2**31,
+                                  resident_bytes=2**30, streamed_bytes=2**29)])
     lines = text.splitlines()
     assert lines[0].split()[:6] == ["stage", "node", "pid", "device", "threads", "layers"]
     assert "0-3" in lines[1] and "unlimited" in lines[1] and "4-7" in lines[2] and "512.00 MiB" in lines[2]
 
 
-def test_plan_model_reads_only_the_manifest(tiny_dir):
-    from distlayer.pipeline import plan_model
+SHAPE = ModelShape((10,) * 8, embed=20, norm=1, head=20, kv_bytes_per_token=1, hidden=4, vocab=8, itemsize=1)
+ONE_NODE = [Site("a", "10.0.0.1", 1000, 2)] * 2
+TWO_NODES = [Site("a", "10.0.0.1", 1000, 2), Site("b", "10.0.0.2", 300, 4)]
 
-    plans = plan_model(tiny_dir("llama"), stages=2, memory_per_stage="1MiB", progress=False)
-    assert [(p.start, p.end) for p in plans] == [(0, 2), (2, 4)]
-    assert all(p.budget_bytes == 2**20 and p.streamed_bytes == 0 for p in plans)
-    unlimited = plan_model(tiny_dir("llama"), stages=2, progress=False)  # no budget: nothing streams
-    assert [(p.start, p.end, p.budget_bytes, p.streamed_bytes) for p in unlimited] == [(0, 2, None, 0), (2, 4, None, 0)]
+
+@pytest.mark.parametrize("sites, budgets, device, ranges, budget_bytes, sources", [
+    # no budget: 90% of the free memory, shared by the stages of one node on CPU
+    # (resident: compute is balanced, the head counts, an embedding lookup does not: 50 and 51 bytes)
+    (ONE_NODE, [None, None], "cpu", [(0, 5), (5, 8)], [450, 450], ["90%", "shared by the node's 2"]),
+    # one stage per node: each takes 90% of its own node's
+    (TWO_NODES, [None, None], "cpu", [(0, 5), (5, 8)], [900, 270], ["90% of the 1000 B", "90% of the 300 B"]),
+    # on GPUs each stage has its device to itself
+    (ONE_NODE, [None, None], "cuda", [(0, 5), (5, 8)], [900, 900], ["GPU", "GPU"]),
+    # a given budget is kept and named; a small one gets fewer layers
+    (ONE_NODE, [60, None], "cpu", [(0, 4), (4, 8)], [60, 450], ["memory_per_stage", "90%"]),
+    (ONE_NODE, [40, None], "cpu", [(0, 2), (2, 8)], [40, 450], ["memory_per_stage", "90%"]),
+])
+def test_plan_pipeline_budgets_and_where_they_came_from(sites, budgets, device, ranges, budget_bytes, sources):
+    conc = plan_concurrency([s.node_id for s in sites], {s.node_id: s.cores for s in sites}, device)
+    plan = plan_pipeline(SHAPE, sites, budgets, device, conc)
+    assert [(p.start, p.end) for p in plan.stages] == ranges
+    assert [p.budget_bytes for p in plan.stages] == budget_bytes
+    assert all(word in p.budget_source for p, word in zip(plan.stages, sources))
+    assert [p.threads for p in plan.stages] == conc[1] and plan.micro_batches == conc[0]
+
+
+def test_plan_pipeline_reserves_kv_and_streams_what_does_not_fit():
+    # batch 2 x context 5: 10 B of KV per layer; activations 2*5*4*1*4 + 2*8*4 = 224 B
+    plan = plan_pipeline(SHAPE, ONE_NODE, [400, 400], "cpu", (1, [2, 2]), batch_size=2, context=5)
+    for p in plan.stages:
+        assert p.reserve_bytes == 10 * (p.end - p.start) + 224
+        assert p.weight_budget_bytes == 400 - p.reserve_bytes
+        assert p.resident_units + p.streamed_units == p.layer_range.units()
+        assert p.resident_bytes + p.streamed_bytes == sum(SHAPE.unit_bytes(p.layer_range).values())
+    tight = plan_pipeline(SHAPE, ONE_NODE, [45, 45], "cpu", (1, [2, 2]))
+    for p in tight.stages:  # 45 B cannot hold a whole stage: it streams, within the budget
+        largest = max(SHAPE.unit_bytes(p.layer_range)[u] for u in p.streamed_units)
+        assert p.streamed_units and p.resident_bytes + largest <= 45
+    with pytest.raises(PlanError, match="KV cache"):
+        plan_pipeline(SHAPE, ONE_NODE, [60, 60], "cpu", (1, [2, 2]), batch_size=8, context=64)
 
 
 @pytest.mark.parametrize("nodes, cores, device, mb, threads, expected", [

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from distlayer import PlanError
-from distlayer.planner import choose_resident, fmt_bytes, parse_bytes
+from distlayer.config import parse_bytes
+from distlayer.planner import choose_resident, fmt_bytes
 
 # embed 10, four layers of 20, norm 1, head 10: 101 bytes in all
 UNITS = {"embed": 10, "layer.0": 20, "layer.1": 20, "layer.2": 20, "layer.3": 20, "norm": 1, "head": 10}

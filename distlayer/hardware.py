@@ -1,0 +1,48 @@
+"""What the machine running this process has: free memory, cores, its address, peak RSS."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+def free_bytes(device: str) -> int:
+    """Bytes ``device`` has free now: a GPU's free memory, or the node's available RAM."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def local_ip() -> str:
+    """This machine's address (best effort)."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (VmHWM; unlike ru_maxrss, not inherited
+    from the parent process)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,37 @@
+"""Names of the units a model is cut into, and a stage's share of them. Pure: no torch.
+
+A unit is the embeddings (``embed``), one decoder layer (``layer.i``), the final norm
+(``norm``) or the head (``head``). Stores, plans and runners all speak these names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EMBED, NORM, HEAD = "embed", "norm", "head"
+
+
+def layer_unit(index: int) -> str:
+    """Name of the unit holding decoder layer ``index``."""
+    return f"layer.{index}"
+
+
+def unit_order(num_layers: int) -> list[str]:
+    """All unit names in forward order: embed, layer.0 … layer.N-1, norm, head."""
+    return [EMBED, *(layer_unit(i) for i in range(num_layers)), NORM, HEAD]
+
+
+@dataclass(frozen=True)
+class LayerRange:
+    """A stage's share of the model: decoder layers ``[start, end)``, plus the
+    embeddings if it is the first stage and the final norm and head if it is the last."""
+
+    start: int
+    end: int
+    first: bool
+    last: bool
+
+    def units(self) -> list[str]:
+        """The stage's units in forward order."""
+        return ([EMBED] if self.first else []) + [layer_unit(i) for i in range(self.start, self.end)] \
+            + ([NORM, HEAD] if self.last else [])
