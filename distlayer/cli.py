@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
+import threading
 
 from .config import GenerationConfig, PipelineConfig, build
 from .errors import ConfigError, DistlayerError
@@ -79,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("split", help="split a checkpoint into per-layer shards + manifest",
                        description="Split a checkpoint (HF dir, .gguf, or repo id) into one safetensors file per "
-                                   "layer plus manifest.json. A finished store is reused; an interrupted one resumed.")
+                                   "layer plus manifest.json. A finished store is verified (every shard's size and "
+                                   "sha256) and what is damaged or missing is rewritten; an interrupted one is "
+                                   "resumed; a store of another model is refused unless --force.")
     p.add_argument("model", help='HF repo id, local model dir, .gguf file, or "default" (SmolLM2-135M-Instruct)')
     p.add_argument("--out", default=None, metavar="DIR", help="store directory (default: next to the model)")
     p.add_argument("--compression", choices=["8bit", "4bit"], default=None, help="block-wise compressed shards")
@@ -117,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so it ends like Ctrl-C: models closed,
+    stages stopped, no traceback."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def _err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -126,7 +139,7 @@ def cmd_split(args) -> int:
     from .smollm import resolve_model
     from .store import split
 
-    print(split(resolve_model(args.model), out=args.out, compression=args.compression, force=args.force))
+    print(split(resolve_model(args.model), out=args.out, compression=args.compression, force=args.force, verify=True))
     return 0
 
 
@@ -153,32 +166,43 @@ def cmd_plan(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    """``distlayer generate``: stream one completion to stdout."""
+    """``distlayer generate``: stream one completion to stdout. The prompt and settings are
+    checked against the model before any stage starts."""
     from transformers import TextStreamer
 
-    from .model import DistModel
+    from .model import DistModel, load_tokenizer
     from .smollm import resolve_model
+    from .store import open_store
 
     cfg = settings_from(args, PipelineConfig)
-    gen = settings_from(args, GenerationConfig)  # checked before the model loads
-    model = DistModel.load(resolve_model(args.model), cfg)
-    try:
-        tok = model.tokenizer
-        if tok is None:
-            raise ConfigError(f"{args.model} has no tokenizer files: generate needs a model with a tokenizer")
-        if gen.chat_template:
-            if not getattr(tok, "chat_template", None):
-                raise ConfigError(f"{args.model}'s tokenizer has no chat template: run without --chat")
-            text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                           tokenize=False)
-            enc = tok(text, add_special_tokens=False, return_tensors="pt")
-        else:
-            enc = tok(args.prompt, return_tensors="pt")
-        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    gen = settings_from(args, GenerationConfig)
+    if not args.prompt.strip():
+        raise ConfigError("the prompt is empty: write the prompt text")
+    store = open_store(resolve_model(args.model), cfg.shards_dir, cfg.compression, cfg.hf_token)
+    tok = load_tokenizer(store.path)
+    if tok is None:
+        raise ConfigError(f"{args.model} has no tokenizer files: generate needs a model with a tokenizer")
+    enc = encode_prompt(tok, args.prompt, gen.chat_template, args.model)
+    context = getattr(store.config.get_text_config(), "max_position_embeddings", None)
+    need = enc.input_ids.shape[1] + gen.max_new_tokens
+    if context and need > context:
+        raise ConfigError(f"the prompt is {enc.input_ids.shape[1]} tokens and --max-new-tokens {gen.max_new_tokens}, "
+                          f"{need} in all, but the model's context is {context}: shorten the prompt or lower "
+                          "--max-new-tokens")
+    with DistModel.start(store, cfg) as model:
+        streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
         model.generate(enc.input_ids, attention_mask=enc.attention_mask, streamer=streamer, **dataclasses.asdict(gen))
-    finally:
-        model.close()
     return 0
+
+
+def encode_prompt(tok, prompt: str, chat: bool, model: str):
+    """The prompt's token ids and mask, through the chat template with ``chat``."""
+    if not chat:
+        return tok(prompt, return_tensors="pt")
+    if not getattr(tok, "chat_template", None):
+        raise ConfigError(f"{model}'s tokenizer has no chat template: run without --chat")
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    return tok(text, add_special_tokens=False, return_tensors="pt")
 
 
 def cmd_run(args) -> int:
@@ -228,14 +252,22 @@ def main(argv: list[str] | None = None) -> int:
         The exit status: 0 on success, 2 on a bad setting or input (printed as ``error: ...``).
     """
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return args.func(args)
     except DistlayerError as e:
         _err(f"error: {e}")
         return 2
+    except Terminated:
+        _err("terminated")
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,14 @@ def parse_bytes(value: int | float | str | None) -> int | None:
         raise ValueError(f"{value!r} is not a byte size; write it like 4GiB, 512MiB or 2000000000") from None
 
 
+def parse_address(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``"host:port"`` or ``"ray://host:port"``, or None if it is not one."""
+    host, sep, port = str(address).removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c in host for c in "/ "):
+        return None
+    return host.strip("[]"), int(port)
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -163,6 +171,8 @@ class PipelineConfig:
         "hand-offs between stages: auto (same-node sockets when the driver and every stage share a node, "
         "else Ray object refs) or ray (always object refs)", str, default="auto")
     hf_token: str | None = setting("token for gated Hugging Face repos")
+    connect_timeout: float = setting("seconds to wait for a Ray cluster's address to answer before giving up",
+                                     float, default=10.0)
 
     def __post_init__(self):
         p = "pipeline."
@@ -170,6 +180,9 @@ class PipelineConfig:
         self.memory_per_stage = self._parse_budget(p + "memory_per_stage", self.memory_per_stage)
         _check_choice(p + "compression", self.compression, COMPRESSIONS)
         _check_str(p + "address", self.address, optional=True)
+        if self.address is not None and self.address != "auto" and parse_address(self.address) is None:
+            raise _bad(p + "address", self.address, 'write "auto", host:port (such as 10.0.0.5:6379), or leave it '
+                       "out for a private local Ray")
         try:
             self.dtype = dtype_name(self.dtype)
         except ConfigError as e:
@@ -193,6 +206,8 @@ class PipelineConfig:
             _check_int(p + key, getattr(self, key), minimum=1, optional=True)
         _check_int(p + "batch_size", self.batch_size, minimum=1)
         _check_str(p + "hf_token", self.hf_token, optional=True)
+        if not _is_number(self.connect_timeout) or not 0 < self.connect_timeout < math.inf:
+            raise _bad(p + "connect_timeout", self.connect_timeout, "use a number of seconds above 0, such as 10")
         n = self.stage_count_given()
         for key, value in (("memory_per_stage", self.memory_per_stage), ("stage_resources", self.stage_resources)):
             if isinstance(value, list) and n is not None and len(value) != n:

@@ -185,10 +185,17 @@ class ResultWriter:
             data = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
         except UnicodeEncodeError:  # lone surrogates from the input
             data = (json.dumps(rec) + "\n").encode("ascii")
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
-        os.fsync(self.fd)
+        start = os.lseek(self.fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+            os.fsync(self.fd)
+        except OSError as e:  # the disk filled up: take back the part line, so nothing is torn
+            os.ftruncate(self.fd, start)
+            raise ConfigError(f"cannot write to output {self.path} ({e.strerror}): free some disk space (or choose "
+                              "another `output:`) and run the job again; it resumes after the last full line, and "
+                              "every record already written stays") from None
         self.done.add(record_key(rec.get("id"), rec.get("line", 0)))
 
     def close(self) -> None:

@@ -75,7 +75,11 @@ class DistModel:
     @classmethod
     def load(cls, model: str | os.PathLike, cfg: PipelineConfig, progress: bool = True) -> "DistModel":
         """Open (or split) ``model``'s layer store and start a pipeline with ``cfg``."""
-        store = open_store(model, cfg.shards_dir, cfg.compression, cfg.hf_token, progress)
+        return cls.start(open_store(model, cfg.shards_dir, cfg.compression, cfg.hf_token, progress), cfg)
+
+    @classmethod
+    def start(cls, store: LayerStore, cfg: PipelineConfig) -> "DistModel":
+        """Start a pipeline with ``cfg`` over an opened store."""
         dtype = arch.compute_dtype(cfg.dtype, store.config)
         return cls(store, Pipeline(store, cfg, dtype), dtype)
 
@@ -128,9 +132,7 @@ class DistModel:
             raise ConfigError("generate() needs input_ids")
         s = self.generation_settings(max_new_tokens=max_new_tokens, **kwargs)
         device = input_ids.device if isinstance(input_ids, torch.Tensor) else torch.device("cpu")
-        input_ids = torch.as_tensor(input_ids)
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
+        input_ids, attention_mask = check_inputs(input_ids, attention_mask, self.config.get_text_config().vocab_size)
         out = self._run(input_ids, attention_mask, s, streamer, output_logits)
         out.sequences = out.sequences.to(device)
         return out if return_dict_in_generate else out.sequences
@@ -163,6 +165,40 @@ class DistModel:
 
     def __call__(self, *args, **kwargs) -> Generated:
         return self.generate(*args, return_dict_in_generate=True, **kwargs)
+
+
+def check_inputs(input_ids, attention_mask, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``input_ids`` as a ``[B, T]`` tensor and its mask, or a :class:`ConfigError` that says
+    what is wrong with them: not token ids, empty, outside the vocabulary, a mask of another
+    shape, or a row that is all padding."""
+    try:
+        ids = torch.as_tensor(input_ids)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"input_ids cannot be read as token ids ({e}): pass a [batch, tokens] tensor of ints") from None
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ConfigError(f"input_ids has shape {tuple(ids.shape)} and dtype {ids.dtype}: pass token ids as a "
+                          "[batch, tokens] (or [tokens]) tensor of ints, as the tokenizer returns them")
+    if ids.numel() == 0:
+        raise ConfigError(f"input_ids of shape {tuple(ids.shape)} is empty: the prompt has no tokens; write a prompt")
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.numel():
+        raise ConfigError(f"input_ids holds {sorted(set(bad.tolist()))[:5]}, outside this model's vocabulary of "
+                          f"{vocab_size} ids (0 to {vocab_size - 1}): tokenize with this model's tokenizer")
+    if attention_mask is None:
+        return ids, None
+    mask = torch.as_tensor(attention_mask)
+    if mask.dim() == 1:
+        mask = mask.unsqueeze(0)
+    if mask.shape != ids.shape:
+        raise ConfigError(f"attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}: pass the "
+                          "mask the tokenizer returned with these ids (1 for tokens, 0 for padding)")
+    empty = [r for r in range(mask.shape[0]) if not bool(mask[r].any())]
+    if empty:
+        raise ConfigError(f"row {empty[0]} of the batch is all padding (attention_mask all 0): its prompt is empty; "
+                          "write a prompt or leave the row out")
+    return ids, mask
 
 
 def load_tokenizer(path: Path):

@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import socket
+import tempfile
+import threading
+from pathlib import Path
 
 import torch
 
 from . import arch, hardware
 from .channel import SocketTransport
-from .config import PipelineConfig
+from .config import PipelineConfig, parse_address
 from .errors import StageError
-from .planner import ModelShape, Plan, Site, StagePlan, plan_concurrency, plan_pipeline, stage_count
+from .planner import ModelShape, Plan, Site, StagePlan, check_stages, plan_concurrency, plan_pipeline, stage_count
 from .stage import StageActor
 from .store import LayerStore, open_store
 from .transport import RefTransport, Transport
@@ -98,6 +103,28 @@ class LocalStages:
         self.actors = []
 
 
+def probe_address(address: str, timeout: float) -> None:
+    """Fail within ``timeout`` seconds, with what to do, when nothing answers at the Ray
+    cluster ``address`` (``"auto"``: ``RAY_ADDRESS``, else the cluster ``ray start`` last
+    recorded on this machine), instead of letting Ray retry forever."""
+    if address == "auto":
+        recorded = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        address = os.environ.get("RAY_ADDRESS") or (recorded.read_text().strip() if recorded.is_file() else "")
+        if not address:
+            raise StageError("address='auto' but no `ray start` cluster is recorded on this machine (no RAY_ADDRESS, "
+                             f"no {recorded}): start one with `ray start --head`, or pass address=None for a "
+                             "private local Ray")
+    host, port = parse_address(address) or (None, None)
+    if host is None:
+        raise StageError(f"Ray address {address!r} is not host:port: check RAY_ADDRESS")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise StageError(f"nothing answers at the Ray cluster address {host}:{port} within {timeout:g}s "
+                         f"({e.strerror or type(e).__name__}): start the cluster with `ray start --head --port "
+                         f"{port}` on {host}, check the address, or pass address=None for a private local Ray") from e
+
+
 def _describe_in_ray(actor: StageActor) -> dict:
     import ray
 
@@ -121,7 +148,10 @@ class RayStages:
 
         if ray.is_initialized():
             return ray
+        if cfg.address is not None:
+            probe_address(cfg.address, cfg.connect_timeout)
         kw = dict(include_dashboard=False, logging_level="WARNING", configure_logging=True)
+        on_term = signal.getsignal(signal.SIGTERM)
         try:  # None: a private local Ray, never a cluster some earlier `ray start` left recorded
             ray.init(address=cfg.address or "local", **kw)
         except (ConnectionError, ValueError) as e:
@@ -129,6 +159,9 @@ class RayStages:
                 f"cannot join the Ray cluster at {cfg.address!r} ({e}): start one with `ray start --head` "
                 "on the head node, or pass address=None for a private local Ray"
             ) from e
+        finally:
+            if threading.current_thread() is threading.main_thread() and on_term is not None:
+                signal.signal(signal.SIGTERM, on_term)  # ray.init replaces it; the caller's stays
         return ray
 
     @classmethod
@@ -272,6 +305,9 @@ class Pipeline:
 
     def _start(self) -> None:
         cfg = self.cfg
+        n = cfg.stage_count_given()
+        if n is not None:  # what can be checked before any stage starts or any weight is read
+            check_stages(model_shape(self.store, self.dtype), cfg.budgets(n), cfg.batch_size, cfg.context)
         args = (str(self.store.path), self.dtype, cfg.prefetch)
         if cfg.runs_in_process:
             device = local_device(cfg)

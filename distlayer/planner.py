@@ -202,6 +202,17 @@ def plan_stages(shape: ModelShape, budgets: list[int | None], kv_bytes_per_layer
     limit = c.least(lambda t: lambda i, a, b: c.streamed(i, a, b) == 0 and c.work(i, a, b) <= t, total)
     return c.greedy(lambda i, a, b: c.streamed(i, a, b) == 0 and c.work(i, a, b) <= limit)
 
+def check_stages(shape: ModelShape, budgets: list[int | None], batch_size: int = 1, context: int | None = None) -> None:
+    """Check what can be checked before any stage starts: the number of stages against
+    the layers, and the budgets that are given (others taken as unlimited) against the
+    units, KV cache and activations they must hold.
+
+    Raises:
+        PlanError: too many stages, or a budget too small, with what to change.
+    """
+    plan_stages(shape, budgets, shape.kv_bytes_per_layer(batch_size, context), shape.activation_bytes(batch_size, context))
+
+
 def _too_small(shape: ModelShape, budgets, kv: int, reserve: int) -> PlanError:
     named = {EMBED: shape.embed, NORM: shape.norm, HEAD: shape.head,
              **{f"layer {i}": b for i, b in enumerate(shape.layer_bytes)}}

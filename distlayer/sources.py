@@ -34,7 +34,7 @@ SHARDS_DIRNAME = "distlayer-shards"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 """File name endings of weight files (never copied into a store as side files)."""
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_UNIT_FILE_RE = re.compile(r"^(?:embed|norm|head|layer\.\d+)\.safetensors$")
+UNIT_FILE_RE = re.compile(r"^(?:embed|norm|head|layer\.\d+)\.safetensors$")
 
 
 def home_dir() -> Path:
@@ -54,6 +54,38 @@ class Source:
     path: Path
     kind: str                 # "dir" or "gguf"
     repo_id: str | None = None
+
+    @property
+    def name(self) -> str:
+        """How a user names it again: the repo id, or the absolute path."""
+        return self.repo_id or str(self.path.resolve())
+
+    def fingerprint(self) -> dict:
+        """What the source is, cheaply: the sha256 of its config (None for a GGUF, whose
+        config is inside the file) and the name, size and modification time of each
+        weight file. A store records it and is checked against it on every open."""
+        config = self.path / "config.json" if self.kind == "dir" else None
+        files = [self.path] if self.kind == "gguf" else \
+            sorted(f for f in self.path.iterdir() if f.name.endswith(WEIGHT_SUFFIXES))
+        stats = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+        digest = hashlib.sha256(config.read_bytes()).hexdigest() if config is not None else None
+        return {"config_sha256": digest, "files": stats}
+
+
+def fingerprint_change(recorded: dict | None, current: dict) -> str | None:
+    """Why a store split from ``recorded`` does not fit a source with ``current``
+    (:meth:`Source.fingerprint`), or None when it fits or nothing was recorded (a store
+    written before stores recorded it)."""
+    if not recorded:
+        return None
+    if recorded.get("config_sha256") != current["config_sha256"]:
+        return "its config.json differs: it is another model"
+    old, new = recorded.get("files", {}), current["files"]
+    changed = sorted(n for n in set(old) | set(new) if old.get(n) != new.get(n))
+    if changed:
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        return f"the checkpoint changed after the split ({shown}: new, gone, or another size or time)"
+    return None
 
 
 def resolve_source(model: str | os.PathLike, token: str | None = None) -> Source:
@@ -106,7 +138,7 @@ def _is_unfinished_store(path: Path) -> bool:
     if (path / MANIFEST).is_file():
         return False
     weights = [f.name for f in path.iterdir() if f.name.endswith(WEIGHT_SUFFIXES)]
-    return bool(weights) and all(_UNIT_FILE_RE.match(w) for w in weights)
+    return bool(weights) and all(UNIT_FILE_RE.match(w) for w in weights)
 
 
 def _download(repo_id: str, token: str | None) -> Path:
@@ -272,6 +304,9 @@ def convert_gguf(gguf: Path, out: Path, dtype=None) -> Path:
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         except ImportError as e:
             raise StoreError(f"reading {gguf} needs the gguf package: pip install 'distlayer[gguf]'") from e
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as e:
+            raise StoreError(f"{gguf} is not a GGUF checkpoint distlayer can read ({type(e).__name__}: {e}): "
+                             "download it again, or pass a Hugging Face model directory") from e
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.hf_quantizer = None  # save plain float weights

@@ -14,7 +14,10 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
+import re
+import shlex
 import shutil
 import threading
 from pathlib import Path
@@ -24,8 +27,10 @@ from safetensors.torch import load_file, save_file
 
 from . import arch
 from .errors import ConfigError, StoreError
-from .sources import MANIFEST, PARTIAL, WEIGHT_SUFFIXES, Checkpoint, convert_gguf, default_shards_dir, resolve_source
+from .sources import (MANIFEST, PARTIAL, SHARDS_DIRNAME, UNIT_FILE_RE, WEIGHT_SUFFIXES, Checkpoint, convert_gguf, default_shards_dir,
+                      fingerprint_change, resolve_source)
 
+log = logging.getLogger("distlayer")
 FORMAT_VERSION = 1
 
 
@@ -68,11 +73,15 @@ def split(
     token: str | None = None,
     progress: bool = True,
     force: bool = False,
+    verify: bool = False,
 ) -> Path:
     """Split a checkpoint into a layer store; reuse a finished one, resume a partial one.
 
-    Peak memory is about one unit's tensors: checkpoint files are read tensor by
-    tensor, and each unit is written and dropped before the next is read.
+    A store records what it was split from (``Source.fingerprint``: the config and each
+    weight file's name, size and time). A finished store is reused only while that still
+    matches the checkpoint: a default store is split again when it does not (a checkpoint
+    updated in place), and a store the caller named (``out``) is refused, so one model
+    never runs on another's shards. Peak memory is about one unit's tensors.
 
     Args:
         model: local HF dir, ``.gguf`` file, or HF repo id.
@@ -80,7 +89,9 @@ def split(
         compression: must be None for now (block-wise 8/4-bit is a later feature).
         token: HF token for gated repos.
         progress: show a progress bar.
-        force: re-split even if a finished store exists.
+        force: split again even if a finished store exists (and whatever it was split from).
+        verify: check every shard of a finished store (size and sha256) and rewrite the
+            bad ones from the checkpoint (``distlayer split`` does).
 
     Returns:
         The store directory.
@@ -88,7 +99,7 @@ def split(
     Raises:
         ConfigError: ``compression`` is set.
         StoreError: the checkpoint is missing, damaged or incomplete, its model is not
-            supported, or the disk is too full.
+            supported, ``out`` holds another model's store, or the disk is too full.
     """
     if compression is not None:
         raise ConfigError(
@@ -96,18 +107,87 @@ def split(
             "leave compression unset"
         )
     source = resolve_source(model, token)
-    out = Path(out).expanduser() if out is not None else default_shards_dir(source, compression)
-    if (out / MANIFEST).is_file() and not force:
+    named = out is not None
+    out = Path(out).expanduser() if named else default_shards_dir(source, compression)
+    meta = {"source": source.name, "fingerprint": source.fingerprint()}
+    if _reusable(out, meta, named, force, verify):
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    src_dir = convert_gguf(source.path, out / "gguf-converted") if source.kind == "gguf" else source.path
-    _split_dir(src_dir, out, progress)
-    if source.kind == "gguf":
-        shutil.rmtree(out / "gguf-converted", ignore_errors=True)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        src_dir = convert_gguf(source.path, out / "gguf-converted") if source.kind == "gguf" else source.path
+        _split_dir(src_dir, out, progress, meta)
+    except BaseException:
+        if created and not any(out.glob("*.safetensors")):
+            shutil.rmtree(out, ignore_errors=True)  # a failed split leaves no empty store behind
+        raise
+    finally:
+        if source.kind == "gguf":
+            shutil.rmtree(out / "gguf-converted", ignore_errors=True)
     return out
 
 
-def _split_dir(src: Path, out: Path, progress: bool) -> None:
+def _recorded(out: Path) -> dict | None:
+    """What ``out`` holds: its manifest (or an interrupted split's partial one), ``{}``
+    for a manifest that cannot be read, or None for no store at all."""
+    for name in (MANIFEST, PARTIAL):
+        if (out / name).is_file():
+            try:
+                data = json.loads((out / name).read_text())
+                return data if isinstance(data, dict) else {}
+            except (OSError, ValueError):
+                return {}
+    return None
+
+
+def _reusable(out: Path, meta: dict, named: bool, force: bool, verify: bool) -> bool:
+    """True when ``out`` holds a finished store of this source that needs no work. Clears
+    a store to split again (a default store whose source changed, a damaged manifest,
+    ``force``); refuses a named store of another source; with ``verify``, reopens the
+    units whose shards are bad so the split rewrites exactly them."""
+    recorded = _recorded(out)
+    if recorded is None:
+        return False
+    why = fingerprint_change(recorded.get("fingerprint"), meta["fingerprint"]) if recorded else \
+        "its manifest cannot be read"
+    if why and recorded and named and not force:
+        fix = f"distlayer split {shlex.quote(meta['source'])} --out {shlex.quote(str(out))} --force"
+        raise StoreError(f"{out} holds the layer store of {recorded.get('source', 'another checkpoint')}, which does not "
+                         f"fit {meta['source']}: {why}. Pass this model's own store (--shards-dir / shards_dir), "
+                         f"or split it there again with `{fix}`")
+    if why or force:
+        if why:
+            log.warning("splitting %s again: %s", out, why)
+        _clear(out)
+        return False
+    if not (out / MANIFEST).is_file():
+        return False  # an interrupted split of this source: resume it
+    if verify:
+        units = recorded.get("units") if isinstance(recorded.get("units"), list) else []
+        good = [u for u in units if _unit_file_ok(out, u, check_sha=True)]
+        try:
+            expected = set(arch.unit_order(int(recorded["num_layers"])))
+        except (KeyError, TypeError, ValueError):
+            expected = None
+        if len(good) < len(units) or expected is None or {u["name"] for u in good} != expected:
+            bad = sorted((expected or set()) - {u["name"] for u in good}) or ["the manifest"]
+            log.warning("rewriting what is damaged or missing in %s: %s", out, ", ".join(bad))
+            _write_json(out / PARTIAL, {**meta, "units": good})
+            (out / MANIFEST).unlink()
+            return False
+    return True
+
+
+def _clear(out: Path) -> None:
+    """Remove a store's manifests and shards (nothing else in ``out``)."""
+    for name in (MANIFEST, PARTIAL):
+        (out / name).unlink(missing_ok=True)
+    for f in out.glob("*.safetensors"):
+        if UNIT_FILE_RE.match(f.name):
+            f.unlink()
+
+
+def _split_dir(src: Path, out: Path, progress: bool, meta: dict) -> None:
     """Write every unit of the checkpoint dir ``src`` that ``out`` lacks, then the manifest."""
     from transformers import AutoConfig
     from tqdm.auto import tqdm
@@ -145,13 +225,13 @@ def _split_dir(src: Path, out: Path, progress: bool) -> None:
             if missing:
                 raise StoreError(f"{src}: no weights found for {missing[:3]} (unit {unit}): the checkpoint is incomplete")
             done[unit] = _write_unit(out, unit, {k: t.detach() for k, t in tensors.items()})
-            _write_json(out / PARTIAL, {"units": list(done.values())})
+            _write_json(out / PARTIAL, {**meta, "units": list(done.values())})
             if unit != arch.EMBED or arch.HEAD in done:
                 _free_unit(p, unit)
                 if unit == arch.HEAD:
                     _free_unit(p, arch.EMBED)
     manifest = {"format": FORMAT_VERSION, "model_type": config.model_type, "num_layers": n, "compression": None,
-                "source": str(src), "units": [done[u] for u in arch.unit_order(n)]}
+                **meta, "units": [done[u] for u in arch.unit_order(n)]}
     _write_json(out / MANIFEST, manifest)
     (out / PARTIAL).unlink(missing_ok=True)
 
@@ -218,10 +298,15 @@ def _free_unit(p: arch.Parts, unit: str) -> None:
 def _write_unit(out: Path, unit: str, tensors: dict[str, torch.Tensor]) -> dict:
     fname = f"{unit}.safetensors"
     tmp = out / (fname + ".tmp")
-    save_file({k: t.contiguous() for k, t in tensors.items()}, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, out / fname)
+    try:
+        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out / fname)
+    except (OSError, RuntimeError) as e:  # safetensors reports a full disk as an I/O error
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {fname} to {out} ({e}): free some disk space (or pass another --out / "
+                         "shards_dir) and run the same split again; it resumes after the units already written") from e
     return {
         "name": unit,
         "file": fname,
@@ -233,9 +318,15 @@ def _write_unit(out: Path, unit: str, tensors: dict[str, torch.Tensor]) -> dict:
     }
 
 
-def _unit_file_ok(out: Path, unit: dict) -> bool:
-    f = out / unit["file"]
-    return f.is_file() and f.stat().st_size == unit["bytes"]
+def _unit_file_ok(out: Path, unit, check_sha: bool = False) -> bool:
+    """Whether a manifest entry is whole and its shard has the recorded size (and sha256)."""
+    try:
+        f, size, name = out / unit["file"], int(unit["bytes"]), unit["name"]
+    except (KeyError, TypeError, ValueError):
+        return False
+    if not (isinstance(name, str) and f.is_file() and f.stat().st_size == size):
+        return False
+    return not check_sha or _sha256(f) == unit.get("sha256")
 
 
 # --------------------------------------------------------------------------- loading
@@ -244,8 +335,10 @@ def _unit_file_ok(out: Path, unit: dict) -> bool:
 class LayerStore:
     """A split checkpoint on local disk: its manifest, config, and one-unit loads.
 
-    Every load checks the file's size against the manifest; the first load of each
-    unit also checks its sha256, so a corrupt or truncated shard is named, not used.
+    Opening checks that the manifest lists every unit of the model its config describes.
+    The first load of each unit checks its sha256; every later load checks the file's
+    size, time and inode, and checks the sha256 again if any changed, so a corrupt,
+    truncated or replaced shard is named with the command that repairs it, never used.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -258,14 +351,36 @@ class LayerStore:
                 f"no {MANIFEST} in {self.path}{hint}: this is not a finished layer store; "
                 "create it with `distlayer split MODEL --out DIR`"
             )
+        text = mf.read_text(errors="replace")
+        found = re.search(r'"source":\s*"((?:[^"\\]|\\.)*)"', text)  # even from a manifest that does not parse
+        beside = self.path.parent if self.path.name == SHARDS_DIRNAME else None  # a default store: the model is its folder
+        self.source = json.loads(f'"{found.group(1)}"') if found else \
+            str(beside) if beside is not None and (beside / "config.json").is_file() else "MODEL"
         try:
-            self.manifest = json.loads(mf.read_text())
+            self.manifest = json.loads(text)
             self.units = {u["name"]: u for u in self.manifest["units"]}
             self.num_layers = int(self.manifest["num_layers"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise StoreError(f"{mf} is damaged ({e}): delete {self.path} and split the model again") from e
-        self._verified: set[str] = set()
+            for u in self.units.values():
+                u["file"], u["bytes"], u["sha256"]  # noqa: B018 (each unit must have them)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise StoreError(f"{mf} is damaged ({type(e).__name__}: {e}): {self.repair_hint()}") from e
+        missing = [u for u in arch.unit_order(self.num_layers) if u not in self.units]
+        if missing:
+            raise StoreError(f"{mf} lists no unit {', '.join(missing[:3])}: the store is incomplete; {self.repair_hint()}")
+        self._verified: dict[str, tuple] = {}  # unit -> (size, mtime_ns, inode) when its sha256 last matched
         self._lock = threading.Lock()
+
+    def repair_hint(self) -> str:
+        """What to run to rewrite this store's bad shards."""
+        return (f"repair it with `distlayer split {shlex.quote(self.source)} --out {shlex.quote(str(self.path))}` "
+                "(it rewrites only the bad shards)")
+
+    def check_config(self) -> None:
+        """Refuse a manifest whose layer count is not the config's."""
+        n = getattr(self.config.get_text_config(), "num_hidden_layers", self.num_layers)
+        if n != self.num_layers:
+            raise StoreError(f"{self.path / MANIFEST} lists {self.num_layers} layers but the model's config.json has "
+                             f"num_hidden_layers={n}: the store does not match its config; {self.repair_hint()}")
 
     @functools.cached_property
     def config(self):
@@ -294,20 +409,25 @@ class LayerStore:
         if u is None:
             raise StoreError(f"unit {name!r} is not in {self.path / MANIFEST}: the store does not match this model")
         f = self.path / u["file"]
-        again = f"delete it and run `distlayer split MODEL --out {self.path}` to rewrite it"
-        if not f.is_file():
-            raise StoreError(f"shard {f} of unit {name} is missing: {again}")
-        size = f.stat().st_size
-        if size != u["bytes"]:
+        again = self.repair_hint()
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            raise StoreError(f"shard {f} of unit {name} is missing: {again}") from None
+        if st.st_size != u["bytes"]:
             raise StoreError(
-                f"shard {f} of unit {name} is {size} bytes but the manifest says {u['bytes']}: "
+                f"shard {f} of unit {name} is {st.st_size} bytes but the manifest says {u['bytes']}: "
                 f"the file is truncated or overwritten; {again}"
             )
-        if name not in self._verified:
+        seen = (st.st_size, st.st_mtime_ns, st.st_ino)
+        if self._verified.get(name) != seen:  # first load, or the file changed since it was checked
             if _sha256(f) != u["sha256"]:
-                raise StoreError(f"shard {f} of unit {name} fails its sha256 check: the file is corrupt; {again}")
+                with self._lock:
+                    self._verified.pop(name, None)
+                raise StoreError(f"shard {f} of unit {name} fails its sha256 check: the file is corrupt or was "
+                                 f"changed; {again}")
             with self._lock:
-                self._verified.add(name)
+                self._verified[name] = seen
         return f
 
     def load(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -350,5 +470,8 @@ def open_store(
     """
     path = Path(model).expanduser()
     if shards_dir is None and path.is_dir() and (path / MANIFEST).is_file():
-        return LayerStore(path)
-    return LayerStore(split(model, shards_dir, compression, token, progress))
+        store = LayerStore(path)
+    else:
+        store = LayerStore(split(model, shards_dir, compression, token, progress))
+    store.check_config()
+    return store

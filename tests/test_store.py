@@ -284,7 +284,7 @@ def test_missing_manifest(tmp_path):
 def test_damaged_manifest(tmp_path):
     _, out = small_split(tmp_path)
     (out / "manifest.json").write_text("{ not json")
-    with pytest.raises(StoreError, match=r"manifest\.json is damaged.*split the model again"):
+    with pytest.raises(StoreError, match=r"manifest\.json is damaged.*distlayer split"):
         LayerStore(out)
 
 
