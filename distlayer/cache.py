@@ -8,6 +8,7 @@ counts the tokens it has seen and answers for the layers it lacks.
 
 from __future__ import annotations
 
+import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
@@ -50,3 +51,47 @@ class StageCache(DynamicCache):
                 if t is not None and hasattr(t, "numel"):
                     total += t.numel() * t.element_size()
         return total
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether rows of another cache can join this one: every owned layer keeps all its
+        positions (no sliding window that drops old ones)."""
+        return not any(isinstance(self.layers[i], DynamicSlidingWindowLayer) for i in self.owned)
+
+    def _filled(self):
+        for i in sorted(self.owned):
+            layer = self.layers[i]
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                yield layer
+
+    def select_rows(self, rows: list[int], trim: int = 0) -> None:
+        """Keep only ``rows`` (batch indices, in that order), and drop the first ``trim``
+        positions, which no kept row attends to (all padding for them)."""
+        index = torch.tensor(rows, dtype=torch.long)
+        for layer in self._filled():
+            index = index.to(layer.keys.device)
+            layer.keys = layer.keys.index_select(0, index)[:, :, trim:]
+            layer.values = layer.values.index_select(0, index)[:, :, trim:]
+        self.seen -= trim
+
+    def merge(self, other: "StageCache") -> None:
+        """Append the rows of ``other`` after this cache's rows; the shorter side is padded
+        on the left with zeros (positions its rows' attention masks hide), as left padding
+        in one batch would be."""
+        if not (self.mergeable and other.mergeable):
+            raise ValueError("caches with sliding-window layers cannot be merged")
+        width = max(self.seen, other.seen)
+        mine = {id(layer): layer for layer in self._filled()}
+        for i in sorted(self.owned):
+            a, b = self.layers[i], other.layers[i]
+            if id(a) not in mine or getattr(b, "keys", None) is None or not b.keys.numel():
+                raise ValueError(f"layer {i} of a cache to merge holds nothing: run a forward on both first")
+            a.keys = torch.cat([_pad_left(a.keys, width), _pad_left(b.keys, width)], dim=0)
+            a.values = torch.cat([_pad_left(a.values, width), _pad_left(b.values, width)], dim=0)
+        self.seen = width
+
+
+def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, H, T, D]`` zero-padded on the left of T to ``width``."""
+    missing = width - t.shape[2]
+    return t if missing == 0 else torch.nn.functional.pad(t, (0, 0, missing, 0))

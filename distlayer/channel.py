@@ -181,10 +181,12 @@ class Hop:
 
 
 @dataclass
-class Drop:
-    """Free a request's KV caches on every stage, then acknowledge to the driver."""
+class Control:
+    """``StageActor.<op>(*args)`` on every stage in turn, then an acknowledgement to the driver."""
 
-    cache_id: str
+    op: str
+    args: tuple
+    failed: Failed | None = None  # a stage before failed it: passed on without running
 
 
 class StageServer:
@@ -218,20 +220,25 @@ class StageServer:
                 self._send_all("gone", "", "", self.inbox.gone)
                 return
             try:
-                if isinstance(msg, Drop):
-                    self._drop(key, msg)
+                if isinstance(msg, Control):
+                    self._control(key, group, msg)
                 else:
                     self._run(key, group, sent_at, msg)
             except StageError:  # the stage after died; the driver learns it from its own mailbox
                 return
 
-    def _drop(self, key: str, msg: Drop) -> None:
-        self.actor.drop(msg.cache_id)
-        self.inbox.discard(msg.cache_id)
-        if "driver" in self.links:  # the last stage: every stage has dropped it
-            self.links["driver"].send("k", key, "", None)
+    def _control(self, key: str, group: str, msg: Control) -> None:
+        if msg.failed is None:
+            try:
+                getattr(self.actor, msg.op)(*msg.args)
+                if msg.op == "drop":
+                    self.inbox.discard(msg.args[0])
+            except BaseException as e:  # passed on, so the driver raises it
+                msg = Control(msg.op, msg.args, Failed(e))
+        if "driver" in self.links:  # the last stage: every stage has done it
+            self.links["driver"].send("k", key, "", msg.failed)
         else:
-            self.links["next"].send("q", key, msg.cache_id, msg)
+            self.links["next"].send("q", key, group, msg)
 
     def _run(self, key: str, group: str, sent_at: float, hop: Hop) -> None:
         x, work = hop.x, hop.work
@@ -311,8 +318,11 @@ class SocketTransport(Transport):
 
     def drop(self, cache_id: str) -> None:
         self._inbox.discard(cache_id)
-        key = f"drop {next(self._keys)}"
-        self._link.send("q", key, cache_id, Drop(cache_id))
+        self.control("drop", cache_id)
+
+    def control(self, op: str, *args) -> None:
+        key = f"control {next(self._keys)}"
+        self._link.send("q", key, str(args[0]) if args else "", Control(op, args))
         self._inbox.take(key)
 
     def close(self) -> None:

@@ -1,6 +1,6 @@
 """``distlayer`` command line: one thin verb per job over the library.
 
-Verbs: ``split``, ``plan``, ``generate``, ``run``, ``demo``. Errors distlayer raises on
+Verbs: ``split``, ``plan``, ``generate``, ``serve``, ``run``, ``demo``. Errors distlayer raises on
 bad input are printed as ``error: ...`` with exit status 2.
 """
 
@@ -17,6 +17,8 @@ from .config import GenerationConfig, PipelineConfig, build
 from .errors import ConfigError, DistlayerError
 
 DEMO_QUESTION = "What is the capital of France?"
+SERVE_ROWS = 8         # requests a server runs at once unless --batch-size says otherwise
+SERVE_CONTEXT = 4096   # tokens per request a server reserves for, at most, unless --context says otherwise
 
 
 def _cli_type(kind: type):
@@ -107,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_flags(p, GenerationConfig)
     p.set_defaults(func=cmd_generate)
 
+    _add_serve_verb(sub)
+
     p = sub.add_parser("run", help="batch job: JSONL in, JSONL out, resumable",
                        description="Run the batch job described by a YAML file: prompts from its input JSONL, "
                                    "one result line per id appended to its output JSONL. Rerunning resumes.")
@@ -119,6 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    f"a 2-stage pipeline, ask {DEMO_QUESTION!r}, then print the plan and per-stage stats.")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _add_serve_verb(sub) -> None:
+    """The ``serve`` verb's parser."""
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over the pipeline",
+                       description="Serve MODEL over HTTP with the OpenAI API (/v1/chat/completions, "
+                                   "/v1/completions, /v1/models, /health), many requests at once. Listens on "
+                                   "127.0.0.1 unless told otherwise; stops cleanly on Ctrl-C or SIGTERM.")
+    p.add_argument("model", help='HF repo id, local model dir, .gguf file, layer store, or "default"')
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_cli_type(int), default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: "
+                                                  "$DISTLAYER_API_KEY; none if unset)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL's name)")
+    add_settings_flags(p, PipelineConfig)
+    p.set_defaults(func=cmd_serve)
 
 
 class Terminated(KeyboardInterrupt):
@@ -203,6 +223,35 @@ def encode_prompt(tok, prompt: str, chat: bool, model: str):
         raise ConfigError(f"{model}'s tokenizer has no chat template: run without --chat")
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
     return tok(text, add_special_tokens=False, return_tensors="pt")
+
+
+def cmd_serve(args) -> int:
+    """``distlayer serve``: the OpenAI-compatible server, until SIGINT or SIGTERM."""
+    import os
+    from pathlib import Path
+
+    from .model import DistModel
+    from .scheduler import Scheduler
+    from .serve import serve
+    from .smollm import DEFAULT_MODEL_NAME, resolve_model
+    from .store import open_store
+
+    cfg = settings_from(args, PipelineConfig)
+    store = open_store(resolve_model(args.model), cfg.shards_dir, cfg.compression, cfg.hf_token)
+    longest = getattr(store.config.get_text_config(), "max_position_embeddings", None) or 4096
+    cfg = dataclasses.replace(cfg, batch_size=SERVE_ROWS if args.batch_size is None else cfg.batch_size,
+                              context=cfg.context or min(longest, SERVE_CONTEXT))
+    name = args.served_model_name or (DEFAULT_MODEL_NAME if args.model == "default" else Path(args.model).name)
+    api_key = args.api_key or os.environ.get("DISTLAYER_API_KEY") or None
+    with DistModel.start(store, cfg) as model:
+        scheduler = Scheduler(model, cfg.batch_size, cfg.context)
+        try:
+            serve(model, scheduler, name, args.host, args.port, api_key,
+                  ready=lambda port: _err(f"serving {name} on http://{args.host}:{port}/v1 "
+                                          f"({len(model.plan)} stages, up to {cfg.batch_size} requests at once)"))
+        finally:
+            scheduler.close()
+    return 0
 
 
 def cmd_run(args) -> int:

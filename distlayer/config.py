@@ -173,6 +173,9 @@ class PipelineConfig:
     hf_token: str | None = setting("token for gated Hugging Face repos")
     connect_timeout: float = setting("seconds to wait for a Ray cluster's address to answer before giving up",
                                      float, default=10.0)
+    gpus_per_stage: float | None = setting(
+        "Ray GPUs per stage on a GPU cluster: 1 gives each stage a GPU of its own; a fraction such as 0.25 puts "
+        "four stages on one GPU, each with its own budget (default: 1)", float)
 
     def __post_init__(self):
         p = "pipeline."
@@ -208,6 +211,10 @@ class PipelineConfig:
         _check_str(p + "hf_token", self.hf_token, optional=True)
         if not _is_number(self.connect_timeout) or not 0 < self.connect_timeout < math.inf:
             raise _bad(p + "connect_timeout", self.connect_timeout, "use a number of seconds above 0, such as 10")
+        if self.gpus_per_stage is not None and (not _is_number(self.gpus_per_stage)
+                                                or not 0 < self.gpus_per_stage <= 1):
+            raise _bad(p + "gpus_per_stage", self.gpus_per_stage,
+                       "use a number above 0 and at most 1, such as 0.25 for four stages per GPU")
         n = self.stage_count_given()
         for key, value in (("memory_per_stage", self.memory_per_stage), ("stage_resources", self.stage_resources)):
             if isinstance(value, list) and n is not None and len(value) != n:

@@ -17,6 +17,17 @@ def free_bytes(device: str) -> int:
     return int(psutil.virtual_memory().available)
 
 
+def gpu_id(device: str) -> str:
+    """Which physical GPU ``device`` is (its UUID, the same in every process whatever
+    ``CUDA_VISIBLE_DEVICES`` calls it); ``""`` for a CPU."""
+    if not device.startswith("cuda"):
+        return ""
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.device(device))
+    return str(getattr(props, "uuid", "") or f"{props.name}#{torch.device(device).index or 0}")
+
+
 def cores() -> int:
     """CPU cores this process may run on."""
     try:

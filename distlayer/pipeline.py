@@ -1,8 +1,8 @@
 """The driver: measures where the stages run, plans them (``planner.plan_pipeline``),
 starts one StageActor per stage, and hands work to a transport.
 
-With Ray, each stage is an actor on its own device (a GPU, or a share of a node's
-CPUs), placed with a placement group; hidden states go from actor to actor, never
+With Ray, each stage is an actor on its own device (a GPU or ``gpus_per_stage`` of
+one, or a share of a node's CPUs), placed with a placement group; hidden states go from actor to actor, never
 through the driver (``channel.SocketTransport`` when the driver and every stage share a
 node, else ``transport.RefTransport`` over object refs), and several micro-batches are
 in flight so every stage works at once. ``in_process=True`` (or ``stages=0``) runs the
@@ -37,6 +37,7 @@ from .units import EMBED, HEAD, NORM, layer_unit
 # next stage needs, yet a thread between two ops of a forward should not sleep
 # (measurements: benchmarks/README.md).
 GOMP_SPINCOUNT = "50000"
+CLOSE_TIMEOUT = 10  # seconds closing waits for Ray to release a placement group
 
 
 def model_shape(store: LayerStore, dtype: torch.dtype) -> ModelShape:
@@ -146,10 +147,16 @@ class RayStages:
         """Join or start Ray as ``cfg.address`` says; returns the ``ray`` module."""
         import ray
 
-        if ray.is_initialized():
-            return ray
-        if cfg.address is not None:
+        if cfg.address is not None and (cfg.address != "auto" or not ray.is_initialized()):
             probe_address(cfg.address, cfg.connect_timeout)
+        if ray.is_initialized():
+            here = ray.get_runtime_context().gcs_address
+            wanted = parse_address(cfg.address) if cfg.address not in (None, "auto") else None
+            if wanted is not None and parse_address(here) != wanted and wanted[0] not in ("127.0.0.1", "localhost"):
+                raise StageError(f"this process is already connected to the Ray cluster at {here}, so it cannot "
+                                 f"join {cfg.address!r} too: pass address={here!r} (or \"auto\"), or start a new "
+                                 "process for the other cluster")
+            return ray
         kw = dict(include_dashboard=False, logging_level="WARNING", configure_logging=True)
         on_term = signal.getsignal(signal.SIGTERM)
         try:  # None: a private local Ray, never a cluster some earlier `ray start` left recorded
@@ -172,7 +179,7 @@ class RayStages:
 
         res = ray.cluster_resources()
         cpus = cfg.cpus_per_stage or max(0.01, min(1.0, math.floor(res.get("CPU", 1) / n * 100) / 100))
-        bundles = [{"CPU": cpus, **({"GPU": 1} if device == "cuda" else {}),
+        bundles = [{"CPU": cpus, **({"GPU": cfg.gpus_per_stage or 1} if device == "cuda" else {}),
                     **(cfg.stage_resources[i] if cfg.stage_resources else {})} for i in range(n)]
         pg = placement_group(bundles, strategy="SPREAD" if cfg.placement == "spread" else "PACK")
         try:
@@ -236,7 +243,11 @@ class RayStages:
                 pass
         self.actors = []
         if self.pg is not None:
-            remove_placement_group(self.pg)
+            # bounded: when Ray itself is going down (a signal to the whole process group),
+            # its control store may no longer answer, and closing must not wait on it
+            done = threading.Thread(target=remove_placement_group, args=(self.pg,), daemon=True)
+            done.start()
+            done.join(CLOSE_TIMEOUT)
             self.pg = None
 
 
@@ -247,7 +258,7 @@ def plan_for(store: LayerStore, cfg: PipelineConfig, dtype: torch.dtype, describ
              concurrency: tuple[int, list[int | None]]) -> Plan:
     """The plan for stages that reported ``described`` (``StageActor.describe`` plus a
     node id): the one planning call that ``distlayer plan`` and :class:`Pipeline` share."""
-    sites = [Site(d["node_id"], d["node_ip"], d["free_bytes"], d["cores"]) for d in described]
+    sites = [Site(d["node_id"], d["node_ip"], d["free_bytes"], d["cores"], d.get("gpu", "")) for d in described]
     plan = plan_pipeline(model_shape(store, dtype), sites, cfg.budgets(len(sites)), device, concurrency,
                          cfg.batch_size, cfg.context)
     for p, d in zip(plan.stages, described):
@@ -258,6 +269,19 @@ def plan_for(store: LayerStore, cfg: PipelineConfig, dtype: torch.dtype, describ
 def local_device(cfg: PipelineConfig) -> str:
     """The device of stages on this machine: the configured one, else CUDA when there is a GPU."""
     return (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
+
+
+def gpu_stages(gpus: float, cfg: PipelineConfig) -> int:
+    """How many stages ``gpus`` GPUs hold, ``cfg.gpus_per_stage`` each (default one GPU each)."""
+    return int(gpus / (cfg.gpus_per_stage or 1) + 1e-6)
+
+
+def local_gpu(stage: int, cfg: PipelineConfig) -> str:
+    """The GPU of this machine that ``stage`` runs on: in one process every stage is on
+    ``cuda:0``; as Ray actors, stages fill one GPU (``gpus_per_stage`` each) before the next."""
+    if cfg.runs_in_process:
+        return "cuda:0"
+    return f"cuda:{int(stage * (cfg.gpus_per_stage or 1) + 1e-6) % max(1, torch.cuda.device_count())}"
 
 
 def plan_model(model, cfg: PipelineConfig, progress: bool = True) -> tuple[Plan, LayerStore, torch.dtype]:
@@ -271,12 +295,16 @@ def plan_model(model, cfg: PipelineConfig, progress: bool = True) -> tuple[Plan,
     store = open_store(model, cfg.shards_dir, cfg.compression, cfg.hf_token, progress)
     dtype = arch.compute_dtype(cfg.dtype, store.config)
     device = local_device(cfg)
-    n = stage_count(cfg.stage_count_given(), device, torch.cuda.device_count())
+    n = stage_count(cfg.stage_count_given(), device, gpu_stages(torch.cuda.device_count(), cfg))
     here = {"node_id": "local", "node_ip": hardware.local_ip(), "cores": hardware.cores(),
             "free_bytes": hardware.free_bytes(device), "device": "cuda:0" if device == "cuda" else device}
+    described = [here] * n
+    if device == "cuda":  # each stage sees its own GPU as cuda:0
+        described = [{**here, "free_bytes": hardware.free_bytes(gpu), "gpu": hardware.gpu_id(gpu)}
+                     for gpu in (local_gpu(i, cfg) for i in range(n))]
     concurrency = plan_concurrency(["local"] * n, {"local": here["cores"]}, device, cfg.micro_batches,
                                    cfg.threads_per_stage, cfg.runs_in_process)
-    return plan_for(store, cfg, dtype, [here] * n, device, concurrency), store, dtype
+    return plan_for(store, cfg, dtype, described, device, concurrency), store, dtype
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -317,9 +345,9 @@ class Pipeline:
                                            threads=cfg.threads_per_stage)
         else:
             ray = RayStages.connect(cfg)
-            gpus = int(ray.cluster_resources().get("GPU", 0))
+            gpus = ray.cluster_resources().get("GPU", 0)
             device = (cfg.device or ("cuda" if gpus else "cpu")).split(":")[0]
-            n = stage_count(cfg.stage_count_given(), device, gpus)
+            n = stage_count(cfg.stage_count_given(), device, gpu_stages(gpus, cfg))
             pg, bundles, nodes, cores = RayStages.place(ray, cfg, n, device)
             concurrency = plan_concurrency(nodes, cores, device, cfg.micro_batches, cfg.threads_per_stage)
             envs = [stage_env(device, t == cores[node]) for t, node in zip(concurrency[1], nodes)]

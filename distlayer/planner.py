@@ -18,6 +18,14 @@ FREE_FRACTION = 0.9
 
 GiB = 2**30
 
+# On a GPU, budgets reserve KV cache and activations for sequences of this many tokens
+# (prompt + new) when no context is set; `context` overrides it.
+GPU_CONTEXT = 2048
+# On a GPU, a budget taken from free memory also leaves this much for what the KV and
+# activation estimate does not count: cuBLAS workspaces, prefill temporaries (MLP
+# intermediates, attention scores) and the allocator's rounding.
+GPU_WORKSPACE = 256 * 2**20
+
 
 def fmt_bytes(n: float) -> str:
     """Human-readable byte count: ``1.50 GiB``, ``12.0 MiB``, ``512 B``."""
@@ -278,12 +286,15 @@ class Site:
         node_ip: the node's address, for people.
         free_bytes: memory the stage's device has free (a GPU's, or the node's available RAM).
         cores: CPU cores of the node.
+        gpu: which physical GPU the stage runs on (its UUID; stages with the same one
+            share its memory); ``""`` on a CPU, or when unknown (a GPU of its own).
     """
 
     node_id: str
     node_ip: str
     free_bytes: int
     cores: int
+    gpu: str = ""
 
 
 @dataclass
@@ -334,19 +345,36 @@ class Plan:
 def default_budgets(budgets: list[int | None], sites: list[Site], device: str,
                     fraction: float = FREE_FRACTION) -> list[tuple[int | None, str]]:
     """Each stage's budget and where it came from. A stage without one gets ``fraction``
-    of what its device has free: its GPU's memory, or on CPU an equal share of its node's
-    available RAM among the node's stages."""
+    of what its device has free, shared equally by the stages on that device: on CPU the
+    node's available RAM among the node's stages; on a GPU its free memory among the
+    stages on the same physical GPU, less :data:`GPU_WORKSPACE`."""
     out = []
     for b, site in zip(budgets, sites):
         if b is not None:
             out.append((b, "memory_per_stage"))
             continue
-        share = sum(s.node_id == site.node_id for s in sites) if device == "cpu" else 1
-        what = "available RAM" if device == "cpu" else "free memory of its GPU"
-        shared = f", shared by the node's {share} stages" if share > 1 else ""
-        out.append((int(site.free_bytes * fraction) // share,
-                    f"{fraction:.0%} of the {fmt_bytes(site.free_bytes)} {what} on {site.node_ip}{shared}"))
+        if device == "cpu":
+            share, what = sum(s.node_id == site.node_id for s in sites), "available RAM"
+            shared = f", shared by the node's {share} stages"
+        else:
+            share, what = sum(s.gpu == site.gpu for s in sites) if site.gpu else 1, "free memory of its GPU"
+            shared = f", shared by the GPU's {share} stages"
+        budget = int(site.free_bytes * fraction) // share
+        source = f"{fraction:.0%} of the {fmt_bytes(site.free_bytes)} {what} on {site.node_ip}" \
+            + (shared if share > 1 else "")
+        if device != "cpu":
+            budget = max(0, budget - GPU_WORKSPACE)
+            source += f", less {fmt_bytes(GPU_WORKSPACE)} for cuBLAS workspaces and temporaries"
+        out.append((budget, source))
     return out
+
+
+def reserved_context(context: int | None, device: str) -> int | None:
+    """The tokens per sequence budgets reserve KV cache and activations for: ``context``
+    if given; on a GPU, :data:`GPU_CONTEXT`; else None (a CPU budget bounds weights alone)."""
+    if context is not None or device.split(":")[0] == "cpu":
+        return context
+    return GPU_CONTEXT
 
 
 def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None], device: str,
@@ -363,12 +391,14 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
         concurrency: ``(micro_batches, threads per stage)`` from :func:`plan_concurrency`,
             decided once, before the stages start (their environment depends on it).
         batch_size, context: the largest batch and sequence to reserve KV cache and
-            activations for; without a context a budget bounds weights alone.
+            activations for; without a context a CPU budget bounds weights alone, and a
+            GPU budget reserves for ``GPU_CONTEXT`` tokens (:func:`reserved_context`).
 
     Raises:
         PlanError: the stages or budgets cannot hold the model.
     """
     budgeted = default_budgets(budgets, sites, device.split(":")[0])
+    context = reserved_context(context, device)
     kv = shape.kv_bytes_per_layer(batch_size, context)
     act = shape.activation_bytes(batch_size, context)
     cuts = plan_stages(shape, [b for b, _ in budgeted], kv, act)

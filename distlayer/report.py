@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .planner import fmt_bytes
+from .planner import fmt_bytes, reserved_context
 
 STATS_COLUMNS = ("peak_weight_bytes", "peak_rss_bytes", "kv_bytes", "load_s", "stall_s", "compute_s", "transfer_s")
 
@@ -56,9 +56,10 @@ def plan_notes(plan, cfg, dtype) -> str:
         budget = fmt_bytes(p.budget_bytes) if p.budget_bytes is not None else "unlimited"
         lines.append(f"stage {p.stage} budget: {budget} "
                      + origin(p.budget_source == "memory_per_stage", p.budget_source, "--memory-per-stage"))
-    if cfg.context:
-        lines.append(f"reserved per stage for KV cache and activations: batch {cfg.batch_size} x {cfg.context} "
-                     "tokens (--batch-size, --context)")
+    context = reserved_context(cfg.context, plan.stages[0].device if plan.stages else "cpu")
+    if context:
+        lines.append(f"reserved per stage for KV cache and activations: batch {cfg.batch_size} x {context} "
+                     "tokens " + origin(cfg.context is not None, "on a GPU", "--batch-size, --context"))
     else:
         lines.append("no KV cache reserved: a budget bounds weights alone (set --context to reserve it)")
     lines.append(f"threads: {', '.join(str(p.threads) for p in plan.stages)} "

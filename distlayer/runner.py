@@ -4,23 +4,25 @@ The runner builds the model's own transformers class on the meta device, stubs o
 the layers it does not own, and runs the model's own forward. Units (embeddings,
 decoder layers, final norm, head) that fit the budget stay resident; the rest are
 streamed from the layer store by a background thread that loads ahead, in step
-order and across step boundaries, as far as the budget allows.
+order and across step boundaries, as far as the budget allows
+(``streaming.Streamer``). Where the weights live and how forwards are timed is the
+device's business: ``streaming.HostMemory`` on a CPU, ``cuda_stream.CudaMemory`` on a GPU.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-import time
+import contextlib
 import torch
 from torch import nn
 
 from . import arch
 from .cache import StageCache
+from .cuda_stream import CudaMemory
 from .errors import StoreError
 from .hardware import peak_rss_bytes
 from .planner import StagePlan
 from .store import LayerStore
+from .streaming import HostMemory, Streamer
 
 # A CPU forward of fewer tokens than this (decode at batch 1 to 7) runs on one thread:
 # its matmuls are too small to split well (measurements: benchmarks/README.md).
@@ -72,29 +74,19 @@ class LayerRunner:
             raise StoreError(f"stage {self.stage}'s plan names units {sorted(set(self.resident) | set(self.streamed))} "
                              f"but its range holds {sorted(self.unit_bytes)}: plan it again for this store")
         self.caches: dict[str, StageCache] = {}
-        # load_s: disk reads, on any thread; stall_s: forwards waiting for weights.
-        self.times = {"load_s": 0.0, "stall_s": 0.0, "compute_s": 0.0}
-        self._held = 0
-        self.peak_weight_bytes = 0
-        self._cond = threading.Condition()
-        self._cuda = self.device.type == "cuda"
-        self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        memory = CudaMemory if self.device.type == "cuda" else HostMemory
+        self.memory = memory(store, self.dtype, self.device, self.budget, self.unit_bytes, self.stage)
 
         self.model = arch.build_skeleton(config, dtype=self.dtype)
         self.parts = arch.parts(self.model)
+        if self.device.type != "cpu":
+            _buffers_to(self.model, self.device)
         self._prepare_modules()
         for unit in self.resident:
-            tensors, event = self._read(unit)
-            if event is not None:
-                event.synchronize()
-            self._assign(unit, tensors)
-            self._hold(self.unit_bytes[unit])
-        self._queue: queue.Queue = queue.Queue()
-        self._stop = threading.Event()
-        self._thread = None
-        self._next = 0  # index into self.streamed of the next unit a forward needs
-        if prefetch and self.streamed:
-            self._start_prefetch()
+            self._assign(unit, self.memory.load_resident(unit))
+        self.memory.prepare(self.streamed)
+        self.streamer = Streamer(self.memory, self.streamed, self.stage, prefetch)
+        self.streamer.start()
 
     # ------------------------------------------------------------------ setup
 
@@ -136,114 +128,25 @@ class LayerRunner:
         local = {k[len(prefix):]: t for k, t in tensors.items()}
         module.load_state_dict(local, strict=True, assign=True)
 
-    # ------------------------------------------------------------------ byte accounting
-
-    def _hold(self, nbytes: int) -> None:
-        self._held += nbytes
-        self.peak_weight_bytes = max(self.peak_weight_bytes, self._held)
-        assert self.budget is None or self._held <= self.budget, (self._held, self.budget)
-
-    def _release(self, nbytes: int) -> None:
-        with self._cond:
-            self._held -= nbytes
-            self._cond.notify_all()
-
     # ------------------------------------------------------------------ streaming
 
-    def _read(self, unit: str) -> tuple[dict[str, torch.Tensor], object]:
-        """Read a unit from disk onto this device.
-
-        On CUDA the tensors go through pinned host memory and a non-blocking copy on a
-        side stream; the returned event marks when the copy is done (None on CPU).
-        """
-        t0 = time.perf_counter()
-        tensors = self.store.load(unit, self.dtype, "cpu")
-        event = None
-        if self._cuda:
-            with torch.cuda.stream(self._copy_stream):
-                tensors = {k: t.pin_memory().to(self.device, non_blocking=True) for k, t in tensors.items()}
-                event = torch.cuda.Event()
-                event.record(self._copy_stream)
-        self.times["load_s"] += time.perf_counter() - t0
-        return tensors, event
-
-    def _start_prefetch(self) -> None:
-        self._stop.clear()
-        self._queue = queue.Queue()
-        self._thread = threading.Thread(target=self._prefetch_loop, name=f"prefetch-stage{self.stage}", daemon=True)
-        self._thread.start()
-
-    def _prefetch_loop(self) -> None:
-        i = self._next
-        while not self._stop.is_set():
-            unit = self.streamed[i % len(self.streamed)]
-            nbytes = self.unit_bytes[unit]
-            with self._cond:
-                while self.budget is not None and self._held + nbytes > self.budget and not self._stop.is_set():
-                    self._cond.wait(0.5)
-                if self._stop.is_set():
-                    return
-                self._hold(nbytes)
-            try:
-                self._queue.put((unit, self._read(unit)))
-            except Exception as e:  # handed to the forward that needs it
-                self._release(nbytes)
-                self._queue.put((unit, e))
-                return
-            i += 1
-
-    def _take(self, unit: str) -> tuple[dict[str, torch.Tensor], object]:
-        expected = self.streamed[self._next % len(self.streamed)]
-        assert unit == expected, f"stage {self.stage} streams {expected} next but {unit} ran"
-        self._next += 1
-        if self._thread is None:
-            with self._cond:
-                self._hold(self.unit_bytes[unit])
-            try:
-                return self._read(unit)
-            except Exception:
-                self._release(self.unit_bytes[unit])
-                raise
-        got, loaded = self._queue.get()
-        assert got == unit, (got, unit)
-        if isinstance(loaded, Exception):
-            self._thread = None  # the loader stopped; the next forward restarts it
-            self._start_prefetch()
-            raise loaded
-        return loaded
-
     def _materialize(self, unit: str, module: nn.Module) -> None:
-        t0 = time.perf_counter()
-        tensors, event = self._take(unit)
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
-            for t in tensors.values():
-                t.record_stream(torch.cuda.current_stream(self.device))
-        self._assign(unit, tensors, module)
-        self.times["stall_s"] += time.perf_counter() - t0
+        self._assign(unit, self.streamer.take(unit), module)
 
     def _evict(self, unit: str, module: nn.Module) -> None:
         _to_meta(module)
-        self._release(self.unit_bytes[unit])
+        self.streamer.release(unit)
 
     def _resync_stream(self) -> None:
         """After a failed forward the prefetch order is lost: restart it at the step's start."""
-        if self._thread is not None:
-            self._stop.set()
-            with self._cond:
-                self._cond.notify_all()
-            self._thread.join()
-            while not self._queue.empty():
-                unit, tensors = self._queue.get()
-                if not isinstance(tensors, Exception):
-                    self._release(self.unit_bytes[unit])
-        self._next = 0
+        self.streamer.stop()
+        dropped = []
         for unit in self.streamed:  # drop any unit left materialized
             mod = self._module(unit)
             if any(t.device.type != "meta" for t in mod.parameters()):
-                self._evict(unit, mod)
-        if self._thread is not None:
-            self._start_prefetch()
+                _to_meta(mod)
+                dropped.append(unit)
+        self.streamer.restart(dropped)
 
     # ------------------------------------------------------------------ running
 
@@ -262,30 +165,30 @@ class LayerRunner:
         Returns:
             Hidden states ``[B, T, H]``, or logits ``[B, logits_to_keep or T, V]`` on the last stage.
         """
-        t0 = time.perf_counter()
-        stall0 = self.times["stall_s"]
-        self._set_threads(x.shape[0] * x.shape[1])
-        cache = self.caches.get(cache_id)
-        if cache is None:
-            cache = self.caches[cache_id] = StageCache(self.config, range(self.range.start, self.range.end))
-        x = x.to(self.device)
-        kw = dict(attention_mask=None if attention_mask is None else attention_mask.to(self.device),
-                  position_ids=position_ids.to(self.device), cache=cache, use_cache=True)
-        if self.range.first:
-            kw["input_ids"] = x
-        else:
-            kw["inputs_embeds"] = x.to(self.dtype)
-        try:
-            if self.range.last:
-                out = self.model(**kw, logits_to_keep=logits_to_keep).logits
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            begun = self.memory.begin_forward()
+            self._set_threads(x.shape[0] * x.shape[1])
+            cache = self.caches.get(cache_id)
+            if cache is None:
+                cache = self.caches[cache_id] = StageCache(self.config, range(self.range.start, self.range.end))
+            x = self.memory.to_device(x)
+            kw = dict(attention_mask=None if attention_mask is None else self.memory.to_device(attention_mask),
+                      position_ids=self.memory.to_device(position_ids), cache=cache, use_cache=True)
+            if self.range.first:
+                kw["input_ids"] = x
             else:
-                out = self.model.model(**kw).last_hidden_state
-        except BaseException:
-            self._resync_stream()
-            raise
-        cache.advance(x.shape[1])
-        self.times["compute_s"] += time.perf_counter() - t0 - (self.times["stall_s"] - stall0)
-        return out
+                kw["inputs_embeds"] = x.to(self.dtype)
+            try:
+                if self.range.last:
+                    out = self.model(**kw, logits_to_keep=logits_to_keep).logits
+                else:
+                    out = self.model.model(**kw).last_hidden_state
+            except BaseException:
+                self._resync_stream()
+                raise
+            cache.advance(x.shape[1])
+            self.memory.end_forward(begun)
+            return out
 
     def _set_threads(self, tokens: int) -> None:
         """CPU forwards of fewer than ``SMALL_FORWARD`` tokens run on one thread, others on
@@ -305,9 +208,11 @@ class LayerRunner:
         return sum(c.nbytes() for c in self.caches.values())
 
     def stats(self) -> dict:
-        """Peak weight bytes, budget, resident / streamed units, load and compute seconds."""
+        """Peak weight bytes, budget, resident / streamed units, load and compute seconds
+        (on a GPU measured with CUDA events, plus host-to-device bytes and seconds)."""
+        measured = self.memory.stats()
         return {
-            "peak_weight_bytes": self.peak_weight_bytes,
+            "peak_weight_bytes": measured.pop("peak_weight_bytes"),
             "budget_bytes": self.budget,
             "resident_bytes": sum(self.unit_bytes[u] for u in self.resident),
             "streamed_bytes": sum(self.unit_bytes[u] for u in self.streamed),
@@ -315,17 +220,26 @@ class LayerRunner:
             "streamed_units": list(self.streamed),
             "kv_bytes": self.kv_bytes(),
             "peak_rss_bytes": peak_rss_bytes(),
-            **{k: round(v, 4) for k, v in self.times.items()},
+            **measured,
         }
 
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """A forward's output in host memory, ready to hand to the next stage (pinned on a GPU)."""
+        return self.memory.to_host(t)
+
     def close(self) -> None:
-        """Stop the prefetch thread."""
-        self._stop.set()
-        with self._cond:
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        """Stop the prefetch thread and free the device's buffers."""
+        self.streamer.stop(timeout=10)
+        self.memory.close()
+
+
+def _buffers_to(module: nn.Module, device: torch.device) -> None:
+    """Move the buffers the skeleton built with real values (rotary frequencies, embedding
+    scales: not in the checkpoint) to ``device``; meta ones are loaded with their unit."""
+    for m in module.modules():
+        for k, b in m._buffers.items():
+            if b is not None and b.device.type != "meta":
+                m._buffers[k] = b.to(device)
 
 
 def _to_meta(module: nn.Module) -> None:

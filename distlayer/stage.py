@@ -52,9 +52,11 @@ class StageActor:
         self._lock = threading.Lock()  # a transport's loop against calls from the driver
 
     def describe(self) -> dict:
-        """Where this stage runs: pid, address, cores and the bytes its device has free."""
+        """Where this stage runs: pid, address, cores, the bytes its device has free, and
+        which physical GPU it is (stages that share one share its memory)."""
         return {"pid": os.getpid(), "node_ip": hardware.local_ip(), "cores": hardware.cores(),
-                "free_bytes": hardware.free_bytes(self.device), "device": self.device}
+                "free_bytes": hardware.free_bytes(self.device), "device": self.device,
+                "gpu": hardware.gpu_id(self.device)}
 
     def setup(self, plan: StagePlan) -> None:
         """Load the stage's resident units and start streaming the rest, as planned."""
@@ -83,7 +85,9 @@ class StageActor:
                 last = out[:, -1, :]
                 out = pick_next(last.float().cpu(), pick, self._generator(work.cache_id, pick)) if pick.do_sample \
                     else last.argmax(-1)
-        return Payload.now(out.cpu())
+        # hidden states for the next stage leave a GPU through pinned memory; what the
+        # driver keeps (logits, tokens) is plain host memory
+        return Payload.now(out.cpu() if self.runner.range.last else self.runner.to_host(out))
 
     def _generator(self, cache_id: str, pick) -> torch.Generator | None:
         if pick.seed is None:
@@ -99,6 +103,17 @@ class StageActor:
                 self.runner.drop(key)
             for key in [k for k in self._gens if in_request(k, cache_id)]:
                 del self._gens[key]
+
+    def select_rows(self, cache_id: str, rows: list[int], trim: int = 0) -> None:
+        """Keep only ``rows`` of a request group's KV cache (the others finished), dropping
+        its first ``trim`` positions (padding for every kept row)."""
+        with self._lock:
+            self.runner.caches[cache_id].select_rows(rows, trim)
+
+    def merge_caches(self, into: str, other: str) -> None:
+        """Move the rows of KV cache ``other`` into ``into`` (after its rows) and drop ``other``."""
+        with self._lock:
+            self.runner.caches[into].merge(self.runner.caches.pop(other))
 
     def stats(self) -> dict:
         """The runner's stats plus peak RSS and hand-off seconds."""

@@ -15,6 +15,8 @@ import functools
 import hashlib
 import json
 import logging
+import math
+import mmap
 import os
 import re
 import shlex
@@ -32,6 +34,12 @@ from .sources import (MANIFEST, PARTIAL, SHARDS_DIRNAME, UNIT_FILE_RE, WEIGHT_SU
 
 log = logging.getLogger("distlayer")
 FORMAT_VERSION = 1
+# safetensors' dtype names, as torch dtypes.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+# Offsets of tensors that LayerStore.read_into packs into a buffer are multiples of this.
+READ_ALIGN = 256
 
 
 # --------------------------------------------------------------------------- splitting
@@ -444,6 +452,71 @@ class LayerStore:
         if dtype is not None:
             tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
         return tensors
+
+    def read_into(self, name: str, dtype: torch.dtype | None, out: torch.Tensor,
+                  align: int = READ_ALIGN) -> dict[str, torch.Tensor]:
+        """Read one unit's tensors straight into ``out``, a flat ``uint8`` buffer (pinned
+        host memory, for a CUDA stage), with one copy from the page cache and floating
+        tensors cast to ``dtype`` in that same copy.
+
+        Tensors are packed in file order, each at an offset that is a multiple of
+        ``align``; at most :meth:`packed_bytes` of ``out`` are written.
+
+        Returns:
+            The unit's tensors by name, as views of ``out``.
+
+        Raises:
+            StoreError: the shard is missing, truncated or corrupt, or ``out`` is too small.
+        """
+        f = self._check(name)
+        try:
+            with open(f, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+                mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as e:
+            raise StoreError(f"shard {f} of unit {name} cannot be read ({e}): {self.repair_hint()}") from e
+        try:
+            mapped.madvise(mmap.MADV_SEQUENTIAL)
+            return _copy_tensors(mapped, 8 + size, header, dtype, out, align, f"unit {name}")
+        finally:
+            with contextlib.suppress(BufferError):  # a view of the map still alive after an error
+                mapped.close()
+
+    def packed_bytes(self, name: str, dtype: torch.dtype | None = None, align: int = READ_ALIGN) -> int:
+        """Bytes :meth:`read_into` needs for unit ``name`` in ``dtype``: each tensor's bytes
+        rounded up to a multiple of ``align``."""
+        total = 0
+        for t in self.units[name]["tensors"].values():
+            stored = getattr(torch, t["dtype"])
+            size = dtype.itemsize if dtype is not None and stored.is_floating_point else stored.itemsize
+            total += -(-math.prod(t["shape"]) * size // align) * align
+        return total
+
+
+def _copy_tensors(mapped: mmap.mmap, data_start: int, header: dict, dtype, out: torch.Tensor, align: int,
+                  what: str) -> dict[str, torch.Tensor]:
+    """Copy the tensors a safetensors ``header`` describes from the mapped file into ``out``."""
+    tensors, offset = {}, 0
+    for key, spec in header.items():
+        if key == "__metadata__":
+            continue
+        stored = SAFETENSORS_DTYPES.get(spec["dtype"])
+        if stored is None:
+            raise StoreError(f"{what}: tensor {key} has dtype {spec['dtype']}, which distlayer cannot stream")
+        shape, (begin, end) = tuple(spec["shape"]), spec["data_offsets"]
+        want = dtype if dtype is not None and stored.is_floating_point else stored
+        numel = (end - begin) // stored.itemsize
+        nbytes = numel * want.itemsize
+        if offset + nbytes > out.numel():
+            raise StoreError(f"{what} needs more than the {out.numel()} bytes of its buffer: size the buffer "
+                             "with LayerStore.packed_bytes")
+        view = out[offset:offset + nbytes].view(want).view(shape)
+        if numel:
+            view.copy_(torch.frombuffer(mapped, dtype=stored, count=numel, offset=data_start + begin).view(shape))
+        tensors[key] = view
+        offset += -(-nbytes // align) * align
+    return tensors
 
 
 def open_store(

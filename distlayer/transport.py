@@ -120,6 +120,11 @@ class Transport:
     def drop(self, cache_id: str) -> None:
         """Free request ``cache_id``'s KV caches (all its micro-batches) on every stage,
         after the work queued before; returns once every stage has."""
+        self.control("drop", cache_id)
+
+    def control(self, op: str, *args) -> None:
+        """Run ``StageActor.<op>(*args)`` on every stage, after the work queued before it;
+        returns once every stage has (``drop``, ``select_rows``, ``merge_caches``)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -147,6 +152,6 @@ class RefTransport(Transport):
     def fetch(self, handle: Handle):
         return self.stages.get(handle.ref).x
 
-    def drop(self, cache_id: str) -> None:
+    def control(self, op: str, *args) -> None:
         s = self.stages
-        s.get([s.call(a, "drop", cache_id) for a in s.actors])
+        s.get([s.call(a, op, *args) for a in s.actors])

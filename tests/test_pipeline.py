@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from conftest import prompts
-from distlayer import AutoModel, LayerStore, split
+from distlayer import AutoModel, ConfigError, LayerStore, split
+from distlayer.generate import positions_from_mask
+from distlayer.transport import Work
 
 pytestmark = pytest.mark.slow
 NEW = 6
@@ -97,8 +99,12 @@ def test_a_stage_error_reaches_the_driver_through_the_channels(tiny_dir):
         good = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
         bad = ids.clone()
         bad[0, -1] = model.config.vocab_size + 5  # out of the embedding's range
+        with pytest.raises(ConfigError, match="outside this model's vocabulary"):
+            model.generate(bad, attention_mask=mask, max_new_tokens=NEW)  # refused before any stage runs
+        t = model.pipeline.transport  # past that check, stage 0 fails on it
         with pytest.raises(IndexError):
-            model.generate(bad, attention_mask=mask, max_new_tokens=NEW)
+            t.fetch(t.submit(Work("bad", "bad:0", mask, positions_from_mask(mask)), bad))
+        t.drop("bad")
         assert model.generate(ids, attention_mask=mask, max_new_tokens=NEW).tolist() == good.tolist()
 
 

@@ -3,7 +3,8 @@
 import pytest
 
 from distlayer.errors import PlanError
-from distlayer.planner import ModelShape, Site, StagePlan, plan_concurrency, plan_pipeline, plan_stages
+from distlayer.planner import (GPU_WORKSPACE, ModelShape, Site, StagePlan, plan_concurrency, plan_pipeline,
+                               plan_stages)
 from distlayer.report import format_plan
 
 L10 = [10] * 8
@@ -69,6 +70,9 @@ def test_format_plan_is_a_table():
 SHAPE = ModelShape((10,) * 8, embed=20, norm=1, head=20, kv_bytes_per_token=1, hidden=4, vocab=8, itemsize=1)
 ONE_NODE = [Site("a", "10.0.0.1", 1000, 2)] * 2
 TWO_NODES = [Site("a", "10.0.0.1", 1000, 2), Site("b", "10.0.0.2", 300, 4)]
+GPU_FREE = 2**32
+TWO_GPUS = [Site("a", "10.0.0.1", GPU_FREE, 2, "GPU-0"), Site("a", "10.0.0.1", GPU_FREE, 2, "GPU-1")]
+ONE_GPU = [Site("a", "10.0.0.1", GPU_FREE, 2, "GPU-0")] * 2
 
 
 @pytest.mark.parametrize("sites, budgets, device, ranges, budget_bytes, sources", [
@@ -77,8 +81,10 @@ TWO_NODES = [Site("a", "10.0.0.1", 1000, 2), Site("b", "10.0.0.2", 300, 4)]
     (ONE_NODE, [None, None], "cpu", [(0, 5), (5, 8)], [450, 450], ["90%", "shared by the node's 2"]),
     # one stage per node: each takes 90% of its own node's
     (TWO_NODES, [None, None], "cpu", [(0, 5), (5, 8)], [900, 270], ["90% of the 1000 B", "90% of the 300 B"]),
-    # on GPUs each stage has its device to itself
-    (ONE_NODE, [None, None], "cuda", [(0, 5), (5, 8)], [900, 900], ["GPU", "GPU"]),
+    # on GPUs each stage has its device to itself, less a workspace; stages on one GPU share it
+    (TWO_GPUS, [None, None], "cuda", [(0, 5), (5, 8)], [int(GPU_FREE * 0.9) - GPU_WORKSPACE] * 2, ["GPU", "GPU"]),
+    (ONE_GPU, [None, None], "cuda", [(0, 5), (5, 8)], [int(GPU_FREE * 0.9) // 2 - GPU_WORKSPACE] * 2,
+     ["shared by the GPU's 2 stages"] * 2),
     # a given budget is kept and named; a small one gets fewer layers
     (ONE_NODE, [60, None], "cpu", [(0, 4), (4, 8)], [60, 450], ["memory_per_stage", "90%"]),
     (ONE_NODE, [40, None], "cpu", [(0, 2), (2, 8)], [40, 450], ["memory_per_stage", "90%"]),

@@ -1,0 +1,213 @@
+"""The GPU benchmark of ``benchmarks/gpu_check.sh``: tokens/s and host-to-device GB/s.
+
+    python benchmarks/bench_gpu.py --out DIR [--layers 16] [--hidden 2048] [--dtype float16]
+                                   [--new 32] [--batches 1 8] [--stages 4] [--ray]
+
+On one GPU, in one run:
+
+- ``torch``'s host-to-device copy bandwidth from pinned and from pageable memory (the
+  ceiling a streaming stage is measured against);
+- transformers with every weight on the GPU (the baseline);
+- distlayer, one stage, every unit resident;
+- distlayer, one stage streaming, with a quarter of the weights' bytes as its weight budget;
+- distlayer, ``--stages`` stages sharing the GPU, each streaming half of its range: Ray
+  actors with ``gpus_per_stage = 1 / stages`` with ``--ray``, else in this process.
+
+The model is a random Llama (``--layers``, ``--hidden``: about 1.1B parameters by
+default) written to ``--work`` first; its end-of-sequence id is unset, so every run
+generates exactly ``--new`` tokens. Each configuration runs once to warm up, then is
+timed. Results go to ``DIR/bench.json`` and ``DIR/bench.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from distlayer import AutoModel, LayerStore, split  # noqa: E402
+from distlayer.pipeline import model_shape  # noqa: E402
+
+GB = 1e9
+PROMPT = 64  # prompt tokens per row
+DEVICE = "cuda"
+
+
+def copy_bandwidth(nbytes: int = 2**29, reps: int = 8) -> dict:
+    """Host-to-device GB/s of ``torch`` copies from pinned and from pageable memory."""
+    out = {}
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
+    for name, pinned in (("pinned", True), ("pageable", False)):
+        src = torch.ones(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        dst.copy_(src, non_blocking=pinned)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            dst.copy_(src, non_blocking=pinned)
+        end.record()
+        end.synchronize()
+        out[f"h2d_{name}_GBps"] = round(reps * nbytes / (start.elapsed_time(end) / 1000) / GB, 2)
+    return out
+
+
+def make_model(path: pathlib.Path, layers: int, hidden: int, dtype: torch.dtype) -> pathlib.Path:
+    """A random Llama checkpoint with no end-of-sequence token, written to ``path``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if (path / "config.json").is_file():
+        return path
+    heads = hidden // 64
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 256 * 256,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 8),
+                         vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=None, pad_token_id=0)
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()
+    return path
+
+
+def timed(fn) -> float:
+    """Seconds of one call of ``fn`` after a warm-up call, the GPU drained before and after."""
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def prompt(batch: int) -> torch.Tensor:
+    return torch.randint(3, 32000, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
+
+
+def bench_transformers(path, dtype, batches, new) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(DEVICE).eval()
+    rows = []
+    for b in batches:
+        ids = prompt(b).to(DEVICE)
+        with torch.inference_mode():
+            s = timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                             do_sample=False, eos_token_id=None, pad_token_id=0))
+        rows.append({"run": "transformers", "batch": b, "tok_s": round(b * new / s, 2), "wall_s": round(s, 3)})
+    del model
+    torch.cuda.empty_cache()
+    return rows
+
+
+def bench_distlayer(name: str, path, dtype, batches, new, **settings) -> list[dict]:
+    rows = []
+    with AutoModel.from_pretrained(path, device=DEVICE, dtype=str(dtype).removeprefix("torch."), progress=False,
+                                   **settings) as model:
+        plan = [{"stage": p.stage, "layers": f"{p.start}-{p.end - 1}", "budget_bytes": p.budget_bytes,
+                 "resident_bytes": p.resident_bytes, "streamed_bytes": p.streamed_bytes, "pid": p.pid}
+                for p in model.plan]
+        for b in batches:
+            ids = prompt(b)
+            before = model.stats()
+            s = timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new))
+            after = model.stats()
+            h2d = sum(a["h2d_bytes"] - c["h2d_bytes"] for a, c in zip(after, before)) / 2  # warm-up + timed
+            h2d_s = sum(a["h2d_s"] - c["h2d_s"] for a, c in zip(after, before)) / 2
+            rows.append({
+                "run": name, "batch": b, "tok_s": round(b * new / s, 2), "wall_s": round(s, 3),
+                "streamed_GB_per_run": round(h2d / GB, 3),
+                "h2d_while_copying_GBps": round(h2d / h2d_s / GB, 2) if h2d_s else None,
+                "h2d_sustained_GBps": round(h2d / s / GB, 2),
+                "stall_s": round(sum(a["stall_s"] - c["stall_s"] for a, c in zip(after, before)) / 2, 3),
+                "compute_s": round(sum(a["compute_s"] - c["compute_s"] for a, c in zip(after, before)) / 2, 3),
+                "peak_weight_bytes": [a["peak_weight_bytes"] for a in after],
+                "device_peak_bytes": [a["device_peak_bytes"] for a in after],
+                "plan": plan,
+            })
+    torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = [f"GPU: {result['gpu']}; torch {result['torch']}; model {result['params'] / 1e9:.2f}B parameters, "
+             f"{result['weights_GB']:.2f} GB in {result['dtype']}; {result['new']} new tokens after "
+             f"{PROMPT} prompt tokens; stages sharing the GPU ran {result['shared_stages_ran']}.", "",
+             f"torch host-to-device copies: pinned {result['copy']['h2d_pinned_GBps']} GB/s, pageable "
+             f"{result['copy']['h2d_pageable_GBps']} GB/s.", "",
+             "| run | batch | tok/s | vs transformers | streamed GB/run | H2D GB/s while copying (of pinned) "
+             "| H2D GB/s sustained | stall s | compute s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base = {r["batch"]: r["tok_s"] for r in result["rows"] if r["run"] == "transformers"}
+    pinned = result["copy"]["h2d_pinned_GBps"]
+    for r in result["rows"]:
+        copying = r.get("h2d_while_copying_GBps")
+        share = f"{copying} ({copying / pinned:.0%})" if copying else "-"
+        lines.append(f"| {r['run']} | {r['batch']} | {r['tok_s']} | {r['tok_s'] / base[r['batch']]:.2f}x | "
+                     f"{r.get('streamed_GB_per_run', '-')} | {share} | {r.get('h2d_sustained_GBps', '-')} | "
+                     f"{r.get('stall_s', '-')} | {r.get('compute_s', '-')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="where bench.json and bench.md go")
+    ap.add_argument("--work", default=None, help="where the random model and its layer store go (default: a temp dir)")
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--stages", type=int, default=4, help="stages sharing the GPU in the last run")
+    ap.add_argument("--ray", action="store_true", help="run the shared stages as Ray actors (gpus_per_stage)")
+    args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = pathlib.Path(args.work or tempfile.mkdtemp(prefix="distlayer-bench-"))
+
+    t = time.perf_counter()
+    path = make_model(work / f"llama-{args.layers}x{args.hidden}", args.layers, args.hidden, dtype)
+    store = LayerStore(split(path, progress=False))
+    made_s = time.perf_counter() - t
+    shape = model_shape(store, dtype)
+    weights = sum(store.unit_bytes(u, dtype) for u in store.units)
+    batch, context = max(args.batches), PROMPT + args.new
+    reserve = shape.kv_bytes_per_layer(batch, context) * store.num_layers + shape.activation_bytes(batch, context)
+    largest = max(store.packed_bytes(u, dtype) for u in store.units)
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
+              "params": sum(store.unit_bytes(u, torch.int8) for u in store.units), "weights_GB": weights / GB,
+              "new": args.new, "model_and_split_s": round(made_s, 1), "copy": copy_bandwidth()}
+    print(json.dumps(result), flush=True)
+    common = dict(batch_size=batch, context=context)
+    rows = bench_transformers(path, dtype, args.batches, args.new)
+    rows += bench_distlayer("distlayer 1 stage resident", path, dtype, args.batches, args.new, stages=0, **common)
+    quarter = max(weights // 4, 2 * largest)
+    rows += bench_distlayer("distlayer 1 stage streaming 25%", path, dtype, args.batches, args.new, stages=0,
+                            memory_per_stage=quarter + reserve, **common)
+    half_range = max(weights // args.stages // 2, 2 * largest)
+    shared = dict(stages=args.stages, memory_per_stage=half_range + reserve, **common)
+    if args.ray:
+        shared.update(gpus_per_stage=1 / args.stages)
+    else:
+        shared.update(in_process=True)
+    result["shared_stages_ran"] = f"as Ray actors, gpus_per_stage={1 / args.stages:g}" if args.ray else "in one process"
+    rows += bench_distlayer(f"distlayer {args.stages} stages sharing, streaming", path, dtype, args.batches,
+                            args.new, **shared)
+    result["rows"] = rows
+    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    (out / "bench.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The GPU check, end to end in under 8 minutes on one GPU machine:
+#   1. what the machine has (GPU, torch, transformers, Ray);
+#   2. wheels shipped in benchmarks/wheels/, if any, installed offline;
+#   3. tests/test_cuda.py (the `cuda` tests and the CPU checks of the GPU path);
+#   4. benchmarks/bench_gpu.py: tokens/s and host-to-device GB/s, transformers beside.
+#
+#   bash benchmarks/gpu_check.sh RESULTS_DIR
+#
+# RESULTS_DIR gets summary.txt (what ran, and how it went), env.txt, nvidia-smi.txt,
+# cuda-tests.txt and cuda-tests.xml, bench.txt, bench.json and bench.md.
+# The machine needs PyTorch with CUDA, transformers and accelerate; pytest for step 3.
+# With Ray importable (or its wheel in benchmarks/wheels/) the stages that share the GPU
+# run as Ray actors with fractional GPUs; without, in one process (in_process=True).
+# PYTHON picks the interpreter (default: python3). Exit status: 0 when every step passed.
+set -uo pipefail
+
+OUT=${1:?usage: bash benchmarks/gpu_check.sh RESULTS_DIR}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+STARTED=$(date +%s)
+STATUS=0
+: > "$OUT/summary.txt"
+
+say() { echo "[gpu_check +$(( $(date +%s) - STARTED ))s] $*" | tee -a "$OUT/summary.txt"; }
+has() { "$PY" -c "import $1" > /dev/null 2>&1; }
+
+# 1. the machine
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || say "nvidia-smi is not available"
+"$PY" - > "$OUT/env.txt" 2>&1 <<'EOF'
+import importlib, platform, sys
+import torch
+print("python", sys.version.split()[0], platform.platform())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+for i in range(torch.cuda.device_count()):
+    p = torch.cuda.get_device_properties(i)
+    print(f"cuda:{i}", p.name, f"{p.total_memory / 2**30:.1f} GiB", "free", f"{torch.cuda.mem_get_info(i)[0] / 2**30:.1f} GiB")
+for name in ("transformers", "accelerate", "safetensors", "ray", "pytest"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as e:
+        print(name, "missing", type(e).__name__)
+EOF
+cat "$OUT/env.txt"
+if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    say "FAILED: $PY has no CUDA-enabled torch that sees a GPU (see env.txt); nothing else ran"
+    exit 1
+fi
+
+# 2. wheels shipped beside this script: installed offline, no package index
+WHEELS="$ROOT/benchmarks/wheels"
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+    if "$PY" -m pip install --no-index --find-links "$WHEELS" "$WHEELS"/*.whl > "$OUT/pip.txt" 2>&1; then
+        say "installed the wheels of benchmarks/wheels offline: $(cd "$WHEELS" && ls *.whl | tr '\n' ' ')"
+    else
+        say "installing benchmarks/wheels failed (pip.txt); going on with what is installed"
+    fi
+fi
+for need in accelerate safetensors; do
+    has "$need" || { say "FAILED: $need is missing: put its wheel in benchmarks/wheels/ and run again"; exit 1; }
+done
+if has ray; then
+    RAY=(--ray)
+    say "Ray $("$PY" -c 'import ray; print(ray.__version__)'): stages that share the GPU run as Ray actors (gpus_per_stage)"
+else
+    RAY=()
+    say "no Ray: stages that share the GPU run in this process (in_process=True, 2 and 4 stages); the Ray test skips"
+fi
+
+# 3. the tests of the GPU path
+if has pytest; then
+    timeout 210 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py --junitxml="$OUT/cuda-tests.xml" \
+        > "$OUT/cuda-tests.txt" 2>&1
+    rc=$?
+    tail -n 15 "$OUT/cuda-tests.txt"
+    if [ "$rc" -eq 0 ]; then
+        say "tests/test_cuda.py passed: $(grep -Eo '[0-9]+ passed.*' "$OUT/cuda-tests.txt" | tail -n 1)"
+    else
+        say "FAILED: tests/test_cuda.py (exit $rc$([ "$rc" -eq 124 ] && echo ', out of time'); cuda-tests.txt)"
+        STATUS=1
+    fi
+else
+    say "FAILED: pytest is missing, so the cuda tests did not run: put its wheels in benchmarks/wheels/"
+    STATUS=1
+fi
+
+# 4. the benchmark
+timeout 230 "$PY" benchmarks/bench_gpu.py --out "$OUT" ${RAY[@]+"${RAY[@]}"} > "$OUT/bench.txt" 2>&1
+rc=$?
+if [ "$rc" -eq 0 ]; then
+    cat "$OUT/bench.md"
+    say "benchmark done: bench.md, bench.json"
+else
+    tail -n 20 "$OUT/bench.txt"
+    say "FAILED: the benchmark (exit $rc$([ "$rc" -eq 124 ] && echo ', out of time'); bench.txt)"
+    STATUS=1
+fi
+
+say "finished with status $STATUS"
+exit "$STATUS"

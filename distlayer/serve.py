@@ -1,0 +1,314 @@
+"""``distlayer serve``: an OpenAI-compatible HTTP server over a model's :class:`Scheduler`.
+
+Built on aiohttp: it is already installed with ``ray[default]`` (no new dependency),
+well kept, and serves streamed responses (server-sent events) with a clean way to see a
+client go away (a write to a closed connection fails), which is what cancels a request.
+
+Endpoints: ``POST /v1/chat/completions`` (the chat template applied), ``POST
+/v1/completions``, each with ``stream`` true or false; ``GET /v1/models``; ``GET /health``
+(every stage answers). Errors are OpenAI-style JSON: 400 (a bad request), 401 (no or a
+wrong API key), 404 (unknown model or path), 413 (longer than the context), 503 (a stage
+died, named).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from aiohttp import web
+
+from .config import GenerationConfig
+from .errors import ConfigError, DistlayerError, StageError
+
+CHUNK_TYPES = {"chat": "chat.completion.chunk", "text": "text_completion"}
+
+
+class BadRequest(Exception):
+    """A request the server refuses: its HTTP status and OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+    def response(self) -> web.Response:
+        kind = {401: "authentication_error", 404: "not_found_error", 503: "server_error"}.get(
+            self.status, "invalid_request_error")
+        return web.json_response({"error": {"message": str(self), "type": kind, "param": self.param,
+                                            "code": self.code}}, status=self.status)
+
+
+def _field(body: dict, name: str, kinds, check=None, want: str = "", default=None):
+    """``body[name]`` if it has one of ``kinds`` (bools are not numbers) and passes ``check``."""
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise BadRequest(400, f"{name}: got {value!r}; {want}", name)
+    if not isinstance(value, kinds) or (check is not None and not check(value)):
+        raise BadRequest(400, f"{name}: got {value!r}; {want}", name)
+    return value
+
+
+def generation_settings(body: dict, model) -> GenerationConfig:
+    """The request's OpenAI fields as resolved generation settings.
+
+    ``temperature`` 0 is greedy; any other temperature samples; left out, the model's own
+    generation config decides (as vLLM does).
+    """
+    max_tokens = _field(body, "max_tokens", int, lambda v: v >= 1, "use a whole number of 1 or more", None)
+    max_tokens = _field(body, "max_completion_tokens", int, lambda v: v >= 1, "use a whole number of 1 or more",
+                        max_tokens)
+    temperature = _field(body, "temperature", (int, float), lambda v: 0 <= v <= 2, "use a number from 0 to 2")
+    top_p = _field(body, "top_p", (int, float), lambda v: 0 < v <= 1, "use a number in (0, 1]")
+    seed = _field(body, "seed", int, None, "use a whole number")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(x, str) and x for x in stop)
+                                 and len(stop) <= 4):
+        raise BadRequest(400, f"stop: got {stop!r}; use a non-empty text or a list of up to 4", "stop")
+    if _field(body, "n", int, None, "only n=1 is supported", 1) != 1:
+        raise BadRequest(400, "n: only n=1 is supported", "n")
+    kw = dict(max_new_tokens=max_tokens or 256, top_p=top_p, seed=seed, stop=stop or [])
+    if temperature is not None:
+        kw.update(do_sample=temperature > 0, temperature=temperature if temperature > 0 else None)
+    try:
+        return model.generation_settings(**kw)
+    except ConfigError as e:
+        raise BadRequest(400, str(e)) from None
+
+
+def prompt_ids(body: dict, kind: str, tokenizer) -> list[int]:
+    """The token ids of a chat request's ``messages`` (chat template applied) or a
+    completion request's ``prompt``."""
+    if kind == "chat":
+        messages = body.get("messages")
+        ok = isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)
+        if not ok:
+            raise BadRequest(400, 'messages: use a non-empty list of {"role": ..., "content": "..."}', "messages")
+        if not getattr(tokenizer, "chat_template", None):
+            raise BadRequest(400, "this model's tokenizer has no chat template: use /v1/completions", "messages")
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # jinja errors: messages the template does not accept
+            raise BadRequest(400, f"the chat template rejects these messages ({e})", "messages") from None
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadRequest(400, f"prompt: got {prompt!r}; write the prompt text", "prompt")
+    return list(tokenizer(prompt).input_ids)
+
+
+class TextStream:
+    """The completion's text as it grows, cut before a stop text, holding back a tail that
+    could still become one (so a streamed stop text never reaches the client)."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.tokens: list[int] = []
+        self.sent = 0
+
+    def add(self, token: int | None, final: bool) -> str:
+        """The new text to send after ``token`` (None: nothing new); all of it when ``final``."""
+        if token is not None:
+            self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = min([text.find(s) for s in self.stop if s in text], default=len(text))
+        hold = 0 if final or cut < len(text) else max((len(s) - 1 for s in self.stop), default=0)
+        if not final and text.endswith("\ufffd"):  # a character whose bytes are not all here yet
+            hold = max(hold, 1)
+        ready = max(self.sent, min(cut, len(text) - hold))
+        piece, self.sent = text[self.sent:ready], ready
+        return piece
+
+
+class Server:
+    """The HTTP face of one model.
+
+    Args:
+        model: a started ``DistModel``.
+        scheduler: its :class:`~distlayer.scheduler.Scheduler`.
+        name: the model name clients pass (``GET /v1/models`` lists it).
+        api_key: when set, every request needs ``Authorization: Bearer <api_key>``.
+    """
+
+    def __init__(self, model, scheduler, name: str, api_key: str | None = None):
+        self.model, self.scheduler, self.name, self.api_key = model, scheduler, name, api_key
+        self.created = int(time.time())
+
+    def app(self) -> web.Application:
+        """The aiohttp application."""
+        app = web.Application(middlewares=[self._errors])
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_post("/v1/chat/completions", lambda r: self.complete(r, "chat"))
+        app.router.add_post("/v1/completions", lambda r: self.complete(r, "text"))
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        try:
+            if self.api_key and request.path != "/health" and \
+                    request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
+                raise BadRequest(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                                 code="invalid_api_key")
+            return await handler(request)
+        except BadRequest as e:
+            return e.response()
+        except web.HTTPNotFound:
+            return BadRequest(404, f"no such path: {request.path}").response()
+        except web.HTTPMethodNotAllowed:
+            return BadRequest(405, f"{request.method} is not allowed on {request.path}").response()
+        except StageError as e:
+            return BadRequest(503, str(e)).response()
+        except DistlayerError as e:
+            return BadRequest(503 if self.scheduler.failure else 400, str(e)).response()
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": self.name, "object": "model", "created": self.created, "owned_by": "distlayer"}]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        """Every stage answers (its stats) within 30 s, and the scheduler runs."""
+        if self.scheduler.failure is not None:
+            raise BadRequest(503, f"the pipeline failed: {self.scheduler.failure}")
+        try:
+            stats = await asyncio.wait_for(asyncio.to_thread(self.model.stats), timeout=30)
+        except asyncio.TimeoutError:
+            raise BadRequest(503, "a stage did not answer within 30 s") from None
+        except DistlayerError as e:
+            raise BadRequest(503, str(e)) from None
+        return web.json_response({"status": "ok", "in_flight": self.scheduler.in_flight(), "stages": [
+            {"stage": p.stage, "node_ip": p.node_ip, "pid": p.pid, "kv_bytes": s.get("kv_bytes")}
+            for p, s in zip(self.model.plan, stats)]})
+
+    async def _body(self, request: web.Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRequest(400, f"the body is not valid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise BadRequest(400, "the body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str):
+            raise BadRequest(400, f"model: got {model!r}; name the model ({self.name!r})", "model")
+        if model != self.name:
+            raise BadRequest(404, f"the model {model!r} does not exist: this server serves {self.name!r}", "model",
+                             "model_not_found")
+        return body
+
+    async def complete(self, request: web.Request, kind: str) -> web.StreamResponse:
+        """A chat or text completion, streamed or whole."""
+        body = await self._body(request)
+        settings = generation_settings(body, self.model)
+        ids = prompt_ids(body, kind, self.model.tokenizer)
+        context = self.scheduler.context
+        if len(ids) + settings.max_new_tokens > context:
+            raise BadRequest(413, f"the prompt is {len(ids)} tokens and max_tokens is {settings.max_new_tokens}, "
+                                  f"{len(ids) + settings.max_new_tokens} in all, over this model's context of "
+                                  f"{context} tokens: shorten the prompt or lower max_tokens",
+                             "messages" if kind == "chat" else "prompt", "context_length_exceeded")
+        stream = _field(body, "stream", bool, None, "write true or false", False)
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        req = self.scheduler.submit(ids, settings, lambda k, v: loop.call_soon_threadsafe(events.put_nowait, (k, v)))
+        try:
+            if stream:
+                return await self._stream(request, kind, body, req, events)
+            return await self._whole(request, kind, req, events)
+        finally:
+            req.cancel()  # a client gone (or any failure) frees its rows at the next step
+
+    async def _next(self, request: web.Request, events: asyncio.Queue):
+        """The next scheduler event; a client that went away ends the wait."""
+        while True:
+            try:
+                return await asyncio.wait_for(events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if request.transport is None or request.transport.is_closing():
+                    raise ConnectionResetError("the client went away") from None
+
+    async def _whole(self, request, kind: str, req, events) -> web.Response:
+        while True:
+            event, value = await self._next(request, events)
+            if event == "error":
+                raise value
+            if event == "end":
+                break
+        choice = {"index": 0, "finish_reason": req.finish_reason,
+                  **({"message": {"role": "assistant", "content": req.text}} if kind == "chat"
+                     else {"text": req.text, "logprobs": None})}
+        return web.json_response({
+            "id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{req.id}",
+            "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": int(time.time()), "model": self.name, "choices": [choice], "usage": _usage(req)})
+
+    async def _stream(self, request, kind: str, body: dict, req, events) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        base = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{req.id}", "object": CHUNK_TYPES[kind],
+                "created": int(time.time()), "model": self.name}
+
+        async def send(piece: str | None, finish: str | None = None, role: bool = False) -> None:
+            if kind == "chat":
+                delta = {"role": "assistant", "content": ""} if role else ({"content": piece} if piece else {})
+                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+            await resp.write(f"data: {json.dumps({**base, 'choices': [choice]})}\n\n".encode())
+
+        text = TextStream(self.model.tokenizer, req.settings.stop)
+        try:
+            if kind == "chat":
+                await send(None, role=True)
+            while True:
+                event, value = await self._next(request, events)
+                if event == "error":
+                    status = 503 if isinstance(value, StageError) else 500
+                    await resp.write(f"data: {json.dumps({'error': {'message': str(value), 'code': status}})}\n\n"
+                                     .encode())
+                    break
+                piece = text.add(value if event == "token" else None, final=event == "end")
+                if piece:
+                    await send(piece)
+                if event == "end":
+                    await send(None, finish=req.finish_reason)
+                    if (body.get("stream_options") or {}).get("include_usage"):
+                        await resp.write(f"data: {json.dumps({**base, 'choices': [], 'usage': _usage(req)})}\n\n"
+                                         .encode())
+                    break
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except (ConnectionResetError, ConnectionError, asyncio.CancelledError):
+            req.cancel()
+        return resp
+
+
+def _usage(req) -> dict:
+    n = len(req.tokens)
+    return {"prompt_tokens": len(req.prompt), "completion_tokens": n, "total_tokens": len(req.prompt) + n}
+
+
+def serve(model, scheduler, name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          ready=None) -> None:
+    """Serve until SIGINT or SIGTERM, then stop the scheduler (the caller closes the model).
+
+    Args:
+        ready: called with the bound port once the server listens.
+    """
+    app = Server(model, scheduler, name, api_key).app()
+
+    async def started(_app):
+        if ready is not None:
+            ready(port)
+
+    app.on_startup.append(started)
+    app.on_shutdown.append(lambda _app: asyncio.to_thread(scheduler.close))
+    web.run_app(app, host=host, port=port, print=None, handle_signals=True, shutdown_timeout=5)

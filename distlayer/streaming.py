@@ -1,0 +1,249 @@
+"""Streaming a stage's units in step order, within its weight budget.
+
+A stage streams the units its budget cannot keep resident. A loader thread reads them in
+the order forwards use them (cyclically, across step boundaries), as far ahead as the
+memory allows, and hands them over through a queue; a forward takes each unit just
+before it runs and releases it right after.
+
+- :class:`Streamer`: the order, the loader thread, the hand-over, and recovery after a
+  failed forward or a loader that died. It knows nothing of devices.
+- :class:`HostMemory`: where a CPU stage's weights live and how long a forward takes:
+  host memory, held within a byte budget, timed by the host's clock.
+  ``cuda_stream.CudaMemory`` is its GPU counterpart; both offer the same methods.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import torch
+
+from .errors import StageError
+
+# How often a forward that waits for a unit checks that the loader thread still runs.
+LOADER_CHECK_S = 1.0
+
+
+class HostMemory:
+    """A CPU stage's weights: units read from the store into host memory, held within a
+    byte budget; forwards timed with the host's clock.
+
+    Args:
+        store: the layer store.
+        dtype: compute dtype.
+        device: the stage's (CPU) device.
+        budget: bytes of weights the stage may hold; None: unlimited.
+        unit_bytes: bytes of each unit in ``dtype``.
+        stage: stage index, for messages.
+    """
+
+    def __init__(self, store, dtype: torch.dtype, device: torch.device, budget: int | None,
+                 unit_bytes: dict[str, int], stage: int):
+        self.store, self.dtype, self.device, self.budget = store, dtype, device, budget
+        self.unit_bytes, self.stage = unit_bytes, stage
+        self.cond = threading.Condition()
+        self.held = 0
+        self.peak_weight_bytes = 0
+        # load_s: disk reads, on any thread; stall_s: forwards waiting for weights.
+        self.times = {"load_s": 0.0, "stall_s": 0.0, "compute_s": 0.0}
+
+    def read(self, unit: str) -> dict[str, torch.Tensor]:
+        """Read a unit from disk into host memory."""
+        t0 = time.perf_counter()
+        tensors = self.store.load(unit, self.dtype, "cpu")
+        self.times["load_s"] += time.perf_counter() - t0
+        return tensors
+
+    def hold(self, nbytes: int) -> None:
+        """Count ``nbytes`` more of weights held (the caller holds :attr:`cond` or is alone)."""
+        self.held += nbytes
+        self.peak_weight_bytes = max(self.peak_weight_bytes, self.held)
+        assert self.budget is None or self.held <= self.budget, (self.held, self.budget)
+
+    def free(self, nbytes: int) -> None:
+        """Count ``nbytes`` of weights given back, and wake a loader waiting for room."""
+        with self.cond:
+            self.held -= nbytes
+            self.cond.notify_all()
+
+    def load_resident(self, unit: str) -> dict[str, torch.Tensor]:
+        """A resident unit's tensors, held for the stage's lifetime."""
+        tensors = self.read(unit)
+        self.hold(self.unit_bytes[unit])
+        return tensors
+
+    def prepare(self, streamed: list[str]) -> None:
+        """Nothing to set up for streaming: host memory is taken as units load."""
+
+    def fetch(self, unit: str, stopped: threading.Event | None = None):
+        """Wait for room in the budget, then read ``unit``. With ``stopped`` (the loader
+        thread), returns None once it is set; without (a forward loading for itself), the
+        room must be there.
+        """
+        nbytes = self.unit_bytes[unit]
+        with self.cond:
+            while stopped is not None and self.budget is not None and self.held + nbytes > self.budget \
+                    and not stopped.is_set():
+                self.cond.wait(0.5)
+            if stopped is not None and stopped.is_set():
+                return None
+            self.hold(nbytes)
+        try:
+            return self.read(unit)
+        except BaseException:
+            self.free(nbytes)
+            raise
+
+    def wait_mark(self) -> float:
+        """When a forward starts waiting for a unit."""
+        return time.perf_counter()
+
+    def ready(self, unit: str, loaded, mark: float) -> dict[str, torch.Tensor]:
+        """The tensors of a fetched unit, for the forward that waited since ``mark``."""
+        self.times["stall_s"] += time.perf_counter() - mark
+        return loaded
+
+    def release(self, unit: str) -> None:
+        """A forward is done with ``unit``."""
+        self.free(self.unit_bytes[unit])
+
+    def discard(self, unit: str, loaded) -> None:
+        """Give back a fetched unit that no forward took."""
+        self.free(self.unit_bytes[unit])
+
+    def reset(self, dropped: list[str]) -> None:
+        """After a failed forward: ``dropped`` units were taken and not released."""
+        for unit in dropped:
+            self.release(unit)
+
+    def wake(self) -> None:
+        """Wake a loader waiting for room (to see that it should stop)."""
+        with self.cond:
+            self.cond.notify_all()
+
+    def begin_forward(self):
+        """Start timing a forward."""
+        return time.perf_counter(), self.times["stall_s"]
+
+    def end_forward(self, begun) -> None:
+        """A forward ended: its time less its waits for weights is compute."""
+        t0, stall0 = begun
+        self.times["compute_s"] += time.perf_counter() - t0 - (self.times["stall_s"] - stall0)
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """An input of a forward on the stage's device."""
+        return t.to(self.device)
+
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """A forward's output in host memory, ready to send."""
+        return t.cpu()
+
+    def stats(self) -> dict:
+        """Peak weight bytes and seconds spent loading, waiting and computing."""
+        return {"peak_weight_bytes": self.peak_weight_bytes, **{k: round(v, 4) for k, v in self.times.items()}}
+
+    def close(self) -> None:
+        """Nothing to free: host tensors go with their last reference."""
+
+
+class Streamer:
+    """Hands a stage's streamed units to its forwards in step order.
+
+    Args:
+        memory: where the units live (:class:`HostMemory` or ``cuda_stream.CudaMemory``).
+        units: the streamed units, in forward order.
+        stage: stage index, for messages.
+        prefetch: load on a background thread ahead of use (else each forward loads the
+            unit it needs itself).
+    """
+
+    def __init__(self, memory, units: list[str], stage: int, prefetch: bool):
+        self.memory, self.units, self.stage, self.prefetch = memory, list(units), stage, prefetch
+        self.next = 0  # index into units of the next unit a forward needs
+        self.queue: queue.Queue = queue.Queue()
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start loading ahead, from the unit the next forward needs."""
+        if not (self.prefetch and self.units):
+            return
+        self.stopped.clear()
+        self.queue = queue.Queue()
+        self.thread = threading.Thread(target=self._load_ahead, args=(self.next, self.queue),
+                                       name=f"prefetch-stage{self.stage}", daemon=True)
+        self.thread.start()
+
+    def _load_ahead(self, first: int, out: queue.Queue) -> None:
+        i = first
+        while not self.stopped.is_set():
+            unit = self.units[i % len(self.units)]
+            try:
+                loaded = self.memory.fetch(unit, self.stopped)
+            except Exception as e:  # handed to the forward that needs the unit
+                out.put((unit, e))
+                return
+            if loaded is None:
+                return
+            out.put((unit, loaded))
+            i += 1
+
+    def take(self, unit: str):
+        """The tensors of ``unit``, the next one a forward runs, ready for its kernels.
+
+        Raises:
+            StageError: the loader thread ended without handing the unit over.
+        """
+        expected = self.units[self.next % len(self.units)]
+        assert unit == expected, f"stage {self.stage} streams {expected} next but {unit} ran"
+        self.next += 1
+        mark = self.memory.wait_mark()
+        loaded = self.memory.fetch(unit) if self.thread is None else self._receive(unit)
+        return self.memory.ready(unit, loaded, mark)
+
+    def _receive(self, unit: str):
+        while True:
+            try:
+                got, loaded = self.queue.get(timeout=LOADER_CHECK_S)
+                break
+            except queue.Empty:
+                if self.thread.is_alive() or not self.queue.empty():
+                    continue
+                raise StageError(
+                    f"stage {self.stage}'s weight loader ended without a word while a forward waited for "
+                    f"{unit}: this step failed, and the next restarts the loader; if it happens again, the "
+                    "stage's log says why (out of memory, a CUDA error)") from None
+        assert got == unit, (got, unit)
+        if isinstance(loaded, Exception):
+            raise loaded
+        return loaded
+
+    def release(self, unit: str) -> None:
+        """A forward is done with ``unit``."""
+        self.memory.release(unit)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the loader and give back what it loaded that no forward took."""
+        if self.thread is None:
+            return
+        self.stopped.set()
+        self.memory.wake()
+        self.thread.join(timeout)
+        self.thread = None
+        while not self.queue.empty():
+            unit, loaded = self.queue.get_nowait()
+            if not isinstance(loaded, Exception):
+                self.memory.discard(unit, loaded)
+
+    def restart(self, dropped: list[str]) -> None:
+        """After a failed forward the order is lost: start again at the step's first unit.
+
+        Args:
+            dropped: the units the forward had taken and the runner dropped unreleased.
+        """
+        self.stop()
+        self.memory.reset(dropped)
+        self.next = 0
+        self.start()

@@ -1,0 +1,349 @@
+"""The GPU path.
+
+Tests marked ``cuda`` need a CUDA GPU and skip without one; ``benchmarks/gpu_check.sh``
+runs them on a GPU machine. They compare distlayer with transformers on the same GPU and
+dtype (greedy tokens identical, logits within :data:`TOLERANCE`) for one stage with every
+unit resident, one stage streaming at a quarter of the weights, and two and four stages
+sharing the GPU while streaming; check that the device's peak allocation stays within the
+stages' budgets; and that a stage whose loader or process dies while streaming fails
+with a clear error instead of hanging.
+
+The other tests run anywhere: the pieces of the GPU path that are plain Python (reading
+a shard into a flat buffer, the arena's first-in first-out allocation, GPU budgets and
+reserves in the plan), and ``cuda_stream.CudaMemory`` driving real forwards on the CPU
+with stand-ins for CUDA's streams, events and pinned memory, which checks its
+bookkeeping (arena slices, offsets, the loader thread, recovery) but not GPU ordering.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from conftest import prompts
+from distlayer import AutoModel, LayerStore, StageError, split
+from distlayer import cuda_stream, runner
+from distlayer.config import PipelineConfig
+from distlayer.errors import ConfigError, StoreError
+from distlayer.pipeline import model_shape
+from distlayer.planner import (GPU_CONTEXT, GPU_WORKSPACE, ModelShape, Site, plan_concurrency, plan_pipeline,
+                               reserved_context)
+
+NEW = 8
+CONTEXT = 64  # tokens per sequence the cuda tests' budgets reserve KV cache and activations for
+# What a budget set by hand leaves out (README, GPUs): attention and cuBLAS workspaces that
+# come and go within a forward, and the rotary tables and other buffers no unit holds.
+OUTSIDE_BUDGET = 16 * 2**20
+# Logits against transformers on the same GPU and dtype: (rtol, atol).
+TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 5e-2), torch.bfloat16: (2e-2, 2.5e-1)}
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def generate(model, ids, mask, new=NEW):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True)
+
+
+def assert_same(out, ref, dtype=torch.float32) -> None:
+    rtol, atol = TOLERANCE[dtype]
+    assert out.sequences.tolist() == ref.sequences.tolist()
+    for step, (ours, theirs) in enumerate(zip(out.logits, ref.logits)):
+        torch.testing.assert_close(ours.float().cpu(), theirs.float().cpu(), rtol=rtol, atol=atol,
+                                   msg=lambda m: f"step {step}: {m}")
+
+
+def budget(store: LayerStore, dtype: torch.dtype, weights: int, batch: int) -> int:
+    """A per-stage budget of ``weights`` bytes of weights plus the KV cache of every layer
+    and the activations for ``batch`` sequences of :data:`CONTEXT` tokens."""
+    shape = model_shape(store, dtype)
+    return weights + shape.kv_bytes_per_layer(batch, CONTEXT) * store.num_layers \
+        + shape.activation_bytes(batch, CONTEXT)
+
+
+# --------------------------------------------------------------------------- anywhere
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16, torch.bfloat16])
+def test_read_into_a_flat_buffer_matches_load(tiny_dir, dtype):
+    store = LayerStore(split(tiny_dir("gemma2"), progress=False))
+    for unit in store.units:
+        buf = torch.empty(store.packed_bytes(unit, dtype), dtype=torch.uint8)
+        got = store.read_into(unit, dtype, buf)
+        want = store.load(unit, dtype)
+        assert set(got) == set(want)
+        for k, t in want.items():
+            assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
+            assert (got[k].data_ptr() - buf.data_ptr()) % 256 == 0
+    with pytest.raises(StoreError, match="packed_bytes"):
+        store.read_into("layer.0", dtype, torch.empty(16, dtype=torch.uint8))
+
+
+def test_ring_hands_out_slices_first_in_first_out():
+    ring = cuda_stream.Ring(100)
+    assert [ring.alloc(40), ring.alloc(40), ring.alloc(40)] == [0, 40, None]  # no room for a third yet
+    assert ring.free() == (0, 40)
+    assert ring.alloc(30) == 0                       # wraps to the start
+    assert ring.alloc(20) is None                    # [30, 40) is too small
+    assert ring.free() == (40, 80) and ring.alloc(50) == 30
+    assert ring.alloc(21) is None and ring.alloc(20) == 80  # [0, 80) in use: 20 B left at the end
+    assert ring.alloc(1) is None
+    ring.clear()
+    assert ring.alloc(100) == 0
+    with pytest.raises(ValueError):
+        cuda_stream.Ring(10).alloc(11)
+
+
+SHAPE = ModelShape((100,) * 8, embed=200, norm=10, head=200, kv_bytes_per_token=2, hidden=4, vocab=8, itemsize=2)
+
+
+def test_gpu_budgets_share_a_gpu_and_reserve_kv_by_default():
+    free = 2**32
+    one_gpu = [Site("n", "10.0.0.1", free, 8, "GPU-a")] * 4
+    four_gpus = [Site("n", "10.0.0.1", free, 8, f"GPU-{i}") for i in range(4)]
+    conc = plan_concurrency(["n"] * 4, {"n": 8}, "cuda")
+    shared = plan_pipeline(SHAPE, one_gpu, [None] * 4, "cuda", conc)
+    own = plan_pipeline(SHAPE, four_gpus, [None] * 4, "cuda", conc)
+    for p in shared.stages:  # four stages on one GPU split its memory
+        assert p.budget_bytes == int(free * 0.9) // 4 - GPU_WORKSPACE
+        assert "shared by the GPU's 4 stages" in p.budget_source and "workspace" in p.budget_source
+    assert all(p.budget_bytes == int(free * 0.9) - GPU_WORKSPACE for p in own.stages)
+    # without a context a GPU stage reserves KV cache and activations for GPU_CONTEXT tokens
+    assert reserved_context(None, "cuda:0") == GPU_CONTEXT and reserved_context(None, "cpu") is None
+    assert reserved_context(100, "cuda") == 100
+    act = SHAPE.activation_bytes(1, GPU_CONTEXT)
+    for p in own.stages:
+        assert p.reserve_bytes == SHAPE.kv_bytes_per_layer(1, GPU_CONTEXT) * (p.end - p.start) + act
+    # a given context and batch replace the default; a given budget is kept whole
+    given = plan_pipeline(SHAPE, four_gpus, [10**6] * 4, "cuda", conc, batch_size=2, context=100)
+    for p in given.stages:
+        assert p.budget_bytes == 10**6 and p.budget_source == "memory_per_stage"
+        assert p.reserve_bytes == 2 * 100 * 2 * (p.end - p.start) + SHAPE.activation_bytes(2, 100)
+    # on a CPU nothing changes: no reserve without a context
+    cpu = plan_pipeline(SHAPE, four_gpus, [None] * 4, "cpu", plan_concurrency(["n"] * 4, {"n": 8}, "cpu"))
+    assert all(p.reserve_bytes == 0 for p in cpu.stages)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "x", True])
+def test_gpus_per_stage_is_checked(value):
+    with pytest.raises(ConfigError, match="gpus_per_stage"):
+        PipelineConfig(gpus_per_stage=value)
+    assert PipelineConfig(gpus_per_stage=0.25).gpus_per_stage == 0.25
+
+
+class StandInEvent:
+    """A CUDA event on the CPU: work is done when it is queued."""
+
+    def __init__(self, enable_timing=False, **_):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def query(self):
+        return True
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+class StandInStream:
+    def __init__(self, device=None, **_):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+@pytest.fixture
+def stand_in_cuda(monkeypatch):
+    """``cuda_stream.CudaMemory`` as every stage's memory, on the CPU, with CUDA's
+    streams, events and pinned memory replaced by stand-ins."""
+    for name, value in {"Event": StandInEvent, "Stream": StandInStream, "current_stream": lambda device=None:
+                        StandInStream(), "stream": lambda s: contextlib.nullcontext(),
+                        "device": lambda d: contextlib.nullcontext(), "max_memory_allocated": lambda d=None: 0}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(cuda_stream, "pinned_empty", lambda shape, dtype: torch.empty(shape, dtype=dtype))
+    monkeypatch.setattr(runner, "HostMemory", cuda_stream.CudaMemory)
+
+
+@pytest.mark.parametrize("arch, stages, units", [
+    # room for one unit and a half: slices wrap around the arena; for three and a third:
+    # the loader runs ahead, several slices in flight
+    ("llama", 0, 1.5), ("llama", 0, 3.3), ("gemma2", 0, 1.5), ("llama", 3, 1.5), ("qwen2_moe", 2, 1.5),
+])
+def test_cuda_memory_bookkeeping_streams_exactly(stand_in_cuda, arch, stages, units, tiny_dir, hf_model):
+    path = tiny_dir(arch)
+    store = LayerStore(split(path, progress=False))
+    largest = max(store.packed_bytes(u) for u in store.units)
+    weights = int(units * largest)
+    ids, mask = prompts(4)
+    with torch.no_grad():
+        ref = hf_model(arch).generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                                      output_logits=True, return_dict_in_generate=True)
+    with AutoModel.from_pretrained(path, stages=stages, in_process=True, memory_per_stage=weights, device="cpu",
+                                   progress=False) as model:
+        for _ in range(2):  # the second run starts where the loader's cycle stands
+            assert_same(generate(model, ids, mask), ref)
+        stats = model.stats()
+    assert sum(s["streamed_bytes"] for s in stats) > 0
+    for s in stats:
+        assert s["peak_weight_bytes"] <= weights + 256 * len(store.units["layer.0"]["tensors"])
+        assert s["h2d_bytes"] > 0 or not s["streamed_units"]
+
+
+def kill_the_loader(model) -> None:
+    """End the first streaming stage's loader thread once, the way no ``except`` sees."""
+    memory = next(a for a in model.pipeline.stages.actors if a.runner.streamed).runner.memory
+    fetch = memory.fetch
+
+    def die_once(*args, **kwargs):
+        memory.fetch = fetch
+        raise SystemExit  # ends the thread; the loader passes on only Exceptions
+
+    memory.fetch = die_once
+    next(a for a in model.pipeline.stages.actors if a.runner.streamed).runner.streamer.restart([])
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_loader_fails_the_step_instead_of_hanging(tiny_dir):
+    path = tiny_dir("llama")
+    store = LayerStore(split(path, progress=False))
+    weights = int(1.5 * max(store.unit_bytes(u) for u in store.units))
+    ids, mask = prompts(2)
+    with AutoModel.from_pretrained(path, stages=0, memory_per_stage=weights, device="cpu", progress=False) as model:
+        before = generate(model, ids, mask)
+        kill_the_loader(model)
+        t0 = time.monotonic()
+        with pytest.raises(StageError, match="weight loader ended.*the next restarts the loader"):
+            generate(model, ids, mask)
+        assert time.monotonic() - t0 < 30
+        assert generate(model, ids, mask).sequences.tolist() == before.sequences.tolist()
+
+
+# --------------------------------------------------------------------------- on a GPU
+
+
+def hf_on_gpu(path, dtype):
+    from transformers import AutoModelForCausalLM
+
+    # loaded on the CPU then moved, as distlayer's stages compute their rotary tables
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to("cuda").eval()
+
+
+MODES = {  # name: (stages, weights per stage as a function of the store and dtype)
+    "resident": (0, lambda s, d: sum(s.unit_bytes(u, d) for u in s.units)),
+    "streamed-25%": (0, lambda s, d: max(sum(s.unit_bytes(u, d) for u in s.units) // 4,
+                                         int(1.1 * max(s.packed_bytes(u, d) for u in s.units)))),
+    "2-stages-sharing": (2, lambda s, d: int(1.5 * max(s.packed_bytes(u, d) for u in s.units))),
+    "4-stages-sharing": (4, lambda s, d: int(1.5 * max(s.packed_bytes(u, d) for u in s.units))),
+}
+
+
+@pytest.mark.cuda
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_gpu_matches_transformers_within_budget(arch, mode, dtype, tiny_dir):
+    path = tiny_dir(arch)
+    store = LayerStore(split(path, progress=False))
+    stages, weights = MODES[mode]
+    batch = 4
+    ids, mask = prompts(batch)
+    hf = hf_on_gpu(path, dtype)
+    with torch.no_grad():
+        ref = hf.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=NEW, do_sample=False,
+                          output_logits=True, return_dict_in_generate=True)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    per_stage = budget(store, dtype, weights(store, dtype), batch)
+    with AutoModel.from_pretrained(path, stages=stages, in_process=True, device="cuda", dtype=str(dtype),
+                                   memory_per_stage=per_stage, batch_size=batch, context=CONTEXT,
+                                   progress=False) as model:
+        loaded = torch.cuda.memory_allocated() - base  # the weights: resident units and arenas
+        out = generate(model, ids, mask)
+        stats = model.stats()
+        plan = model.plan
+    torch.cuda.synchronize()
+    assert_same(out, ref, dtype)
+    assert all(p.device == "cuda:0" for p in plan)
+    streamed = sum(p.streamed_bytes for p in plan)
+    assert (streamed == 0) == (mode == "resident")
+    # the budget holds on the device: the weights within the weight budgets from the start,
+    # and at the peak weights, KV cache and activations within the budgets
+    assert loaded <= sum(p.weight_budget_bytes for p in plan) + 2**16, (loaded, plan)
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak <= per_stage * len(plan) + OUTSIDE_BUDGET, f"{peak} B at the peak, budgets {per_stage} x {len(plan)}"
+    for s, p in zip(stats, plan):
+        assert s["peak_weight_bytes"] <= p.weight_budget_bytes + 256 * len(store.units["layer.0"]["tensors"])
+        assert s["compute_s"] > 0 and s["stall_s"] >= 0
+        assert (s["h2d_bytes"] > 0) == bool(p.streamed_units) and s["load_s"] >= s["h2d_s"]
+
+
+@pytest.mark.cuda
+@gpu
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_gpu_dead_loader_fails_the_step_instead_of_hanging(tiny_dir):
+    path = tiny_dir("llama")
+    store = LayerStore(split(path, progress=False))
+    weights = int(1.5 * max(store.packed_bytes(u, torch.float16) for u in store.units))
+    ids, mask = prompts(2)
+    with AutoModel.from_pretrained(path, stages=2, in_process=True, device="cuda", dtype="float16",
+                                   memory_per_stage=budget(store, torch.float16, weights, 2), batch_size=2,
+                                   context=CONTEXT, progress=False) as model:
+        before = generate(model, ids, mask)
+        kill_the_loader(model)
+        with pytest.raises(StageError, match="weight loader ended"):
+            generate(model, ids, mask)
+        assert generate(model, ids, mask).sequences.tolist() == before.sequences.tolist()
+
+
+def ray_or_skip():
+    return pytest.importorskip("ray", reason="the Ray stages of the GPU path need ray")
+
+
+@pytest.mark.cuda
+@gpu
+def test_gpu_ray_stages_share_one_gpu_and_a_killed_stage_does_not_hang(tiny_dir):
+    ray = ray_or_skip()
+    path = tiny_dir("llama")
+    store = LayerStore(split(path, progress=False))
+    dtype = torch.float16
+    weights = int(1.5 * max(store.packed_bytes(u, dtype) for u in store.units))
+    per_stage = budget(store, dtype, weights, 2)
+    ids, mask = prompts(2)
+    hf = hf_on_gpu(path, dtype)
+    with torch.no_grad():
+        ref = hf.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=NEW, do_sample=False,
+                          output_logits=True, return_dict_in_generate=True)
+    try:
+        with AutoModel.from_pretrained(path, stages=4, gpus_per_stage=0.25, device="cuda", dtype="float16",
+                                       memory_per_stage=per_stage, batch_size=2, context=CONTEXT,
+                                       progress=False) as model:
+            assert_same(generate(model, ids, mask), ref, dtype)
+            stats = model.stats()
+            assert len({p.pid for p in model.plan}) == 4
+            for s in stats:  # each stage its own process: its own peak, within its budget and a workspace
+                assert s["device_peak_bytes"] <= per_stage + GPU_WORKSPACE
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                running = pool.submit(generate, model, ids, mask, 200)
+                time.sleep(1.0)
+                os.kill(model.plan[2].pid, signal.SIGKILL)
+                with pytest.raises(StageError, match=r"stage \d died"):
+                    running.result(timeout=120)
+    finally:
+        ray.shutdown()
