@@ -56,8 +56,6 @@ class AutoModel:
             settings["shards_dir"] = settings.get("shards_dir") or path
         for key in AIRLLM_IGNORED:
             settings.pop(key, None)
-        if settings.get("dtype") is not None:
-            settings["dtype"] = str(settings["dtype"])
         cfg = build(PipelineConfig, settings, "", "argument")
         return DistModel.load(pretrained_model_name_or_path, cfg, progress)
 
@@ -110,7 +108,6 @@ class DistModel:
             kw["stop"] = kw.pop("stop_strings")
         for key in HF_IGNORED:
             kw.pop(key, None)
-        kw = {k: v for k, v in kw.items() if v is not None or k not in ("stop",)}
         return build(GenerationConfig, kw, "", "argument").resolved(self.generation_config, self.config)
 
     def generate(self, input_ids=None, attention_mask=None, max_new_tokens: int = 20,
