@@ -1,8 +1,9 @@
 """Same-node hand-off between stages, with no Ray call per step.
 
 With Ray object refs, every hand-off is an actor task: the driver's core worker, the
-next actor's task path, serialization and replies, about 3 ms a hop and a steady
-trickle of CPU work that, on a node whose cores the stages share, slows their compute.
+next actor's task path, serialization and replies: milliseconds a hop (benchmarks/README.md)
+and a steady trickle of CPU work that, on a node whose cores the stages share, slows
+their compute.
 When the driver and every stage are on one node, each stage instead runs a loop
 (:class:`StageServer`) that takes work from its :class:`Mailbox` and sends its output
 over a Unix socket straight to the next stage's mailbox; the last stage sends the

@@ -242,9 +242,8 @@ def plan_concurrency(stage_nodes: list[str], node_cores: dict[str, int], device:
     Stages on separate devices work at once, so a batch is cut into one micro-batch per
     device: per GPU stage, or per CPU node. CPU stages that share a node share its cores;
     with one micro-batch they take turns, so each may use all of them. Cutting a batch
-    for them instead would only read every weight once more per step (measured on a
-    2-core node: two 8-row forwards cost 1.4x one 16-row forward), on cores that are
-    already busy.
+    for them instead would only read every weight once more per step, on cores that are
+    already busy (measurements: benchmarks/README.md).
 
     Args:
         stage_nodes: the node id of each stage.
