@@ -68,6 +68,12 @@ def process_logits(logits: torch.Tensor, history: torch.Tensor, padding: torch.T
     return logits
 
 
+def cut_at_stop(text: str, stops) -> tuple[str, bool]:
+    """``text`` cut before the first of the ``stops`` texts it holds, and whether one was there."""
+    hits = [text.find(s) for s in stops if s in text]
+    return (text[:min(hits)], True) if hits else (text, False)
+
+
 def pick_next(logits: torch.Tensor, s: GenerationConfig, gen: torch.Generator | None) -> torch.Tensor:
     """Choose one token per row from ``[B, V]`` logits: argmax, or sampled after
     temperature, top-k and top-p, in that order."""

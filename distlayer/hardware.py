@@ -28,6 +28,12 @@ def gpu_id(device: str) -> str:
     return str(getattr(props, "uuid", "") or f"{props.name}#{torch.device(device).index or 0}")
 
 
+def where(device: str) -> dict:
+    """What a stage on ``device`` reports of where it runs: the node's address and cores,
+    the bytes the device has free, and which physical GPU it is (``""`` on a CPU)."""
+    return {"node_ip": local_ip(), "cores": cores(), "free_bytes": free_bytes(device), "gpu": gpu_id(device)}
+
+
 def cores() -> int:
     """CPU cores this process may run on."""
     try:

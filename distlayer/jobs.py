@@ -27,6 +27,7 @@ import torch
 
 from .config import JobConfig, load_job_config
 from .errors import ConfigError
+from .generate import cut_at_stop
 
 
 @dataclass
@@ -290,11 +291,6 @@ def plan_batches(records: list[Record], batch_size: int) -> list[list[Record]]:
     return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
-def _cut_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    hits = [text.find(s) for s in stops if s in text]
-    return (text[:min(hits)], True) if hits else (text, False)
-
-
 def run_batch(model, batch: list[Record], gen) -> list[dict]:
     """Generate one left-padded batch; returns one result record per row."""
     tok = model.tokenizer
@@ -312,7 +308,7 @@ def run_batch(model, batch: list[Record], gen) -> list[dict]:
     for i, r in enumerate(batch):
         n = out.completion_tokens[i]
         text = tok.decode(out.sequences[i, width:width + n], skip_special_tokens=True)
-        text, hit = _cut_stop(text, gen.stop)
+        text, hit = cut_at_stop(text, gen.stop)
         reason = "stop" if hit else out.finish_reasons[i]
         results.append({"id": r.id, "text": text, "prompt_tokens": len(r.tokens), "completion_tokens": n,
                         "finish_reason": reason, "seconds": seconds})

@@ -296,13 +296,11 @@ def plan_model(model, cfg: PipelineConfig, progress: bool = True) -> tuple[Plan,
     dtype = arch.compute_dtype(cfg.dtype, store.config)
     device = local_device(cfg)
     n = stage_count(cfg.stage_count_given(), device, gpu_stages(torch.cuda.device_count(), cfg))
-    here = {"node_id": "local", "node_ip": hardware.local_ip(), "cores": hardware.cores(),
-            "free_bytes": hardware.free_bytes(device), "device": "cuda:0" if device == "cuda" else device}
-    described = [here] * n
-    if device == "cuda":  # each stage sees its own GPU as cuda:0
-        described = [{**here, "free_bytes": hardware.free_bytes(gpu), "gpu": hardware.gpu_id(gpu)}
-                     for gpu in (local_gpu(i, cfg) for i in range(n))]
-    concurrency = plan_concurrency(["local"] * n, {"local": here["cores"]}, device, cfg.micro_batches,
+    devices = [local_gpu(i, cfg) for i in range(n)] if device == "cuda" else [device] * n
+    measured = {d: hardware.where(d) for d in set(devices)}  # each stage sees its own GPU as cuda:0
+    described = [{**measured[d], "node_id": "local", "device": "cuda:0" if device == "cuda" else device}
+                 for d in devices]
+    concurrency = plan_concurrency(["local"] * n, {"local": described[0]["cores"]}, device, cfg.micro_batches,
                                    cfg.threads_per_stage, cfg.runs_in_process)
     return plan_for(store, cfg, dtype, described, device, concurrency), store, dtype
 

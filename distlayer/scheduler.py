@@ -39,7 +39,7 @@ import torch
 
 from .config import GenerationConfig
 from .errors import ConfigError, DistlayerError
-from .generate import pick_next, positions_from_mask, process_logits
+from .generate import cut_at_stop, pick_next, positions_from_mask, process_logits
 from .transport import Work
 
 GREEDY = GenerationConfig(do_sample=False)
@@ -131,7 +131,6 @@ class _Batch:
             self.mask[i, width - len(r.prompt):] = 1
             self.next_ids[i, width - len(r.prompt):] = torch.tensor(r.prompt)
         self.history = self.next_ids.clone()                                # [B, T] every token so far
-        self.prefilled = False
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The next forward's ids ``[B, t]``, mask ``[B, T]`` and positions ``[B, t]``."""
@@ -144,7 +143,6 @@ class _Batch:
         self.next_ids = tokens[:, None]
         self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], dim=1)
         self.history = torch.cat([self.history, self.next_ids], dim=1)
-        self.prefilled = True
 
     def keep(self, keep: list[int]) -> int:
         """Keep only rows ``keep``; returns how many leading positions no kept row needs."""
@@ -338,10 +336,10 @@ class Scheduler:
         if token in s.eos_ids:
             return "stop"
         if s.stop:
-            text = self.model.tokenizer.decode(r.tokens + [token], skip_special_tokens=True)
-            hits = [text.find(x) for x in s.stop if x in text]
-            if hits:
-                r.text = text[:min(hits)]
+            text, hit = cut_at_stop(self.model.tokenizer.decode(r.tokens + [token], skip_special_tokens=True),
+                                    s.stop)
+            if hit:
+                r.text = text
                 return "stop"
         if len(r.tokens) + 1 >= s.max_new_tokens or len(r.prompt) + len(r.tokens) + 1 >= self.context:
             return "length"

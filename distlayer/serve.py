@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 
 from aiohttp import web
 
 from .config import GenerationConfig
 from .errors import ConfigError, DistlayerError, StageError
+from .generate import cut_at_stop
 
 CHUNK_TYPES = {"chat": "chat.completion.chunk", "text": "text_completion"}
 
@@ -120,8 +120,9 @@ class TextStream:
         if token is not None:
             self.tokens.append(token)
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        cut = min([text.find(s) for s in self.stop if s in text], default=len(text))
-        hold = 0 if final or cut < len(text) else max((len(s) - 1 for s in self.stop), default=0)
+        kept, hit = cut_at_stop(text, self.stop)
+        cut = len(kept)
+        hold = 0 if final or hit else max((len(s) - 1 for s in self.stop), default=0)
         if not final and text.endswith("\ufffd"):  # a character whose bytes are not all here yet
             hold = max(hold, 1)
         ready = max(self.sent, min(cut, len(text) - hold))

@@ -54,9 +54,7 @@ class StageActor:
     def describe(self) -> dict:
         """Where this stage runs: pid, address, cores, the bytes its device has free, and
         which physical GPU it is (stages that share one share its memory)."""
-        return {"pid": os.getpid(), "node_ip": hardware.local_ip(), "cores": hardware.cores(),
-                "free_bytes": hardware.free_bytes(self.device), "device": self.device,
-                "gpu": hardware.gpu_id(self.device)}
+        return {"pid": os.getpid(), "device": self.device, **hardware.where(self.device)}
 
     def setup(self, plan: StagePlan) -> None:
         """Load the stage's resident units and start streaming the rest, as planned."""
