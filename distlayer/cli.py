@@ -133,7 +133,7 @@ def _add_serve_verb(sub) -> None:
                                    "127.0.0.1 unless told otherwise; stops cleanly on Ctrl-C or SIGTERM.")
     p.add_argument("model", help='HF repo id, local model dir, .gguf file, layer store, or "default"')
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=_cli_type(int), default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--port", type=_cli_type(int), default=8000, help="port to listen on (default 8000; 0: one the system picks, printed at start)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: "
                                                   "$DISTLAYER_API_KEY; none if unset)")
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL's name)")
@@ -232,21 +232,22 @@ def cmd_serve(args) -> int:
 
     from .model import DistModel
     from .scheduler import Scheduler
-    from .serve import serve
+    from .serve import listen, serve
     from .smollm import DEFAULT_MODEL_NAME, resolve_model
     from .store import open_store
 
     cfg = settings_from(args, PipelineConfig)
+    sock = listen(args.host, args.port)
     store = open_store(resolve_model(args.model), cfg.shards_dir, cfg.compression, cfg.hf_token)
     longest = getattr(store.config.get_text_config(), "max_position_embeddings", None) or 4096
     cfg = dataclasses.replace(cfg, batch_size=SERVE_ROWS if args.batch_size is None else cfg.batch_size,
                               context=cfg.context or min(longest, SERVE_CONTEXT))
     name = args.served_model_name or (DEFAULT_MODEL_NAME if args.model == "default" else Path(args.model).name)
     api_key = args.api_key or os.environ.get("DISTLAYER_API_KEY") or None
-    with DistModel.start(store, cfg) as model:
+    with sock, DistModel.start(store, cfg) as model:
         scheduler = Scheduler(model, cfg.batch_size, cfg.context)
         try:
-            serve(model, scheduler, name, args.host, args.port, api_key,
+            serve(model, scheduler, name, sock, api_key,
                   ready=lambda port: _err(f"serving {name} on http://{args.host}:{port}/v1 "
                                           f"({len(model.plan)} stages, up to {cfg.batch_size} requests at once)"))
         finally:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 from aiohttp import web
@@ -297,19 +298,31 @@ def _usage(req) -> dict:
     return {"prompt_tokens": len(req.prompt), "completion_tokens": n, "total_tokens": len(req.prompt) + n}
 
 
-def serve(model, scheduler, name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          ready=None) -> None:
-    """Serve until SIGINT or SIGTERM, then stop the scheduler (the caller closes the model).
+def listen(host: str, port: int) -> socket.socket:
+    """Bind and listen now, before the model loads: the port is held from this moment (nothing
+    else, Ray's own servers included, can take it meanwhile), and a taken port is named at once
+    instead of after minutes of loading. Port 0 lets the system choose."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=128)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}; stop what holds that port "
+                          f"or pick another with --port (0 lets the system choose one)") from None
+
+
+def serve(model, scheduler, name: str, sock: socket.socket, api_key: str | None = None, ready=None) -> None:
+    """Serve on the listening ``sock`` (see ``listen``) until SIGINT or SIGTERM, then stop the
+    scheduler (the caller closes the model).
 
     Args:
-        ready: called with the bound port once the server listens.
+        ready: called with the bound port once the server accepts requests.
     """
     app = Server(model, scheduler, name, api_key).app()
 
     async def started(_app):
         if ready is not None:
-            ready(port)
+            ready(sock.getsockname()[1])
 
     app.on_startup.append(started)
     app.on_shutdown.append(lambda _app: asyncio.to_thread(scheduler.close))
-    web.run_app(app, host=host, port=port, print=None, handle_signals=True, shutdown_timeout=5)
+    web.run_app(app, sock=sock, print=None, handle_signals=True, shutdown_timeout=5)

@@ -22,19 +22,11 @@ HERE = Path(__file__).parent
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """``distlayer serve`` in its own process; stopped with SIGTERM (which must end it cleanly)."""
 
     def __init__(self, model, *args, env=None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "distlayer", "serve", str(model), "--port", str(self.port), *args]
+        cmd = [sys.executable, "-m", "distlayer", "serve", str(model), "--port", "0", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
                                      env={**os.environ, **(env or {})})
         self.err: list[str] = []
@@ -44,6 +36,8 @@ class Server:
             assert self.proc.poll() is None, "".join(self.err)[-3000:]
             assert time.monotonic() < deadline, "".join(self.err)[-3000:]
             time.sleep(0.2)
+        line = next(line for line in self.err if "serving" in line)
+        self.url = line.split(" on ")[1].split("/v1")[0]                # the port the system picked
 
     def client(self, **kw):
         import openai
@@ -215,3 +209,14 @@ def test_api_key_and_a_dead_stage(tiny_dir):
         assert s.http("/health")[0] == 503
     finally:
         s.stop()
+
+
+def test_a_taken_port_is_named_before_the_model_loads(tiny_dir):
+    """The port is bound first: a taken one is one sentence, at once, and nothing is started."""
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "distlayer", "serve", str(tiny_dir("llama")), "--port", str(port)],
+                           capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "--port" in r.stderr, r.stderr
+    assert "serving" not in r.stderr
