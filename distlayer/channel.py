@@ -1,4 +1,5 @@
-"""Same-node hand-off between stages, with no Ray call per step.
+"""Hand-offs between stages with no Ray call per step: Unix sockets on one node, TCP
+between nodes.
 
 With Ray object refs, every hand-off is an actor task: the driver's core worker, the
 next actor's task path, serialization and replies: milliseconds a hop (benchmarks/README.md)
@@ -8,7 +9,9 @@ When the driver and every stage are on one node, each stage instead runs a loop
 (:class:`StageServer`) that takes work from its :class:`Mailbox` and sends its output
 over a Unix socket straight to the next stage's mailbox; the last stage sends the
 result to the driver's mailbox and the tokens it picked back to the first stage. Ray
-then only starts, inspects and stops the stages.
+then only starts, inspects and stops the stages. When the stages or the driver are on
+several nodes, every mailbox listens on TCP at its node's IP instead (a free port), with
+the same handshake on the pipeline's random key.
 
 A mailbox holds two kinds of message: work (``"q"``), taken in the order it was sent,
 and keyed results (``"k"``: a step's output for the driver, or the tokens the first
@@ -24,6 +27,7 @@ import itertools
 import os
 import pickle
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -31,10 +35,11 @@ from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Listener
 
-from .errors import StageError
+from .errors import StageError, StageLost
 from .transport import Failed, Handle, Payload, Stages, Transport, Work, in_request
 
 LOST = "its KV caches are lost: close this model and load it again"
+CLOSE_WAIT = 60  # seconds closing a stage's loop waits for the step it is running
 
 
 class Mailbox:
@@ -44,13 +49,19 @@ class Mailbox:
         authkey: shared secret a sender must know (``multiprocessing.connection``'s handshake).
         owner: who reads this mailbox, for error messages (``"stage 1"``, ``"the driver"``).
         senders: how many peers will connect; the socket's path goes once they have.
+        host: listen on TCP at this address (this node's IP, for peers on other nodes)
+            instead of a Unix socket; the port is picked free.
     """
 
-    def __init__(self, authkey: bytes, owner: str, senders: int = 1):
+    def __init__(self, authkey: bytes, owner: str, senders: int = 1, host: str | None = None):
         self.owner = owner
-        self._dir = tempfile.mkdtemp(prefix="distlayer-")  # private (0700): only this user can connect
-        self.address = os.path.join(self._dir, "in.sock")
-        self._listener = Listener(self.address, "AF_UNIX", authkey=authkey)
+        if host is None:
+            self._dir = tempfile.mkdtemp(prefix="distlayer-")  # private (0700): only this user can connect
+            self._listener = Listener(os.path.join(self._dir, "in.sock"), "AF_UNIX", authkey=authkey)
+        else:
+            self._dir = None
+            self._listener = Listener((host, 0), "AF_INET", authkey=authkey)
+        self.address = self._listener.address
         self._work: deque = deque()
         self._keyed: dict[str, tuple] = {}
         self._dropped: deque[str] = deque(maxlen=64)
@@ -63,6 +74,7 @@ class Mailbox:
         try:
             for _ in range(senders):
                 conn = self._listener.accept()
+                no_delay(conn)
                 threading.Thread(target=self._read, args=(conn,), daemon=True).start()
         except Exception as e:  # a failed handshake, or closed before every sender came
             self._fail(f"a sender to {self.owner} failed to connect ({type(e).__name__}: {e})")
@@ -92,11 +104,15 @@ class Mailbox:
             self._gone = self._gone or reason
             self._cond.notify_all()
 
-    def _wait(self, ready) -> None:
+    def _wait(self, ready, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not ready():
             if self._gone:
-                raise StageError(f"{self._gone}, so {self.owner} gets no input; {LOST}")
-            self._cond.wait()
+                raise StageLost(f"{self._gone}, so {self.owner} gets no input; {LOST}")
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise StageLost(f"{self.owner} got no answer from the stages within {timeout:g}s (step_timeout)")
+            self._cond.wait(left)
 
     def next(self) -> tuple:
         """Wait for the next work message: ``(key, group, sent_at, payload)``."""
@@ -104,11 +120,11 @@ class Mailbox:
             self._wait(lambda: self._work)
             return self._work.popleft()
 
-    def take(self, key: str):
-        """Wait for the keyed message ``key``; returns ``(payload, sent_at)``, or raises
-        what the sending stage raised."""
+    def take(self, key: str, timeout: float | None = None):
+        """Wait (at most ``timeout`` seconds) for the keyed message ``key``; returns
+        ``(payload, sent_at)``, or raises what the sending stage raised."""
         with self._cond:
-            self._wait(lambda: key in self._keyed)
+            self._wait(lambda: key in self._keyed, timeout)
             payload, sent_at, _ = self._keyed.pop(key)
         if isinstance(payload, Failed):
             raise payload.exc
@@ -126,6 +142,10 @@ class Mailbox:
             for key in [k for k, (_, _, g) in self._keyed.items() if in_request(g, prefix)]:
                 del self._keyed[key]
 
+    def stop(self) -> None:
+        """Deliver nothing more: whoever waits on this mailbox, or comes to wait, is told it is closed."""
+        self._fail(f"the channel to {self.owner} was closed")
+
     def close(self) -> None:
         """Stop accepting senders and remove the socket's path (connected senders stay).
         Safe to call twice, and from two threads (the accept loop closes it when every
@@ -138,7 +158,16 @@ class Mailbox:
             self._listener.close()
         except OSError:  # its path is already gone
             pass
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def no_delay(conn) -> None:
+    """Send each message at once on a TCP connection (no Nagle wait for the peer's
+    acknowledgement); a Unix socket is left as it is."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class Link:
@@ -150,9 +179,10 @@ class Link:
         receiver: the other end's name, for errors.
     """
 
-    def __init__(self, address: str, authkey: bytes, sender: str, receiver: str):
+    def __init__(self, address, authkey: bytes, sender: str, receiver: str):
         self.receiver = receiver
-        self._conn = Client(address, "AF_UNIX", authkey=authkey)
+        self._conn = Client(address, authkey=authkey)  # a path: Unix socket; (host, port): TCP
+        no_delay(self._conn)
         self._lock = threading.Lock()
         self._conn.send_bytes(pickle.dumps(sender))
 
@@ -163,7 +193,7 @@ class Link:
             with self._lock:
                 self._conn.send_bytes(data)
         except OSError as e:
-            raise StageError(f"{self.receiver} died ({type(e).__name__}); {LOST}") from e
+            raise StageLost(f"{self.receiver} died ({type(e).__name__}); {LOST}") from e
 
     def close(self) -> None:
         self._conn.close()
@@ -198,20 +228,23 @@ class StageServer:
         actor: the ``StageActor`` object this loop serves.
         authkey: the pipeline's shared secret.
         senders: peers that will connect (two for the first stage: the driver and the last stage).
+        host: this node's IP, to receive over TCP from other nodes (None: a Unix socket).
     """
 
-    def __init__(self, actor, authkey: bytes, senders: int):
+    def __init__(self, actor, authkey: bytes, senders: int, host: str | None = None):
         self.actor, self.authkey = actor, authkey
         self.name = f"stage {actor.stage}"
-        self.inbox = Mailbox(authkey, self.name, senders)
+        self.inbox = Mailbox(authkey, self.name, senders, host)
         self.links: dict[str, Link] = {}
+        self._thread: threading.Thread | None = None
 
     def connect(self, links: dict[str, tuple[str, str]]) -> None:
         """Connect to ``{role: (address, receiver)}``: ``"next"`` (the next stage), or on the
         last stage ``"driver"`` and ``"ring"`` (the first stage, for the tokens it picks);
         then start serving."""
         self.links = {role: Link(addr, self.authkey, self.name, who) for role, (addr, who) in links.items()}
-        threading.Thread(target=self._serve, name=f"{self.name}-loop", daemon=True).start()
+        self._thread = threading.Thread(target=self._serve, name=f"{self.name}-loop", daemon=True)
+        self._thread.start()
 
     def _serve(self) -> None:
         while True:
@@ -265,14 +298,19 @@ class StageServer:
                 pass
 
     def close(self) -> None:
-        """Close the mailbox and the links."""
+        """Stop the loop (after the message it is running, which may still be sent on) and
+        close the mailbox and the links; once this returns, the loop touches the stage no more."""
+        self.inbox.stop()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(CLOSE_WAIT)
         for end in [*self.links.values(), self.inbox]:
             end.close()
 
 
-def open_stage_mailbox(actor, authkey: bytes, senders: int) -> str:
-    """Run in a stage's process: attach a :class:`StageServer` to ``actor``; returns its address."""
-    server = actor.attach("channel", StageServer(actor, authkey, senders))
+def open_stage_mailbox(actor, authkey: bytes, senders: int, host: str | None = None):
+    """Run in a stage's process: attach a :class:`StageServer` to ``actor`` (its mailbox on
+    TCP at ``host``, else a Unix socket); returns its address."""
+    server = actor.attach("channel", StageServer(actor, authkey, senders, host))
     return server.inbox.address
 
 
@@ -282,20 +320,28 @@ def connect_stage(actor, links: dict[str, tuple[str, str]]) -> None:
 
 
 class SocketTransport(Transport):
-    """Stage-to-stage hand-offs over Unix sockets on one node (see the module docstring).
+    """Stage-to-stage hand-offs over Unix sockets on one node, or over TCP between nodes
+    (see the module docstring); the pipeline's random key authenticates every connection.
 
     Start-up takes two rounds of calls to the stages: open their mailboxes, then connect
     each to the next and start their loops.
+
+    Args:
+        stages: the stage actors.
+        hosts: for TCP, ``(each stage's node IP, the driver's node IP)``: every mailbox
+            listens on its node's address. None: Unix sockets (all on one node).
     """
 
     name = "channel"
 
-    def __init__(self, stages: Stages):
+    def __init__(self, stages: Stages, hosts: tuple[list[str], str] | None = None):
         n, key = len(stages.actors), os.urandom(32)
         self._keys = itertools.count()
-        addrs = stages.get([stages.call_with(a, open_stage_mailbox, key, 2 if i == 0 else 1)
+        ips, here = hosts or ([None] * n, None)
+        self.name = "channel" if hosts is None else "tcp"
+        addrs = stages.get([stages.call_with(a, open_stage_mailbox, key, 2 if i == 0 else 1, ips[i])
                             for i, a in enumerate(stages.actors)])
-        self._inbox = Mailbox(key, "the driver")
+        self._inbox = Mailbox(key, "the driver", host=here)
         links = [{"next": (addrs[i + 1], f"stage {i + 1}")} for i in range(n - 1)]
         links.append({"driver": (self._inbox.address, "the driver"), "ring": (addrs[0], "stage 0")})
         self._link: Link | None = None
@@ -315,7 +361,7 @@ class SocketTransport(Transport):
         return Handle(work.key, picked=work.pick is not None)
 
     def fetch(self, handle: Handle):
-        return self._inbox.take(handle.key)[0]
+        return self._inbox.take(handle.key, self.timeout)[0]
 
     def drop(self, cache_id: str) -> None:
         self._inbox.discard(cache_id)
@@ -324,7 +370,7 @@ class SocketTransport(Transport):
     def control(self, op: str, *args) -> None:
         key = f"control {next(self._keys)}"
         self._link.send("q", key, str(args[0]) if args else "", Control(op, args))
-        self._inbox.take(key)
+        self._inbox.take(key, self.timeout)
 
     def close(self) -> None:
         for end in (self._link, self._inbox):

@@ -94,10 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="print the stage plan, change nothing",
                        description="Print which layers each stage would own and what it keeps resident or "
-                                   "streams, as a table. Reads the manifest only: no weights are loaded.")
+                                   "streams, as a table. Reads the manifest only: no weights are loaded. With "
+                                   "--address, the stages are placed on that Ray cluster and asked where they run "
+                                   "(then stopped), so the plan is the one the cluster would run.")
     p.add_argument("model", help='HF repo id, local model dir, layer store, or "default"')
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
-    add_settings_flags(p, PipelineConfig, skip=("address",))
+    add_settings_flags(p, PipelineConfig)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("generate", help="generate from one prompt, streaming tokens to stdout",
@@ -165,15 +167,16 @@ def cmd_split(args) -> int:
 
 def cmd_plan(args) -> int:
     """``distlayer plan``: print the plan ``from_pretrained`` would run with on this
-    machine (the same planning call and defaults), without loading weights."""
-    from .pipeline import plan_model
+    machine, or with ``--address`` on that live Ray cluster (the same planning call and
+    defaults), without loading weights."""
+    from .pipeline import plan_model, plan_on_cluster
     from .report import format_plan, plan_notes
     from .smollm import resolve_model
 
     cfg = settings_from(args, PipelineConfig)
-    plan, store, dtype = plan_model(resolve_model(args.model), cfg)
+    plan, store, dtype = (plan_model if cfg.address is None else plan_on_cluster)(resolve_model(args.model), cfg)
     if args.json:
-        keys = ("stage", "start", "end", "budget_bytes", "budget_source", "reserve_bytes", "resident_bytes",
+        keys = ("stage", "node_ip", "start", "end", "budget_bytes", "budget_source", "reserve_bytes", "resident_bytes",
                 "streamed_bytes", "resident_units", "streamed_units", "device", "threads")
         print(json.dumps({"model": str(store.path), "dtype": str(dtype).removeprefix("torch."),
                           "micro_batches": plan.micro_batches,

@@ -168,11 +168,17 @@ class PipelineConfig:
     context: int | None = setting(
         "tokens per sequence (prompt + new) the budgets reserve KV cache and activations for", int)
     transport: str = setting(
-        "hand-offs between stages: auto (same-node sockets when the driver and every stage share a node, "
-        "else Ray object refs) or ray (always object refs)", str, default="auto")
+        "hand-offs between stages: auto (stage-to-stage sockets: Unix sockets when the driver and every stage "
+        "share a node, else TCP between the nodes' IPs) or ray (always object refs)", str, default="auto")
     hf_token: str | None = setting("token for gated Hugging Face repos")
     connect_timeout: float = setting("seconds to wait for a Ray cluster's address to answer before giving up",
                                      float, default=10.0)
+    step_timeout: float = setting(
+        "seconds the driver waits for a step's result (or a stage's answer) before it takes the stage for hung "
+        "and replaces it", float, default=600.0)
+    max_restarts: int = setting(
+        "stage replacements allowed within any 10 minutes before a lost stage fails the requests in flight "
+        "(0: a lost stage fails them at once)", int, default=3)
     gpus_per_stage: float | None = setting(
         "Ray GPUs per stage on a GPU cluster: 1 gives each stage a GPU of its own; a fraction such as 0.25 puts "
         "four stages on one GPU, each with its own budget (default: 1)", float)
@@ -211,6 +217,9 @@ class PipelineConfig:
         _check_str(p + "hf_token", self.hf_token, optional=True)
         if not _is_number(self.connect_timeout) or not 0 < self.connect_timeout < math.inf:
             raise _bad(p + "connect_timeout", self.connect_timeout, "use a number of seconds above 0, such as 10")
+        if not _is_number(self.step_timeout) or not 0 < self.step_timeout < math.inf:
+            raise _bad(p + "step_timeout", self.step_timeout, "use a number of seconds above 0, such as 600")
+        _check_int(p + "max_restarts", self.max_restarts, minimum=0)
         if self.gpus_per_stage is not None and (not _is_number(self.gpus_per_stage)
                                                 or not 0 < self.gpus_per_stage <= 1):
             raise _bad(p + "gpus_per_stage", self.gpus_per_stage,

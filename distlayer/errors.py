@@ -23,3 +23,8 @@ class ConfigError(DistlayerError):
 
 class StageError(DistlayerError):
     """A pipeline stage failed or died."""
+
+
+class StageLost(StageError):
+    """A stage died or stopped answering (as opposed to raising an error of its own):
+    what a replacement stage can recover from."""

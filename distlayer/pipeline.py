@@ -3,21 +3,25 @@ starts one StageActor per stage, and hands work to a transport.
 
 With Ray, each stage is an actor on its own device (a GPU or ``gpus_per_stage`` of
 one, or a share of a node's CPUs), placed with a placement group; hidden states go from actor to actor, never
-through the driver (``channel.SocketTransport`` when the driver and every stage share a
-node, else ``transport.RefTransport`` over object refs), and several micro-batches are
+through the driver (``channel.SocketTransport``: Unix sockets when the driver and every
+stage share a node, else TCP; ``transport.RefTransport`` over object refs with
+``transport="ray"``), and several micro-batches are
 in flight so every stage works at once. ``in_process=True`` (or ``stages=0``) runs the
 same StageActor objects in this process, one after another, without Ray. This is the
-only module that imports ``ray``.
+only module that imports ``ray``. Before the stages load, ``fill.fill_stages`` makes
+sure each node has its stages' units on its own disk.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import socket
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -25,8 +29,10 @@ import torch
 from . import arch, hardware
 from .channel import SocketTransport
 from .config import PipelineConfig, parse_address
-from .errors import StageError
+from .errors import StageError, StageLost
+from .fill import fill_stages
 from .planner import ModelShape, Plan, Site, StagePlan, check_stages, plan_concurrency, plan_pipeline, stage_count
+from .recovery import Recovering, Restarts
 from .stage import StageActor
 from .store import LayerStore, open_store
 from .transport import RefTransport, Transport
@@ -91,7 +97,7 @@ class LocalStages:
     def call_with(self, actor, fn, *args):
         return fn(actor, *args)
 
-    def get(self, refs):
+    def get(self, refs, timeout=None):
         return refs
 
     def describe(self) -> list[dict]:
@@ -126,6 +132,23 @@ def probe_address(address: str, timeout: float) -> None:
                          f"{port}` on {host}, check the address, or pass address=None for a private local Ray") from e
 
 
+def death_cause(error) -> str:
+    """What Ray says of why an actor died, in a sentence: its exit type and detail (a
+    signal, the OOM killer, a lost node), else the error's first line."""
+    text = " ".join(str(error).split())
+    exit_ = re.search(r"Worker exit type: (\S+) Worker exit detail: (.*?\.)(?:\s|$)", text)
+    if exit_:
+        return f"exit type {exit_[1]}: {exit_[2]}"
+    node = re.search(r"The actor died because its node has died\.[^\n]*", str(error))
+    if node:
+        return node[0].strip()
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+def _pid(actor: StageActor) -> int:
+    return os.getpid()
+
+
 def _describe_in_ray(actor: StageActor) -> dict:
     import ray
 
@@ -139,8 +162,10 @@ class RayStages:
 
     remote = True
 
-    def __init__(self, ray, pg, actors: list):
-        self.ray, self.pg, self.actors = ray, pg, actors
+    def __init__(self, ray, pg, bundles: list[dict], envs: list[dict], args: list[tuple]):
+        self.ray, self.pg = ray, pg
+        self.bundles, self.envs, self.args = bundles, envs, args
+        self.actors = [self.start_one(i) for i in range(len(bundles))]
 
     @staticmethod
     def connect(cfg: PipelineConfig):
@@ -197,20 +222,59 @@ class RayStages:
         return pg, bundles, [where[i] for i in range(n)], cores
 
     @classmethod
+    def launch(cls, cfg: PipelineConfig, args: tuple) -> tuple["RayStages", str, tuple[int, list[int | None]]]:
+        """Join Ray, place and start the stages ``cfg`` asks for, each constructed with
+        ``(store_path, index, device, *args[1:])``; returns them, their device and
+        concurrency (no weights are loaded yet)."""
+        ray = cls.connect(cfg)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        device = (cfg.device or ("cuda" if gpus else "cpu")).split(":")[0]
+        n = stage_count(cfg.stage_count_given(), device, gpu_stages(gpus, cfg))
+        pg, bundles, nodes, cores = cls.place(ray, cfg, n, device)
+        concurrency = plan_concurrency(nodes, cores, device, cfg.micro_batches, cfg.threads_per_stage)
+        envs = [stage_env(device, t == cores[node]) for t, node in zip(concurrency[1], nodes)]
+        return cls.start(ray, pg, bundles, envs, [(args[0], i, device, *args[1:]) for i in range(n)]), device, \
+            concurrency
+
+    @classmethod
     def start(cls, ray, pg, bundles: list[dict], envs: list[dict], args: list[tuple]) -> "RayStages":
         """Start one StageActor per bundle, with its environment and constructor args."""
+        return cls(ray, pg, bundles, envs, args)
+
+    def start_one(self, i: int):
+        """Start stage ``i``'s actor in its bundle of the placement group."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        remote = ray.remote(StageActor)
-        actors = [
-            remote.options(
-                num_cpus=b["CPU"], num_gpus=b.get("GPU", 0), max_concurrency=1,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-                runtime_env={"env_vars": env} if env else None,
-            ).remote(*a)
-            for i, (b, env, a) in enumerate(zip(bundles, envs, args))
-        ]
-        return cls(ray, pg, actors)
+        b, env = self.bundles[i], self.envs[i]
+        return self.ray.remote(StageActor).options(
+            num_cpus=b["CPU"], num_gpus=b.get("GPU", 0), max_concurrency=1,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            runtime_env={"env_vars": env} if env else None,
+        ).remote(*self.args[i])
+
+    def lost(self, timeout: float) -> dict[int, str]:
+        """The stages that are dead or do not answer within ``timeout`` seconds, each with why."""
+        refs = [self.call_with(a, _pid) for a in self.actors]
+        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        lost = {}
+        for i, ref in enumerate(refs):
+            if ref not in ready:
+                lost[i] = f"did not answer within {timeout:g}s (step_timeout): hung or stopped"
+                continue
+            try:
+                self.ray.get(ref)
+            except (self.ray.exceptions.RayActorError, self.ray.exceptions.ObjectLostError) as e:
+                lost[i] = f"died ({death_cause(e)})"
+        return lost
+
+    def replace(self, i: int) -> None:
+        """Kill stage ``i``'s actor (a stopped process too) and start another in its bundle;
+        when its node is gone, Ray places the bundle on a node with room."""
+        try:
+            self.ray.kill(self.actors[i], no_restart=True)
+        except Exception:  # already gone
+            pass
+        self.actors[i] = self.start_one(i)
 
     def call(self, actor, method: str, *args):
         return getattr(actor, method).remote(*args)
@@ -218,20 +282,23 @@ class RayStages:
     def call_with(self, actor, fn, *args):
         return actor.__ray_call__.remote(fn, *args)
 
-    def get(self, refs):
+    def get(self, refs, timeout: float | None = None):
         try:
-            return self.ray.get(refs)
-        except self.ray.exceptions.RayActorError as e:
+            return self.ray.get(refs, timeout=timeout)
+        except self.ray.exceptions.GetTimeoutError:
+            raise StageLost(f"no answer from the stages within {timeout:g}s (step_timeout)") from None
+        except (self.ray.exceptions.RayActorError, self.ray.exceptions.ObjectLostError) as e:
             ids = [a._actor_id.hex() for a in self.actors]
             which = f"stage {ids.index(e.actor_id)}" if getattr(e, "actor_id", None) in ids else "a pipeline stage"
-            raise StageError(f"{which} died ({str(e).splitlines()[0]}); its KV caches are lost: close this "
-                             "model and load it again") from e
+            raise StageLost(f"{which} died ({death_cause(e)}); its KV caches are lost: close this "
+                            "model and load it again") from e
         except self.ray.exceptions.RayTaskError as e:
             cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else None
             raise (cause or e) from None
 
-    def describe(self) -> list[dict]:
-        return self.get([self.call_with(a, _describe_in_ray) for a in self.actors])
+    def describe(self, which: list[int] | None = None) -> list[dict]:
+        which = range(len(self.actors)) if which is None else which
+        return self.get([self.call_with(self.actors[i], _describe_in_ray) for i in which])
 
     def close(self) -> None:
         from ray.util.placement_group import remove_placement_group
@@ -305,6 +372,25 @@ def plan_model(model, cfg: PipelineConfig, progress: bool = True) -> tuple[Plan,
     return plan_for(store, cfg, dtype, described, device, concurrency), store, dtype
 
 
+def plan_on_cluster(model, cfg: PipelineConfig, progress: bool = True) -> tuple[Plan, LayerStore, torch.dtype]:
+    """The plan ``from_pretrained(model, **cfg)`` runs with on the Ray cluster at
+    ``cfg.address``: its stages are placed and asked where they run, as a pipeline's are,
+    then stopped; no weights are loaded and nothing is sent to the nodes.
+
+    Returns:
+        ``(plan, store, dtype)``.
+    """
+    store = open_store(model, cfg.shards_dir, cfg.compression, cfg.hf_token, progress)
+    dtype = arch.compute_dtype(cfg.dtype, store.config)
+    stages = None
+    try:
+        stages, device, concurrency = RayStages.launch(cfg, (str(store.path), dtype, cfg.prefetch))
+        return plan_for(store, cfg, dtype, stages.describe(), device, concurrency), store, dtype
+    finally:
+        if stages is not None:
+            stages.close()
+
+
 # --------------------------------------------------------------------------- the pipeline
 
 
@@ -312,7 +398,7 @@ class Pipeline:
     """Stages of one model, in Ray actors or in this process.
 
     Args:
-        store: the layer store (its path must exist on every node that runs a stage).
+        store: the layer store on the driver's node (each other node gets its stages' units, ``fill.py``).
         cfg: the pipeline settings.
         dtype: compute dtype.
     """
@@ -322,6 +408,7 @@ class Pipeline:
         self.stages: LocalStages | RayStages | None = None
         self.transport: Transport | None = None
         self.plan: list[StagePlan] = []
+        self.restarts = Restarts(0, cfg.max_restarts)
         self._micro = 1
         try:
             self._start()
@@ -342,23 +429,74 @@ class Pipeline:
             concurrency = plan_concurrency(["local"] * n, {}, device, in_process=True,
                                            threads=cfg.threads_per_stage)
         else:
-            ray = RayStages.connect(cfg)
-            gpus = ray.cluster_resources().get("GPU", 0)
-            device = (cfg.device or ("cuda" if gpus else "cpu")).split(":")[0]
-            n = stage_count(cfg.stage_count_given(), device, gpu_stages(gpus, cfg))
-            pg, bundles, nodes, cores = RayStages.place(ray, cfg, n, device)
-            concurrency = plan_concurrency(nodes, cores, device, cfg.micro_batches, cfg.threads_per_stage)
-            envs = [stage_env(device, t == cores[node]) for t, node in zip(concurrency[1], nodes)]
-            self.stages = RayStages.start(ray, pg, bundles, envs, [(args[0], i, device, *args[1:]) for i in range(n)])
+            self.stages, device, concurrency = RayStages.launch(cfg, args)
         s = self.stages
         plan = plan_for(self.store, cfg, self.dtype, s.describe(), device, concurrency)
         self.plan, self._micro = plan.stages, plan.micro_batches
+        if s.remote:
+            fill_stages(s, self.plan, self.store)  # each node gets its stages' units before they load
+        self.restarts = Restarts(len(self.plan), cfg.max_restarts)
         loading = [s.call(a, "setup", p) for a, p in zip(s.actors, plan.stages)]  # waited for below
-        here = s.ray.get_runtime_context().get_node_id() if s.remote else None
-        same_node = {p.node_id for p in self.plan} == {here}
         # the transport's first round of calls queues behind the loading, so both take one wait
-        self.transport = SocketTransport(s) if s.remote and cfg.transport == "auto" and same_node else RefTransport(s)
+        inner = self._connect()
+        self.transport = Recovering(inner, self) if s.remote else inner
         s.get(loading)
+
+    def _connect(self) -> Transport:
+        """A transport over the stages as they are: sockets from stage to stage (over TCP
+        between nodes, each end on its node's address) unless ``transport="ray"``, else
+        Ray object refs."""
+        s = self.stages
+        if not s.remote:
+            return RefTransport(s)
+        if self.cfg.transport != "auto":
+            return self._timed(RefTransport(s))
+        here = s.ray.get_runtime_context().get_node_id()
+        same_node = {p.node_id for p in self.plan} == {here}
+        hosts = None if same_node else ([p.node_ip for p in self.plan], s.ray.util.get_node_ip_address())
+        return self._timed(SocketTransport(s, hosts))
+
+    def _timed(self, transport: Transport) -> Transport:
+        transport.timeout = self.cfg.step_timeout
+        return transport
+
+    def heal(self, error: StageLost, old: Transport) -> tuple[Transport, list[int]]:
+        """Replace the stages that died or hung (each counted against ``max_restarts``),
+        empty every survivor's KV caches, and connect a new transport; returns it and the
+        replaced stages. Raises ``error`` when every stage answers (nothing to replace), and
+        a ``StageError`` naming the stage, its node and the cause past ``max_restarts``."""
+        s = self.stages
+        lost = s.lost(self.cfg.step_timeout)
+        if not lost:
+            raise error
+        for i, why in lost.items():
+            p = self.plan[i]
+            self.restarts.admit(i, f"{p.node_ip} (pid {p.pid})", why)
+        old.close()
+        for i in lost:
+            s.replace(i)
+        survivors = [s.call(a, "reset") for i, a in enumerate(s.actors) if i not in lost]
+        for i, d in zip(lost, self._replaced(list(lost))):
+            p = self.plan[i]
+            p.pid, p.node_ip, p.node_id = d.get("pid"), d["node_ip"], d["node_id"]
+        fill_stages(s, self.plan, self.store, which=list(lost))  # on another node, its units go there first
+        s.get(survivors + [s.call(s.actors[i], "setup", self.plan[i]) for i in lost], self.cfg.step_timeout)
+        return self._connect(), list(lost)
+
+    def _replaced(self, which: list[int]) -> list[dict]:
+        """What the replacements of stages ``which`` report once they run. A replacement
+        placed on a node that was dying (Ray had not yet marked it dead, so its bundle had
+        not moved) is started again, until ``step_timeout``."""
+        s, deadline = self.stages, time.monotonic() + self.cfg.step_timeout
+        while True:
+            try:
+                return s.describe(which)
+            except StageLost:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+                for i in which:
+                    s.replace(i)
 
     @property
     def remote(self) -> bool:
@@ -373,7 +511,7 @@ class Pipeline:
     def stats(self) -> list[dict]:
         """One dict per stage: peak_weight_bytes, peak_rss_bytes, load_s, stall_s, compute_s, transfer_s, …"""
         s = self.stages
-        return s.get([s.call(a, "stats") for a in s.actors])
+        return [{**st, **self.restarts.stats(i)} for i, st in enumerate(s.get([s.call(a, "stats") for a in s.actors]))]
 
     def close(self) -> None:
         """Stop the stages (and their actors and placement group)."""

@@ -316,6 +316,10 @@ class StagePlan:
     streamed_units: list[str] = field(default_factory=list)
     resident_bytes: int = 0
     streamed_bytes: int = 0
+    store_path: str = ""            # where the stage's node reads its units (set by fill.fill_stages)
+    store_source: str = ""          # "node store", "driver path" or "push"
+    fetched: list[str] = field(default_factory=list)  # its units pushed from the driver's node at start
+    fetched_bytes: int = 0          # bytes of those sent at start (less than their size when a push resumed)
 
     @property
     def layer_range(self) -> LayerRange:

@@ -188,7 +188,8 @@ class Server:
         except DistlayerError as e:
             raise BadRequest(503, str(e)) from None
         return web.json_response({"status": "ok", "in_flight": self.scheduler.in_flight(), "stages": [
-            {"stage": p.stage, "node_ip": p.node_ip, "pid": p.pid, "kv_bytes": s.get("kv_bytes")}
+            {"stage": p.stage, "node_ip": p.node_ip, "pid": p.pid, "kv_bytes": s.get("kv_bytes"),
+             "restarts": s.get("restarts", 0)}
             for p, s in zip(self.model.plan, stats)]})
 
     async def _body(self, request: web.Request) -> dict:

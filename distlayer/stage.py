@@ -28,7 +28,8 @@ class StageActor:
     (it asks :meth:`describe` first).
 
     Args:
-        store_path: the layer store on this node's disk.
+        store_path: the layer store on this node's disk (the driver's path;
+            ``fill.use_store`` may point the stage at its node's own copy before :meth:`setup`).
         stage: stage index.
         device: ``"cpu"`` or ``"cuda"``.
         dtype: compute dtype.
@@ -36,12 +37,8 @@ class StageActor:
     """
 
     def __init__(self, store_path: str, stage: int, device: str = "cpu", dtype=None, prefetch: bool = True):
-        if not (Path(store_path) / "manifest.json").is_file():
-            raise StoreError(
-                f"stage {stage} (pid {os.getpid()}) finds no layer store at {store_path} on its node: "
-                "copy the shards there or run `distlayer split MODEL --out DIR` on that node"
-            )
-        self.store = LayerStore(store_path)
+        self.store_path = store_path  # fill.use_store points it at this node's copy before setup
+        self.store: LayerStore | None = None
         self.stage = stage
         self.device = "cuda:0" if device.startswith("cuda") else device
         self.dtype, self.prefetch = dtype, prefetch
@@ -58,12 +55,31 @@ class StageActor:
 
     def setup(self, plan: StagePlan) -> None:
         """Load the stage's resident units and start streaming the rest, as planned."""
+        if not (Path(self.store_path) / "manifest.json").is_file():
+            raise StoreError(
+                f"stage {self.stage} (pid {os.getpid()}) finds no layer store at {self.store_path} on its node: "
+                "copy the shards there or run `distlayer split MODEL --out DIR` on that node"
+            )
+        self.store = LayerStore(self.store_path)
         self.runner = LayerRunner(self.store, plan, device=self.device, dtype=self.dtype, prefetch=self.prefetch)
 
     def attach(self, name: str, obj):
-        """Keep a transport's object (closed with the stage); returns it."""
+        """Keep a transport's object (closed with the stage, or when another takes its name); returns it."""
+        old = self.attached.pop(name, None)
+        if old is not None:
+            old.close()
         self.attached[name] = obj
         return obj
+
+    def reset(self) -> None:
+        """Close what transports attached and free every KV cache: the state of a stage
+        that has just been set up, from which the driver replays what it had sent."""
+        for name in list(self.attached):
+            self.attached.pop(name).close()
+        with self._lock:
+            for key in list(self.runner.caches):
+                self.runner.drop(key)
+            self._gens.clear()
 
     def run(self, work: Work, payload: Payload) -> Payload:
         """Run one micro-batch through this stage's units.

@@ -99,14 +99,20 @@ class Stages(Protocol):
     def call_with(self, actor, fn: Callable, *args) -> Any:
         """Run ``fn(stage_actor_object, *args)`` where the actor lives; a ref or the value."""
 
-    def get(self, refs) -> Any:
-        """The values of refs (raising a stage's error, or StageError for a dead stage)."""
+    def get(self, refs, timeout: float | None = None) -> Any:
+        """The values of refs, waiting at most ``timeout`` seconds (raising a stage's error,
+        or ``StageLost`` for a stage that died or did not answer in time)."""
 
 
 class Transport:
-    """Moves work from stage to stage; see the module docstring."""
+    """Moves work from stage to stage; see the module docstring.
+
+    Attributes:
+        timeout: seconds ``fetch`` and ``control`` wait before raising ``StageLost`` (None: no limit).
+    """
 
     name = "?"
+    timeout: float | None = None
 
     def submit(self, work: Work, x) -> Handle:
         """Start ``work`` at the first stage with input ``x``: a tensor, or the
@@ -150,8 +156,8 @@ class RefTransport(Transport):
         return Handle(work.key, msg, picked=work.pick is not None)
 
     def fetch(self, handle: Handle):
-        return self.stages.get(handle.ref).x
+        return self.stages.get(handle.ref, self.timeout).x
 
     def control(self, op: str, *args) -> None:
         s = self.stages
-        s.get([s.call(a, op, *args) for a in s.actors])
+        s.get([s.call(a, op, *args) for a in s.actors], self.timeout)

@@ -2,12 +2,18 @@
 
 Each node gets its own custom resource (``node_a``, ``node_b``…), so a stage can be
 pinned to a node. Only the processes of this cluster are stopped at the end (never
-`ray stop`, which would end every Ray process on the machine).
+`ray stop`, which would end every Ray process on the machine). :class:`RayNodes` puts
+every node on 127.0.0.1; :class:`NetnsHosts` gives each node a host of its own (a
+network namespace with its own address).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -55,3 +61,91 @@ class RayNodes:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             subprocess.run(["pkill", f"-{sig.name[3:]}", "-f", self.temp], capture_output=True)
             time.sleep(2)
+
+
+class NetnsHosts:
+    """Two hosts on this machine, each a network namespace with its own address on a veth
+    pair between them, each running one Ray node started with ``ray start`` and token auth.
+
+    Host ``i`` gets the custom resource ``host_<i>`` and its own ``DISTLAYER_HOME``
+    (``homes[i]``); ``hide[i]`` are directories host ``i`` must not see (an empty tmpfs
+    is mounted over them in that host's mount namespace), so a store one host holds
+    is not on the other's disk. The head runs on host 0 (``ray=False``: no Ray nodes, only
+    the hosts). :meth:`run` runs a command on a host; :meth:`stop` kills exactly the
+    processes in the two namespaces (all started here) and removes the namespaces.
+
+    Needs root and iproute2 (``ip netns``).
+    """
+
+    SUBNET = "10.77.0"
+    PORT = 6379  # free: each namespace has its own ports
+
+    def __init__(self, homes: list, hide: list[list] | None = None, cpus: float = 1, ray: bool = True):
+        tag = f"dl{os.getpid() % 100000}"
+        self.names = [f"{tag}h0", f"{tag}h1"]
+        self.ips = [f"{self.SUBNET}.1", f"{self.SUBNET}.2"]
+        self.address = f"{self.ips[0]}:{self.PORT}"
+        self.homes = [str(h) for h in homes]
+        self.temp = tempfile.mkdtemp(prefix="dlhosts-")
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+                    "RAY_USAGE_STATS_ENABLED": "0"}
+        hide = hide or [[], []]
+        try:
+            self._net(tag)
+            for i in range(2 if ray else 0):
+                cmd = [RAY, "start", f"--num-cpus={cpus}", f"--resources={json.dumps({f'host_{i}': 1})}",
+                       f"--node-ip-address={self.ips[i]}", "--disable-usage-stats"]
+                cmd += ["--head", f"--port={self.PORT}", f"--temp-dir={self.temp}", "--include-dashboard=false"] \
+                    if i == 0 else [f"--address={self.address}"]
+                out = self.run(i, cmd, hide=hide[i], timeout=180)
+                if out.returncode != 0:
+                    raise RuntimeError(f"{' '.join(cmd)} on host {i} failed:\n{out.stdout}\n{out.stderr}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _net(self, tag: str) -> None:
+        a, b = f"{tag}v0", f"{tag}v1"
+        steps = [["netns", "add", self.names[0]], ["netns", "add", self.names[1]],
+                 ["link", "add", a, "netns", self.names[0], "type", "veth", "peer", "name", b, "netns", self.names[1]]]
+        for i, dev in enumerate((a, b)):
+            steps += [["-n", self.names[i], "addr", "add", f"{self.ips[i]}/24", "dev", dev],
+                      ["-n", self.names[i], "link", "set", dev, "up"], ["-n", self.names[i], "link", "set", "lo", "up"]]
+        for step in steps:
+            subprocess.run(["ip", *step], check=True, capture_output=True, text=True)
+
+    def env_of(self, host: int) -> dict:
+        """The environment of processes on ``host``: token auth, its DISTLAYER_HOME."""
+        return {**self.env, "DISTLAYER_HOME": self.homes[host]}
+
+    def run(self, host: int, cmd: list[str], hide: list | None = None, **kw) -> subprocess.CompletedProcess:
+        """Run ``cmd`` on ``host`` (in its namespaces) with :meth:`env_of`; ``hide``: dirs it must not see."""
+        mounts = "".join(f"mount -t tmpfs -o size=1m dlhide {shlex.quote(str(d))} && " for d in hide or [])
+        shell = ["sh", "-c", f'{mounts}exec "$@"', "sh", *cmd]
+        return subprocess.run(["ip", "netns", "exec", self.names[host], *shell], env=self.env_of(host),
+                              capture_output=True, text=True, **kw)
+
+    def pids(self) -> list[int]:
+        """Every process in the two hosts' namespaces."""
+        found = []
+        for name in self.names:
+            out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+            found += [int(p) for p in out.stdout.split()]
+        return found
+
+    def stop(self) -> None:
+        """Kill every process on the two hosts (all started by this object or its callers),
+        then remove the namespaces (their veth pair goes with them)."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = self.pids()
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.time() + 10
+            while pids and time.time() < deadline and self.pids():
+                time.sleep(0.2)
+        for name in self.names:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        shutil.rmtree(self.temp, ignore_errors=True)

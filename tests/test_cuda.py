@@ -333,7 +333,7 @@ def test_gpu_ray_stages_share_one_gpu_and_a_killed_stage_does_not_hang(tiny_dir)
     try:
         with AutoModel.from_pretrained(path, stages=4, gpus_per_stage=0.25, device="cuda", dtype="float16",
                                        memory_per_stage=per_stage, batch_size=2, context=CONTEXT,
-                                       progress=False) as model:
+                                       max_restarts=0, progress=False) as model:
             assert_same(generate(model, ids, mask), ref, dtype)
             stats = model.stats()
             assert len({p.pid for p in model.plan}) == 4
@@ -343,7 +343,7 @@ def test_gpu_ray_stages_share_one_gpu_and_a_killed_stage_does_not_hang(tiny_dir)
                 running = pool.submit(generate, model, ids, mask, 200)
                 time.sleep(1.0)
                 os.kill(model.plan[2].pid, signal.SIGKILL)
-                with pytest.raises(StageError, match=r"stage \d died"):
+                with pytest.raises(StageError, match=r"stage \d on .* died"):
                     running.result(timeout=120)
     finally:
         ray.shutdown()

@@ -190,22 +190,33 @@ def test_bad_requests_get_openai_errors(server, path, body, status, words):
     assert server.http("/health")[0] == 200                       # the server lives on
 
 
-def test_api_key_and_a_dead_stage(tiny_dir):
-    """A key is required when set; a stage that dies gives 503 naming it."""
+def test_api_key_and_a_lost_stage(tiny_dir):
+    """A key is required when set; a stage that dies is replaced and the request answered
+    as before; past --max-restarts, a 503 names the stage."""
     import psutil
 
-    s = Server(tiny_dir("llama"), "--stages", "2", "--served-model-name", "tiny", env={"DISTLAYER_API_KEY": "k1"})
+    s = Server(tiny_dir("llama"), "--stages", "2", "--max-restarts", "1", "--served-model-name", "tiny",
+               env={"DISTLAYER_API_KEY": "k1"})
+    key = {"Authorization": "Bearer k1"}
     try:
-        body = {"model": "tiny", "prompt": "w010 w011", "max_tokens": 3}
+        body = {"model": "tiny", "prompt": "w010 w011", "max_tokens": 8, "temperature": 0}
         status, data = s.http("/v1/completions", body)
         assert status == 401 and "API key" in data["error"]["message"]
         assert s.http("/v1/completions", body, {"Authorization": "Bearer wrong"})[0] == 401
-        ok = s.client(api_key="k1").completions.create(model="tiny", prompt="w010 w011", max_tokens=3)
+        ok = s.client(api_key="k1").completions.create(model="tiny", prompt="w010 w011", max_tokens=8,
+                                                      temperature=0)
         assert ok.usage.completion_tokens >= 1
-        pid = s.http("/health")[1]["stages"][1]["pid"]
-        psutil.Process(pid).kill()
-        status, data = s.http("/v1/completions", body, {"Authorization": "Bearer k1"})
-        assert status == 503 and "stage 1" in data["error"]["message"], data
+        for restart in (1, 2):
+            pid = s.http("/health")[1]["stages"][1]["pid"]
+            psutil.Process(pid).kill()
+            status, data = s.http("/v1/completions", body, key)
+            if restart == 1:  # replaced: the same answer, a new process
+                assert status == 200 and data["choices"][0]["text"] == ok.choices[0].text, data
+                health = s.http("/health")[1]["stages"][1]
+                assert health["pid"] != pid and health["restarts"] == 1, health
+            else:             # one restart allowed in ten minutes: the next loss is an error
+                assert status == 503 and "stage 1" in data["error"]["message"], data
+                assert "max_restarts=1" in data["error"]["message"], data
         assert s.http("/health")[0] == 503
     finally:
         s.stop()
