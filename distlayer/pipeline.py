@@ -158,11 +158,13 @@ def _describe_in_ray(actor: StageActor) -> dict:
 
 class RayStages:
     """Stage actors in a Ray placement group (the ``Stages`` a transport drives).
-    :meth:`connect`, :meth:`place` and :meth:`start` bring them up in that order."""
+    :meth:`launch` brings them up (:meth:`connect`, :meth:`place`, then one actor per
+    bundle); :meth:`replace` starts one again after a loss."""
 
     remote = True
 
     def __init__(self, ray, pg, bundles: list[dict], envs: list[dict], args: list[tuple]):
+        """Start one StageActor per bundle, with its environment and constructor args."""
         self.ray, self.pg = ray, pg
         self.bundles, self.envs, self.args = bundles, envs, args
         self.actors = [self.start_one(i) for i in range(len(bundles))]
@@ -233,13 +235,7 @@ class RayStages:
         pg, bundles, nodes, cores = cls.place(ray, cfg, n, device)
         concurrency = plan_concurrency(nodes, cores, device, cfg.micro_batches, cfg.threads_per_stage)
         envs = [stage_env(device, t == cores[node]) for t, node in zip(concurrency[1], nodes)]
-        return cls.start(ray, pg, bundles, envs, [(args[0], i, device, *args[1:]) for i in range(n)]), device, \
-            concurrency
-
-    @classmethod
-    def start(cls, ray, pg, bundles: list[dict], envs: list[dict], args: list[tuple]) -> "RayStages":
-        """Start one StageActor per bundle, with its environment and constructor args."""
-        return cls(ray, pg, bundles, envs, args)
+        return cls(ray, pg, bundles, envs, [(args[0], i, device, *args[1:]) for i in range(n)]), device, concurrency
 
     def start_one(self, i: int):
         """Start stage ``i``'s actor in its bundle of the placement group."""

@@ -51,6 +51,16 @@ def _distlayer_home(tmp_path_factory):
     os.environ.pop("DISTLAYER_HOME", None)
 
 
+@pytest.fixture(scope="module")
+def ray_per_module():
+    """Shut the private local Ray this module's pipelines started down after its last
+    test (``pytestmark = pytest.mark.usefixtures("ray_per_module")``)."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """``tiny_dir(arch)``: a tiny random checkpoint (with tokenizer) of ``arch``, built once.

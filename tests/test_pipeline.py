@@ -17,16 +17,8 @@ from distlayer import AutoModel, ConfigError, LayerStore, split
 from distlayer.generate import positions_from_mask
 from distlayer.transport import Work
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_per_module")]
 NEW = 6
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _ray():
-    import ray
-
-    yield
-    ray.shutdown()
 
 
 def reference(hf, ids, mask):

@@ -13,16 +13,8 @@ import torch
 from conftest import prompts
 from distlayer import AutoModel, StageError
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_per_module")]
 NEW = 48
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _ray():
-    import ray
-
-    yield
-    ray.shutdown()
 
 
 class KillAt:
