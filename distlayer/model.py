@@ -45,8 +45,9 @@ class AutoModel:
                 ``compression``, ``shards_dir``, ``address``, ``dtype``, ``prefetch``,
                 ``hf_token``, ``device``, ``in_process``, ``placement``, ``stage_resources``,
                 ``cpus_per_stage``, ``threads_per_stage``, ``micro_batches``, ``batch_size``,
-                ``context``, ``transport``. AirLLM's ``layer_shards_saving_path`` is taken as
-                ``shards_dir``.
+                ``context``, ``transport``, ``connect_timeout``, ``gpus_per_stage``, and for
+                lost stages ``step_timeout`` and ``max_restarts`` (README: "When a stage is
+                lost"). AirLLM's ``layer_shards_saving_path`` is taken as ``shards_dir``.
 
         Raises:
             ConfigError: an unknown or bad setting (checked before anything is read or started).
