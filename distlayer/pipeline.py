@@ -292,9 +292,21 @@ class RayStages:
             cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else None
             raise (cause or e) from None
 
-    def describe(self, which: list[int] | None = None) -> list[dict]:
+    def describe(self, which: list[int] | None = None, timeout: float | None = None) -> list[dict]:
         which = range(len(self.actors)) if which is None else which
-        return self.get([self.call_with(self.actors[i], _describe_in_ray) for i in which])
+        return self.get([self.call_with(self.actors[i], _describe_in_ray) for i in which], timeout)
+
+    def no_room(self, which: list[int], plans: list[StagePlan], waited: float) -> StageError:
+        """The error for replacements of stages ``which`` that did not start within ``waited``
+        seconds: what each needs, and what the nodes still alive have free."""
+        alive = [n for n in self.ray.nodes() if n.get("Alive")]
+        free = self.ray.available_resources()
+        needs = "; ".join(f"stage {i} (layers {plans[i].start}-{plans[i].end - 1}, "
+                          f"{plans[i].budget_bytes or 'no'} budget bytes) needs {self.bundles[i]}" for i in which)
+        return StageError(f"{needs}, but no node left has room for it within {waited:g}s (step_timeout): "
+                          f"{len(alive)} node(s) are alive with {{{', '.join(f'{k}: {v:g}' for k, v in free.items() if k in ('CPU', 'GPU'))}}} "
+                          "free. Add a node (`ray start --address ...`), or close the model and load it again with "
+                          "fewer stages or a smaller cpus_per_stage")
 
     def close(self) -> None:
         from ray.util.placement_group import remove_placement_group
@@ -486,10 +498,10 @@ class Pipeline:
         s, deadline = self.stages, time.monotonic() + self.cfg.step_timeout
         while True:
             try:
-                return s.describe(which)
+                return s.describe(which, max(1.0, deadline - time.monotonic()))
             except StageLost:
-                if time.monotonic() > deadline:
-                    raise
+                if time.monotonic() >= deadline:
+                    raise s.no_room(which, self.plan, self.cfg.step_timeout) from None
                 time.sleep(1.0)
                 for i in which:
                     s.replace(i)
@@ -507,7 +519,8 @@ class Pipeline:
     def stats(self) -> list[dict]:
         """One dict per stage: peak_weight_bytes, peak_rss_bytes, load_s, stall_s, compute_s, transfer_s, …"""
         s = self.stages
-        return [{**st, **self.restarts.stats(i)} for i, st in enumerate(s.get([s.call(a, "stats") for a in s.actors]))]
+        stats = s.get([s.call(a, "stats") for a in s.actors], self.cfg.step_timeout if s.remote else None)
+        return [{**st, **self.restarts.stats(i)} for i, st in enumerate(stats)]
 
     def close(self) -> None:
         """Stop the stages (and their actors and placement group)."""

@@ -42,8 +42,6 @@ class RayNodes:
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
-        import json
-
         for i, res in enumerate(resources):
             cmd = [RAY, "start", f"--num-cpus={cpus}", f"--resources={json.dumps(res)}", "--disable-usage-stats"]
             if i == 0:
@@ -89,20 +87,24 @@ class NetnsHosts:
         self.temp = tempfile.mkdtemp(prefix="dlhosts-")
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
                     "RAY_USAGE_STATS_ENABLED": "0"}
-        hide = hide or [[], []]
+        self.hide, self.cpus = hide or [[], []], cpus
         try:
             self._net(tag)
             for i in range(2 if ray else 0):
-                cmd = [RAY, "start", f"--num-cpus={cpus}", f"--resources={json.dumps({f'host_{i}': 1})}",
-                       f"--node-ip-address={self.ips[i]}", "--disable-usage-stats"]
-                cmd += ["--head", f"--port={self.PORT}", f"--temp-dir={self.temp}", "--include-dashboard=false"] \
-                    if i == 0 else [f"--address={self.address}"]
-                out = self.run(i, cmd, hide=hide[i], timeout=180)
-                if out.returncode != 0:
-                    raise RuntimeError(f"{' '.join(cmd)} on host {i} failed:\n{out.stdout}\n{out.stderr}")
+                self.start_node(i)
         except BaseException:
             self.stop()
             raise
+
+    def start_node(self, i: int, cpus: float | None = None) -> None:
+        """``ray start`` host ``i``'s node (the head on host 0), with ``cpus`` CPUs (default: the hosts')."""
+        cmd = [RAY, "start", f"--num-cpus={cpus or self.cpus}", f"--resources={json.dumps({f'host_{i}': 1})}",
+               f"--node-ip-address={self.ips[i]}", "--disable-usage-stats"]
+        cmd += ["--head", f"--port={self.PORT}", f"--temp-dir={self.temp}", "--include-dashboard=false"] \
+            if i == 0 else [f"--address={self.address}"]
+        out = self.run(i, cmd, hide=self.hide[i], timeout=180)
+        if out.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} on host {i} failed:\n{out.stdout}\n{out.stderr}")
 
     def _net(self, tag: str) -> None:
         a, b = f"{tag}v0", f"{tag}v1"
