@@ -1,15 +1,21 @@
-"""Batch jobs: JSONL prompts in, JSONL results out as each batch finishes, resumable.
+"""Batch jobs: JSONL prompts in, JSONL results out as each prompt finishes, resumable.
 
 Input lines are ``{"id": ..., "prompt": "..."}`` or ``{"id": ..., "messages": [...]}``.
 Each output line is one id: ``{"id", "text", "prompt_tokens", "completion_tokens",
 "finish_reason", "seconds"}``, or ``{"id", "line", "error"}`` for a record that cannot
 run. Lines are flushed and fsynced as written.
 
-Resume: the batches are a pure function of the input file and ``batch_size`` (prompts
-sorted by token length, then cut), and a rerun skips every id already in the output.
-A batch that was only partly written is run again whole and only its missing ids are
-written, so every completion comes from the same batch as in an uninterrupted run:
-greedy text is identical, and so is seeded sampling.
+The prompts run on the scheduler (``scheduler.py``), ``batch_size`` rows at a time: a row
+leaves as soon as it stops and the next prompt joins the running batch at once, so the
+pipeline stays full instead of waiting, batch after batch, for each batch's longest row.
+
+Resume: the prompts are sorted by token length and cut into segments of
+:data:`SEGMENT_BATCHES` batches, a pure function of the input file and ``batch_size``.
+A segment is queued on an idle scheduler all at once, so which rows share each step
+depends only on the segment, never on timing. A rerun skips every id already in the
+output; a segment that was only partly written is run again whole and only its missing
+ids are written, so every completion is computed exactly as in an uninterrupted run:
+greedy text is identical, and so is seeded sampling (each prompt has its own generator).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import queue
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -27,7 +34,9 @@ import torch
 
 from .config import JobConfig, load_job_config
 from .errors import ConfigError
-from .generate import cut_at_stop
+from .scheduler import Scheduler
+
+SEGMENT_BATCHES = 8  # batches of prompts per segment: a partly written segment runs again whole
 
 
 @dataclass
@@ -285,34 +294,33 @@ def tokenize(record: Record, tokenizer, chat_template: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def plan_batches(records: list[Record], batch_size: int) -> list[list[Record]]:
-    """Sort by token length (stable) and cut into batches, so padding stays small."""
+def plan_segments(records: list[Record], batch_size: int) -> list[list[Record]]:
+    """Sort by token length (stable, so rows that share steps need little padding) and cut
+    into segments of ``SEGMENT_BATCHES * batch_size`` prompts."""
     ordered = sorted(records, key=lambda r: (len(r.tokens), r.line))
-    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    size = SEGMENT_BATCHES * batch_size
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
-def run_batch(model, batch: list[Record], gen) -> list[dict]:
-    """Generate one left-padded batch; returns one result record per row."""
-    tok = model.tokenizer
-    width = max(len(r.tokens) for r in batch)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((len(batch), width), pad, dtype=torch.long)            # [B, T]
-    mask = torch.zeros((len(batch), width), dtype=torch.long)               # [B, T]
-    for i, r in enumerate(batch):
-        ids[i, width - len(r.tokens):] = torch.tensor(r.tokens)
-        mask[i, width - len(r.tokens):] = 1
+def run_segment(scheduler: Scheduler, segment: list[Record], settings):
+    """Run a segment on an idle scheduler; yields ``(record, result)`` as each finishes."""
+    done: queue.Queue = queue.Queue()
     t0 = time.perf_counter()
-    out = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **dataclasses.asdict(gen))
-    seconds = round(time.perf_counter() - t0, 4)
-    results = []
-    for i, r in enumerate(batch):
-        n = out.completion_tokens[i]
-        text = tok.decode(out.sequences[i, width:width + n], skip_special_tokens=True)
-        text, hit = cut_at_stop(text, gen.stop)
-        reason = "stop" if hit else out.finish_reasons[i]
-        results.append({"id": r.id, "text": text, "prompt_tokens": len(r.tokens), "completion_tokens": n,
-                        "finish_reason": reason, "seconds": seconds})
-    return results
+    requests = scheduler.submit_many([(r.tokens, settings) for r in segment])
+    for record, request in zip(segment, requests):
+        request.listeners.append(lambda kind, value, pair=(record, request): kind != "token" and done.put(pair))
+        if request.done:  # finished before its listener was added
+            done.put((record, request))
+    seen = set()
+    while len(seen) < len(segment):
+        record, request = done.get()
+        if record.key in seen:
+            continue
+        seen.add(record.key)
+        request.result()  # raises the request's error
+        yield record, {"id": record.id, "text": request.text, "prompt_tokens": len(record.tokens),
+                       "completion_tokens": len(request.tokens), "finish_reason": request.finish_reason,
+                       "seconds": round(time.perf_counter() - t0, 4)}
 
 
 def _open_store(cfg: JobConfig, show_split: bool):
@@ -367,7 +375,7 @@ def run_job(path_or_config: str | os.PathLike | JobConfig | dict, progress: bool
     writer = ResultWriter(cfg.output)
     summary = JobSummary(str(cfg.output), len(records), 0, 0, 0, 0, 0.0, writer.repaired)
     mode = _progress_mode(progress)
-    model = bar = None
+    model = bar = scheduler = None
     try:
         pending = [r for r in records if r.key not in writer.done]
         summary.skipped = len(records) - len(pending)
@@ -387,23 +395,23 @@ def run_job(path_or_config: str | os.PathLike | JobConfig | dict, progress: bool
         valid = _tokenize_all([r for r in records if not r.error], tokenizer, store.config, cfg, writer, summary)
         if not valid:
             return summary
-        model = _load_model(cfg, store, min(cfg.batch_size, len(valid)),
-                            max(len(r.tokens) for r in valid) + cfg.generation.max_new_tokens)
+        rows = min(cfg.batch_size, len(valid))
+        context = max(len(r.tokens) for r in valid) + cfg.generation.max_new_tokens
+        model = _load_model(cfg, store, rows, context)
+        scheduler = Scheduler(model, rows, context)
+        settings = model.generation_settings(**dataclasses.asdict(cfg.generation))
         bar = Progress(sum(r.key not in writer.done for r in valid), mode)
-        bar.say(f"{bar.total} prompts to run in batches of {cfg.batch_size}")
-        for batch in plan_batches(valid, cfg.batch_size):
-            todo = {r.key for r in batch if r.key not in writer.done}
-            if not todo:
+        bar.say(f"{bar.total} prompts to run, {rows} at a time")
+        for segment in plan_segments(valid, cfg.batch_size):
+            if all(r.key in writer.done for r in segment):
                 continue
-            results = run_batch(model, batch, cfg.generation)
-            new_tokens = 0
-            for r, res in zip(batch, results):
-                if r.key in todo:
-                    writer.write(res)
-                    summary.completed += 1
-                    new_tokens += res["completion_tokens"]
-            summary.completion_tokens += new_tokens
-            bar.update(len(todo), new_tokens)
+            for r, res in run_segment(scheduler, segment, settings):
+                if r.key in writer.done:
+                    continue
+                writer.write(res)
+                summary.completed += 1
+                summary.completion_tokens += res["completion_tokens"]
+                bar.update(1, res["completion_tokens"])
         if mode == "log":
             bar.say("done: " + bar.line())
         return summary
@@ -411,6 +419,8 @@ def run_job(path_or_config: str | os.PathLike | JobConfig | dict, progress: bool
         summary.seconds = round(time.monotonic() - t0, 3)
         if bar is not None:
             bar.close()
+        if scheduler is not None:
+            scheduler.close()
         if model is not None:
             model.close()
         writer.close()

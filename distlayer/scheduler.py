@@ -206,22 +206,32 @@ class Scheduler:
             ConfigError: an empty prompt, or prompt plus ``max_new_tokens`` over the context.
             DistlayerError: the scheduler stopped (a stage died, or it was closed).
         """
-        if not prompt:
-            raise ConfigError("the prompt has no tokens: write a prompt")
-        if len(prompt) + settings.max_new_tokens > self.context:
-            raise ConfigError(f"the prompt is {len(prompt)} tokens and max_new_tokens is {settings.max_new_tokens}, "
-                              f"{len(prompt) + settings.max_new_tokens} in all, over the context of {self.context}: "
-                              "shorten the prompt or lower max_new_tokens")
-        request = Request(list(prompt), settings)
-        if listener is not None:
-            request.listeners.append(listener)
+        return self.submit_many([(prompt, settings)], listener)[0]
+
+    def submit_many(self, requests: list[tuple[list[int], GenerationConfig]], listener=None) -> list[Request]:
+        """Queue several requests at once (each ``(prompt, settings)``), all before the loop
+        admits any: requests queued together on an idle scheduler are admitted, stepped,
+        joined and left in an order that depends only on them, never on timing, so they
+        compute the same whenever they run. Checks every one before queuing any (see
+        :meth:`submit`)."""
+        made = []
+        for prompt, settings in requests:
+            if not prompt:
+                raise ConfigError("the prompt has no tokens: write a prompt")
+            if len(prompt) + settings.max_new_tokens > self.context:
+                raise ConfigError(f"the prompt is {len(prompt)} tokens and max_new_tokens is "
+                                  f"{settings.max_new_tokens}, {len(prompt) + settings.max_new_tokens} in all, over "
+                                  f"the context of {self.context}: shorten the prompt or lower max_new_tokens")
+            made.append(Request(list(prompt), settings))
+            if listener is not None:
+                made[-1].listeners.append(listener)
         with self._cond:
             if self.failure is not None or self._stopped:
                 raise DistlayerError(f"the scheduler has stopped ({self.failure or 'closed'})")
-            self._waiting.append(request)
-            self._active.add(request)
+            self._waiting.extend(made)
+            self._active.update(made)
             self._cond.notify_all()
-        return request
+        return made
 
     def in_flight(self) -> int:
         """Sequences running or waiting."""

@@ -148,6 +148,7 @@ def test_messages_use_the_chat_template(make_job, tiny_dir, tmp_path):
 
 
 def test_resume_skips_done_ids(make_job, monkeypatch):
+    monkeypatch.setattr(jobs, "SEGMENT_BATCHES", 1)  # segments of one batch of 3, one after another
     rows = sample_prompts(9)
     job = make_job(rows)
     run_job(job, progress=False)
@@ -156,11 +157,11 @@ def test_resume_skips_done_ids(make_job, monkeypatch):
     # Keep the first 4 results (one whole batch of 3, plus one row of the next batch).
     out_path.write_text("".join(json.dumps(r) + "\n" for r in full[:4]))
     ran = []
-    real = jobs.run_batch
-    monkeypatch.setattr(jobs, "run_batch", lambda m, b, g: ran.append([r.id for r in b]) or real(m, b, g))
+    real = jobs.run_segment
+    monkeypatch.setattr(jobs, "run_segment", lambda sc, seg, g: ran.append([r.id for r in seg]) or real(sc, seg, g))
     s = run_job(job, progress=False)
     assert (s.skipped, s.completed) == (4, 5)
-    assert len(ran) == 2                    # the first batch is skipped; the partial one runs again whole
+    assert len(ran) == 2 and len(ran[0]) == 3  # the first segment is skipped; the partial one runs again whole
     after = read_out(out_path)
     assert sorted(r["id"] for r in after) == sorted(r["id"] for r in rows)
     assert {k: v["text"] for k, v in by_id(after).items()} == {k: v["text"] for k, v in by_id(full).items()}
