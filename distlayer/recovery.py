@@ -165,13 +165,16 @@ class Recovering(Transport):
 
     def __init__(self, inner: Transport, pipeline):
         self.inner, self.pipeline = inner, pipeline
-        self.name = inner.name
         self.journal = Journal()
         self.live: dict[str, Handle] = {}  # steps submitted and not yet fetched: key -> the inner handle
         # generate() and a scheduler may share the transport from two threads: the journal,
         # the handles and recovery are changed under this lock; a fetch waits outside it
         self._lock = threading.RLock()
         self._epoch = 0  # recoveries so far: a thread that saw an older transport fail retries on the new one
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
 
     @property
     def timeout(self) -> float | None:
