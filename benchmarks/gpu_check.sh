@@ -72,14 +72,15 @@ fi
 
 # 3. the tests of the GPU path
 if has pytest; then
-    timeout 210 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py --junitxml="$OUT/cuda-tests.xml" \
+    timeout 210 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_compression.py::test_cuda_resident_and_streamed_agree \
+        --junitxml="$OUT/cuda-tests.xml" \
         > "$OUT/cuda-tests.txt" 2>&1
     rc=$?
     tail -n 15 "$OUT/cuda-tests.txt"
     if [ "$rc" -eq 0 ]; then
-        say "tests/test_cuda.py passed: $(grep -Eo '[0-9]+ passed.*' "$OUT/cuda-tests.txt" | tail -n 1)"
+        say "the cuda tests passed: $(grep -Eo '[0-9]+ passed.*' "$OUT/cuda-tests.txt" | tail -n 1)"
     else
-        say "FAILED: tests/test_cuda.py (exit $rc$([ "$rc" -eq 124 ] && echo ', out of time'); cuda-tests.txt)"
+        say "FAILED: the cuda tests (exit $rc$([ "$rc" -eq 124 ] && echo ', out of time'); cuda-tests.txt)"
         STATUS=1
     fi
 else

@@ -149,7 +149,8 @@ class PipelineConfig:
     memory_per_stage: Any = setting(
         "budget per stage for weights, KV cache and activations: a size like 2GiB, bytes, or a list per stage "
         "(default: 90%% of what each stage's device has free)", str)
-    compression: str | None = setting("block-wise compressed shards: 8bit or 4bit (not available yet)", str)
+    compression: str | None = setting(
+        "block-wise compressed shards: 8bit or 4bit (each has its own store; default: none)", str)
     address: str | None = setting(
         'None: a private local Ray; "auto" or host:port: join a `ray start` cluster', str)
     dtype: str | None = setting("compute dtype: float32, float16 or bfloat16 (default: the checkpoint's)", str)
@@ -176,6 +177,9 @@ class PipelineConfig:
     step_timeout: float = setting(
         "seconds the driver waits for a step's result (or a stage's answer) before it takes the stage for hung "
         "and replaces it", float, default=600.0)
+    restart_timeout: float = setting(
+        "seconds a replacement for a lost stage may take to start and load before the loss fails the requests "
+        "in flight (a lost node's stage waits for room on another)", float, default=120.0)
     max_restarts: int = setting(
         "stage replacements allowed within any 10 minutes before a lost stage fails the requests in flight "
         "(0: a lost stage fails them at once)", int, default=3)
@@ -219,6 +223,8 @@ class PipelineConfig:
             raise _bad(p + "connect_timeout", self.connect_timeout, "use a number of seconds above 0, such as 10")
         if not _is_number(self.step_timeout) or not 0 < self.step_timeout < math.inf:
             raise _bad(p + "step_timeout", self.step_timeout, "use a number of seconds above 0, such as 600")
+        if not _is_number(self.restart_timeout) or not 0 < self.restart_timeout < math.inf:
+            raise _bad(p + "restart_timeout", self.restart_timeout, "use a number of seconds above 0, such as 120")
         _check_int(p + "max_restarts", self.max_restarts, minimum=0)
         if self.gpus_per_stage is not None and (not _is_number(self.gpus_per_stage)
                                                 or not 0 < self.gpus_per_stage <= 1):

@@ -46,7 +46,7 @@ class AutoModel:
                 ``hf_token``, ``device``, ``in_process``, ``placement``, ``stage_resources``,
                 ``cpus_per_stage``, ``threads_per_stage``, ``micro_batches``, ``batch_size``,
                 ``context``, ``transport``, ``connect_timeout``, ``gpus_per_stage``, and for
-                lost stages ``step_timeout`` and ``max_restarts`` (README: "When a stage is
+                lost stages ``step_timeout``, ``restart_timeout`` and ``max_restarts`` (README: "When a stage is
                 lost"). AirLLM's ``layer_shards_saving_path`` is taken as ``shards_dir``.
 
         Raises:

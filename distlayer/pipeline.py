@@ -36,7 +36,7 @@ from .recovery import Recovering, Restarts
 from .stage import StageActor
 from .store import LayerStore, open_store
 from .transport import RefTransport, Transport
-from .units import EMBED, HEAD, NORM, layer_unit
+from .units import EMBED, HEAD, NORM, layer_unit, unit_order
 
 # libgomp's spin before an idle OpenMP thread sleeps. CPU stages on one node take
 # turns on its cores, so a stage that just finished must not spin on the cores the
@@ -57,6 +57,7 @@ def model_shape(store: LayerStore, dtype: torch.dtype) -> ModelShape:
         embed=store.unit_bytes(EMBED, dtype), norm=store.unit_bytes(NORM, dtype), head=store.unit_bytes(HEAD, dtype),
         kv_bytes_per_token=2 * heads * head_dim * dtype.itemsize, hidden=text.hidden_size,
         vocab=text.vocab_size, itemsize=dtype.itemsize,
+        read_bytes=tuple(store.read_bytes(u, dtype) for u in unit_order(store.num_layers)),
     )
 
 
@@ -303,7 +304,7 @@ class RayStages:
         free = self.ray.available_resources()
         needs = "; ".join(f"stage {i} (layers {plans[i].start}-{plans[i].end - 1}, "
                           f"{plans[i].budget_bytes or 'no'} budget bytes) needs {self.bundles[i]}" for i in which)
-        return StageError(f"{needs}, but no node left has room for it within {waited:g}s (step_timeout): "
+        return StageError(f"{needs}, but no node left has room for it within {waited:g}s (restart_timeout): "
                           f"{len(alive)} node(s) are alive with {{{', '.join(f'{k}: {v:g}' for k, v in free.items() if k in ('CPU', 'GPU'))}}} "
                           "free. Add a node (`ray start --address ...`), or close the model and load it again with "
                           "fewer stages or a smaller cpus_per_stage")
@@ -488,20 +489,20 @@ class Pipeline:
             p = self.plan[i]
             p.pid, p.node_ip, p.node_id = d.get("pid"), d["node_ip"], d["node_id"]
         fill_stages(s, self.plan, self.store, which=list(lost))  # on another node, its units go there first
-        s.get(survivors + [s.call(s.actors[i], "setup", self.plan[i]) for i in lost], self.cfg.step_timeout)
+        s.get(survivors + [s.call(s.actors[i], "setup", self.plan[i]) for i in lost], self.cfg.restart_timeout)
         return self._connect(), list(lost)
 
     def _replaced(self, which: list[int]) -> list[dict]:
         """What the replacements of stages ``which`` report once they run. A replacement
         placed on a node that was dying (Ray had not yet marked it dead, so its bundle had
-        not moved) is started again, until ``step_timeout``."""
-        s, deadline = self.stages, time.monotonic() + self.cfg.step_timeout
+        not moved) is started again, until ``restart_timeout``."""
+        s, deadline = self.stages, time.monotonic() + self.cfg.restart_timeout
         while True:
             try:
                 return s.describe(which, max(1.0, deadline - time.monotonic()))
             except StageLost:
                 if time.monotonic() >= deadline:
-                    raise s.no_room(which, self.plan, self.cfg.step_timeout) from None
+                    raise s.no_room(which, self.plan, self.cfg.restart_timeout) from None
                 time.sleep(1.0)
                 for i in which:
                     s.replace(i)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .errors import PlanError
-from .units import EMBED, HEAD, NORM, LayerRange, layer_unit
+from .units import EMBED, HEAD, NORM, LayerRange, layer_unit, unit_order
 
 # Share of a device's free memory a stage without a budget takes.
 FREE_FRACTION = 0.9
@@ -80,6 +80,10 @@ def choose_resident(unit_bytes: dict[str, int], budget: int | None, stage: int =
 class ModelShape:
     """What planning needs to know of a model, in its compute dtype.
 
+    A unit costs its weight bytes in memory, whether it stays resident or takes a turn
+    in the streaming window; a streamed unit also costs the bytes each step reads of it,
+    which are fewer for a compressed store (compressed on disk, decoded as it loads).
+
     Attributes:
         layer_bytes: weight bytes of each decoder layer.
         embed, norm, head: weight bytes of those units.
@@ -87,6 +91,8 @@ class ModelShape:
         hidden: hidden size.
         vocab: vocabulary size.
         itemsize: bytes per element of the compute dtype.
+        read_bytes: bytes one read of each unit costs, in forward order (embed, each
+            layer, norm, head); None: its weight bytes.
     """
 
     layer_bytes: tuple[int, ...]
@@ -97,14 +103,22 @@ class ModelShape:
     hidden: int = 0
     vocab: int = 0
     itemsize: int = 4
+    read_bytes: tuple[int, ...] | None = None
 
     def unit_bytes(self, r: LayerRange) -> dict[str, int]:
-        """Bytes of each unit of ``r``, in forward order."""
+        """Weight bytes of each unit of ``r`` in memory, in forward order."""
         units = {EMBED: self.embed} if r.first else {}
         units.update({layer_unit(i): self.layer_bytes[i] for i in range(r.start, r.end)})
         if r.last:
             units.update({NORM: self.norm, HEAD: self.head})
         return units
+
+    def streamed_bytes(self, units: list[str]) -> int:
+        """Bytes a step reads to stream ``units``: :attr:`read_bytes` (compressed, for a
+        compressed store) while memory holds them decoded (:meth:`unit_bytes`)."""
+        costs = self.read_bytes or (self.embed, *self.layer_bytes, self.norm, self.head)
+        index = {u: k for k, u in enumerate(unit_order(len(self.layer_bytes)))}
+        return sum(costs[index[u]] for u in units)
 
     def kv_bytes_per_layer(self, batch_size: int, context: int | None) -> int:
         """KV cache bytes one decoder layer needs for ``batch_size`` sequences of ``context``
@@ -139,7 +153,8 @@ class _Cuts:
             return 0
         if wb < max(u.values()):
             return float("inf")
-        return sum(u.values()) - sum(u[k] for k in choose_resident(u, wb))
+        resident = set(choose_resident(u, wb))
+        return self.shape.streamed_bytes([k for k in u if k not in resident])
 
     def work(self, i: int, a: int, b: int) -> int:
         """Compute of a resident stage, in weight bytes read per token: an embedding lookup
@@ -200,7 +215,7 @@ def plan_stages(shape: ModelShape, budgets: list[int | None], kv_bytes_per_layer
     c = _Cuts(shape, budgets, kv_bytes_per_layer, reserve_bytes)
     if not 1 <= c.s <= c.n:
         raise PlanError(f"stages={c.s}: the model has {c.n} layers, so use 1 to {c.n} stages")
-    total = sum(shape.layer_bytes) + shape.embed + shape.norm + shape.head
+    total = max(sum(shape.layer_bytes) + shape.embed + shape.norm + shape.head, sum(shape.read_bytes or ()))
     if c.greedy(lambda i, a, b: c.streamed(i, a, b) <= total) is None:
         raise _too_small(shape, budgets, kv_bytes_per_layer, reserve_bytes)
     limit = c.least(lambda t: lambda i, a, b: c.streamed(i, a, b) <= t, total)
@@ -314,8 +329,8 @@ class StagePlan:
     reserve_bytes: int = 0          # of the budget, kept for KV cache and activations
     resident_units: list[str] = field(default_factory=list)
     streamed_units: list[str] = field(default_factory=list)
-    resident_bytes: int = 0
-    streamed_bytes: int = 0
+    resident_bytes: int = 0         # weight bytes of the resident units in memory
+    streamed_bytes: int = 0         # bytes a step reads of the streamed units (compressed, in a compressed store)
     store_path: str = ""            # where the stage's node reads its units (set by fill.fill_stages)
     store_source: str = ""          # "node store", "driver path" or "push"
     fetched: list[str] = field(default_factory=list)  # its units pushed from the driver's node at start
@@ -414,6 +429,6 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
         p.resident_units = choose_resident(sizes, p.weight_budget_bytes, i)
         p.streamed_units = [u for u in sizes if u not in p.resident_units]
         p.resident_bytes = sum(sizes[u] for u in p.resident_units)
-        p.streamed_bytes = sum(sizes[u] for u in p.streamed_units)
+        p.streamed_bytes = shape.streamed_bytes(p.streamed_units)
         plans.append(p)
     return Plan(plans, micro)

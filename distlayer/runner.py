@@ -215,7 +215,7 @@ class LayerRunner:
             "peak_weight_bytes": measured.pop("peak_weight_bytes"),
             "budget_bytes": self.budget,
             "resident_bytes": sum(self.unit_bytes[u] for u in self.resident),
-            "streamed_bytes": sum(self.unit_bytes[u] for u in self.streamed),
+            "streamed_bytes": sum(self.store.read_bytes(u, self.dtype) for u in self.streamed),
             "resident_units": list(self.resident),
             "streamed_units": list(self.streamed),
             "kv_bytes": self.kv_bytes(),

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import arch
+from . import arch, quant
 from .errors import ConfigError, StoreError
 from .sources import (MANIFEST, PARTIAL, SHARDS_DIRNAME, UNIT_FILE_RE, WEIGHT_SUFFIXES, Checkpoint, convert_gguf, default_shards_dir,
                       fingerprint_change, resolve_source)
@@ -94,7 +94,8 @@ def split(
     Args:
         model: local HF dir, ``.gguf`` file, or HF repo id.
         out: store directory; default under the model dir or the HF cache.
-        compression: must be None for now (block-wise 8/4-bit is a later feature).
+        compression: None, or ``"8bit"`` / ``"4bit"`` for block-wise compressed weight
+            matrices (``quant.py``); each compression has its own default store.
         token: HF token for gated repos.
         progress: show a progress bar.
         force: split again even if a finished store exists (and whatever it was split from).
@@ -105,19 +106,18 @@ def split(
         The store directory.
 
     Raises:
-        ConfigError: ``compression`` is set.
+        ConfigError: ``compression`` is not None, ``"8bit"`` or ``"4bit"``.
         StoreError: the checkpoint is missing, damaged or incomplete, its model is not
-            supported, ``out`` holds another model's store, or the disk is too full.
+            supported, ``out`` holds another model's store or another compression, or
+            the disk is too full.
     """
-    if compression is not None:
-        raise ConfigError(
-            f"compression={compression!r}: compressed shards are not available in this version; "
-            "leave compression unset"
-        )
+    if compression is not None and compression not in quant.COMPRESSIONS:
+        raise ConfigError(f"compression={compression!r}: use one of {', '.join(quant.COMPRESSIONS)}, "
+                          "or leave it unset for uncompressed shards")
     source = resolve_source(model, token)
     named = out is not None
     out = Path(out).expanduser() if named else default_shards_dir(source, compression)
-    meta = {"source": source.name, "fingerprint": source.fingerprint()}
+    meta = {"source": source.name, "fingerprint": source.fingerprint(), "compression": compression}
     if _reusable(out, meta, named, force, verify):
         return out
     created = not out.exists()
@@ -158,6 +158,12 @@ def _reusable(out: Path, meta: dict, named: bool, force: bool, verify: bool) -> 
         return False
     why = fingerprint_change(recorded.get("fingerprint"), meta["fingerprint"]) if recorded else \
         "its manifest cannot be read"
+    if recorded and not why and recorded.get("compression") != meta["compression"]:
+        if named and not force:
+            raise StoreError(f"{out} holds {compression_name(recorded.get('compression'))} shards of "
+                             f"{meta['source']}, not {compression_name(meta['compression'])} ones: "
+                             f"{compression_advice(recorded.get('compression'), meta['compression'], meta['source'], out)}")
+        why = f"it holds {compression_name(recorded.get('compression'))} shards"
     if why and recorded and named and not force:
         fix = f"distlayer split {shlex.quote(meta['source'])} --out {shlex.quote(str(out))} --force"
         raise StoreError(f"{out} holds the layer store of {recorded.get('source', 'another checkpoint')}, which does not "
@@ -215,7 +221,7 @@ def _split_dir(src: Path, out: Path, progress: bool, meta: dict) -> None:
         done.pop(arch.EMBED, None)  # a tied head needs the embeddings loaded again
     # Sized from the model's own tensors: a tied head is written as its own copy.
     todo_bytes = sum(t.numel() * t.element_size() for u in arch.unit_order(n) if u not in done
-                     for t in arch.unit_params(p, u).values())
+                     for t in arch.unit_params(p, u).values())  # compressed shards take less: an upper bound
     _check_disk(out, todo_bytes)
     _copy_side_files(src, out)
     load = _unit_loader(skeleton, ckpt)
@@ -232,14 +238,16 @@ def _split_dir(src: Path, out: Path, progress: bool, meta: dict) -> None:
             missing = [k for k, t in tensors.items() if t.device.type == "meta"]
             if missing:
                 raise StoreError(f"{src}: no weights found for {missing[:3]} (unit {unit}): the checkpoint is incomplete")
-            done[unit] = _write_unit(out, unit, {k: t.detach() for k, t in tensors.items()})
+            tensors = {k: t.detach() for k, t in tensors.items()}
+            done[unit] = _write_unit(out, unit, tensors) if meta["compression"] is None else \
+                _write_compressed_unit(out, unit, tensors, meta["compression"])
             _write_json(out / PARTIAL, {**meta, "units": list(done.values())})
             if unit != arch.EMBED or arch.HEAD in done:
                 _free_unit(p, unit)
                 if unit == arch.HEAD:
                     _free_unit(p, arch.EMBED)
-    manifest = {"format": FORMAT_VERSION, "model_type": config.model_type, "num_layers": n, "compression": None,
-                **meta, "units": [done[u] for u in arch.unit_order(n)]}
+    manifest = {"format": FORMAT_VERSION, "model_type": config.model_type, "num_layers": n, **meta,
+                "units": [done[u] for u in arch.unit_order(n)]}
     _write_json(out / MANIFEST, manifest)
     (out / PARTIAL).unlink(missing_ok=True)
 
@@ -304,10 +312,29 @@ def _free_unit(p: arch.Parts, unit: str) -> None:
 
 
 def _write_unit(out: Path, unit: str, tensors: dict[str, torch.Tensor]) -> dict:
+    """Write one unit's shard; returns its manifest entry."""
+    return _write_shard(out, unit, tensors, tensors, {})
+
+
+def _write_compressed_unit(out: Path, unit: str, tensors: dict[str, torch.Tensor], compression: str) -> dict:
+    """Write one unit's shard with its weight matrices compressed; returns its manifest entry."""
+    try:
+        stored, layouts = quant.compress_unit(compression, unit, tensors)
+    except ValueError as e:
+        raise StoreError(f"{e}: split it without --compression") from None
+    entry = _write_shard(out, unit, tensors, stored, layouts)
+    entry["stored_bytes"] = sum(t.numel() * t.element_size() for t in stored.values())
+    return entry
+
+
+def _write_shard(out: Path, unit: str, tensors: dict[str, torch.Tensor], stored: dict[str, torch.Tensor],
+                 layouts: dict[str, dict]) -> dict:
+    """Write ``stored`` as the shard of ``unit``; its manifest entry lists ``tensors`` (what
+    the unit decodes to), with the layout of each compressed one."""
     fname = f"{unit}.safetensors"
     tmp = out / (fname + ".tmp")
     try:
-        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp)
+        save_file({k: t.contiguous() for k, t in stored.items()}, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out / fname)
@@ -315,7 +342,7 @@ def _write_unit(out: Path, unit: str, tensors: dict[str, torch.Tensor]) -> dict:
         tmp.unlink(missing_ok=True)
         raise StoreError(f"cannot write {fname} to {out} ({e}): free some disk space (or pass another --out / "
                          "shards_dir) and run the same split again; it resumes after the units already written") from e
-    return {
+    entry = {
         "name": unit,
         "file": fname,
         "bytes": (out / fname).stat().st_size,
@@ -324,6 +351,24 @@ def _write_unit(out: Path, unit: str, tensors: dict[str, torch.Tensor]) -> dict:
         "tensors": {k: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
                     for k, t in tensors.items()},
     }
+    for k, lay in layouts.items():
+        entry["tensors"][k]["compressed"] = lay
+    return entry
+
+
+def compression_name(compression: str | None) -> str:
+    """``"8bit"``, ``"4bit"`` or ``"uncompressed"``, for messages."""
+    return compression or "uncompressed"
+
+
+def compression_advice(held: str | None, want: str | None, source: str, path: Path) -> str:
+    """What to change when a store of ``held`` compression is opened as ``want``."""
+    use = f"compression={held!r} (--compression {held})" if held else "no compression (leave --compression out)"
+    again = f"distlayer split {shlex.quote(source)} --out {shlex.quote(str(path))}" \
+        + (f" --compression {want}" if want else "") + " --force"
+    return (f"ask for {use} to use it; or, for {compression_name(want)} shards, pass another shards_dir "
+            f"(--shards-dir), leave it out to use the model's own {compression_name(want)} store, or rewrite "
+            f"this one with `{again}`")
 
 
 def _unit_file_ok(out: Path, unit, check_sha: bool = False) -> bool:
@@ -370,6 +415,9 @@ class LayerStore:
             self.num_layers = int(self.manifest["num_layers"])
             for u in self.units.values():
                 u["file"], u["bytes"], u["sha256"]  # noqa: B018 (each unit must have them)
+            self.compression = self.manifest.get("compression")
+            if self.compression is not None and self.compression not in quant.COMPRESSIONS:
+                raise ValueError(f"unknown compression {self.compression!r}")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise StoreError(f"{mf} is damaged ({type(e).__name__}: {e}): {self.repair_hint()}") from e
         missing = [u for u in arch.unit_order(self.num_layers) if u not in self.units]
@@ -382,6 +430,13 @@ class LayerStore:
         """What to run to rewrite this store's bad shards."""
         return (f"repair it with `distlayer split {shlex.quote(self.source)} --out {shlex.quote(str(self.path))}` "
                 "(it rewrites only the bad shards)")
+
+    def check_compression(self, compression: str | None) -> None:
+        """Refuse to be opened as a store of another compression than the one it holds."""
+        if compression != self.compression:
+            raise StoreError(f"{self.path} holds {compression_name(self.compression)} shards but compression="
+                             f"{compression!r} was asked for: "
+                             f"{compression_advice(self.compression, compression, self.source, self.path)}")
 
     def check_config(self) -> None:
         """Refuse a manifest whose layer count is not the config's."""
@@ -411,6 +466,12 @@ class LayerStore:
             size = dtype.itemsize if stored.is_floating_point else stored.itemsize
             total += numel * size
         return total
+
+    def read_bytes(self, name: str, dtype: torch.dtype | None = None) -> int:
+        """Bytes one read of the unit costs, counted as :meth:`unit_bytes` counts them in
+        ``dtype`` for an uncompressed unit; for a compressed one, its shard's size."""
+        u = self.units[name]
+        return int(u["bytes"]) if self.compression else self.unit_bytes(name, dtype)
 
     def _check(self, name: str) -> Path:
         u = self.units.get(name)
@@ -449,9 +510,21 @@ class LayerStore:
             tensors = load_file(f, device=str(device))
         except Exception as e:
             raise StoreError(f"shard {f} of unit {name} cannot be read ({e}): split the model again") from e
+        if self.compression:
+            return self._expand(name, f, tensors, dtype)
         if dtype is not None:
             tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
         return tensors
+
+    def _expand(self, name: str, f: Path, stored: dict[str, torch.Tensor], dtype: torch.dtype | None,
+                out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """A compressed unit's tensors decoded from its ``stored`` ones (into ``out``'s
+        tensors, when given)."""
+        try:
+            return quant.expand_unit(stored, self.units[name]["tensors"], dtype, out)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise StoreError(f"shard {f} of unit {name} does not hold what the manifest says ({type(e).__name__}: "
+                             f"{e}): {self.repair_hint()}") from e
 
     def read_into(self, name: str, dtype: torch.dtype | None, out: torch.Tensor,
                   align: int = READ_ALIGN) -> dict[str, torch.Tensor]:
@@ -469,6 +542,8 @@ class LayerStore:
             StoreError: the shard is missing, truncated or corrupt, or ``out`` is too small.
         """
         f = self._check(name)
+        if self.compression:
+            return self._read_compressed_into(name, f, dtype, out, align)
         try:
             with open(f, "rb") as fh:
                 size = int.from_bytes(fh.read(8), "little")
@@ -482,6 +557,25 @@ class LayerStore:
         finally:
             with contextlib.suppress(BufferError):  # a view of the map still alive after an error
                 mapped.close()
+
+    def _read_compressed_into(self, name: str, f: Path, dtype: torch.dtype | None, out: torch.Tensor,
+                              align: int) -> dict[str, torch.Tensor]:
+        """:meth:`read_into` for a compressed unit: its tensors decoded into ``out``."""
+        if self.packed_bytes(name, dtype, align) > out.numel():
+            raise StoreError(f"unit {name} needs more than the {out.numel()} bytes of its buffer: size the buffer "
+                             "with LayerStore.packed_bytes")
+        views, offset = {}, 0
+        for key, t in self.units[name]["tensors"].items():
+            stored = getattr(torch, t["dtype"])
+            want = dtype if dtype is not None and stored.is_floating_point else stored
+            nbytes = math.prod(t["shape"]) * want.itemsize
+            views[key] = out[offset:offset + nbytes].view(want).view(t["shape"])
+            offset += -(-nbytes // align) * align
+        try:
+            stored = load_file(f)
+        except Exception as e:
+            raise StoreError(f"shard {f} of unit {name} cannot be read ({e}): {self.repair_hint()}") from e
+        return self._expand(name, f, stored, dtype, views)
 
     def packed_bytes(self, name: str, dtype: torch.dtype | None = None, align: int = READ_ALIGN) -> int:
         """Bytes :meth:`read_into` needs for unit ``name`` in ``dtype``: each tensor's bytes
@@ -531,7 +625,7 @@ def open_store(
     Args:
         model: a layer store dir, local HF dir, ``.gguf`` file, or HF repo id.
         shards_dir: store directory; default under the model dir or the HF cache.
-        compression: must be None for now.
+        compression: None, ``"8bit"`` or ``"4bit"``: the store must hold that compression.
         token: HF token for gated repos.
         progress: show a progress bar while splitting.
 
@@ -539,12 +633,14 @@ def open_store(
         The opened :class:`LayerStore`.
 
     Raises:
-        StoreError: the checkpoint or store is missing, damaged or incomplete.
+        StoreError: the checkpoint or store is missing, damaged or incomplete, or holds
+            another compression.
     """
     path = Path(model).expanduser()
     if shards_dir is None and path.is_dir() and (path / MANIFEST).is_file():
         store = LayerStore(path)
     else:
         store = LayerStore(split(model, shards_dir, compression, token, progress))
+    store.check_compression(compression)
     store.check_config()
     return store

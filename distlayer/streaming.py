@@ -50,7 +50,9 @@ class HostMemory:
         self.times = {"load_s": 0.0, "stall_s": 0.0, "compute_s": 0.0}
 
     def read(self, unit: str) -> dict[str, torch.Tensor]:
-        """Read a unit from disk into host memory."""
+        """Read a unit from disk into host memory, in the compute dtype; a unit of a
+        compressed store is decoded here, so a streamed one is decoded on the loader
+        thread, off the forward's."""
         t0 = time.perf_counter()
         tensors = self.store.load(unit, self.dtype, "cpu")
         self.times["load_s"] += time.perf_counter() - t0

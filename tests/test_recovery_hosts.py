@@ -37,7 +37,7 @@ LOSE_A_NODE = textwrap.dedent("""
     # half a CPU per stage: the head's host has room for the second stage once it is alone;
     # a whole CPU: it has not
     with AutoModel.from_pretrained(path, stages=2, address=address, placement="spread", cpus_per_stage=%s,
-                                   step_timeout=%d, progress=False) as model:
+                                   restart_timeout=%d, progress=False) as model:
         ids, mask = prompts(1)
         kw = dict(attention_mask=mask, max_new_tokens=%d, min_new_tokens=%d, do_sample=False)
         clean = model.generate(ids, **kw)
@@ -68,7 +68,7 @@ def test_a_lost_node_whose_range_fits_nowhere_is_a_clear_error(hosts):  # noqa: 
 
     if not subprocess.run(["ip", "netns", "pids", hosts.names[1]], capture_output=True, text=True).stdout.split():
         hosts.start_node(1)  # the worker host joins again (the test before killed its node)
-    got = drive(hosts, LOSE_A_NODE % (hosts.names[1], 1, 15, NEW, NEW, NEW // 2), timeout=400)
+    got = drive(hosts, LOSE_A_NODE % (hosts.names[1], 1, 10, NEW, NEW, NEW // 2), timeout=400)
     assert got["killed"] and sorted(got["before"]) == sorted(hosts.ips)
     assert got["out"] is None and got["error"].startswith("StageError: stage 1 (layers"), got["error"]
     assert "no node left has room" in got["error"] and "Add a node" in got["error"], got["error"]

@@ -370,11 +370,11 @@ def test_unsupported_architecture(model_type, tmp_path):
         assert t in msg
 
 
-def test_compression_not_available(tmp_path):
+def test_unknown_compression(tmp_path):
     from distlayer import ConfigError
 
-    with pytest.raises(ConfigError, match="compression='8bit'"):
-        split(tmp_path, compression="8bit")
+    with pytest.raises(ConfigError, match="compression='2bit'"):
+        split(tmp_path, compression="2bit")
 
 
 def test_load_casts_dtype(tmp_path):
