@@ -27,9 +27,10 @@ import math
 
 import torch
 
+from . import config
 from .units import EMBED, HEAD
 
-COMPRESSIONS = ("8bit", "4bit")
+COMPRESSIONS = tuple(c for c in config.COMPRESSIONS if c)  # the settings' list, less "none"
 INT8_BLOCK = 64
 INT4_BLOCK = 32
 INT4_SUPER = 16  # int4 blocks per super-block of float16 scale factors
