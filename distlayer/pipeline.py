@@ -58,6 +58,7 @@ def model_shape(store: LayerStore, dtype: torch.dtype) -> ModelShape:
         kv_bytes_per_token=2 * heads * head_dim * dtype.itemsize, hidden=text.hidden_size,
         vocab=text.vocab_size, itemsize=dtype.itemsize,
         read_bytes=tuple(store.read_bytes(u, dtype) for u in unit_order(store.num_layers)),
+        in_place=store.maps_in_place(dtype),
     )
 
 
@@ -429,7 +430,8 @@ class Pipeline:
         cfg = self.cfg
         n = cfg.stage_count_given()
         if n is not None:  # what can be checked before any stage starts or any weight is read
-            check_stages(model_shape(self.store, self.dtype), cfg.budgets(n), cfg.batch_size, cfg.context)
+            check_stages(model_shape(self.store, self.dtype), cfg.budgets(n), cfg.device or "cpu", cfg.batch_size,
+                         cfg.context)
         args = (str(self.store.path), self.dtype, cfg.prefetch)
         if cfg.runs_in_process:
             device = local_device(cfg)

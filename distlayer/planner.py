@@ -35,18 +35,23 @@ def fmt_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def choose_resident(unit_bytes: dict[str, int], budget: int | None, stage: int = 0) -> list[str]:
+def choose_resident(unit_bytes: dict[str, int], budget: int | None, stage: int = 0,
+                    window: dict[str, int] | None = None) -> list[str]:
     """Pick the units a stage keeps resident within ``budget`` bytes of weights.
 
     Everything stays resident when it fits. Otherwise the rest is streamed, and the
-    budget must also hold the streaming window: two of the largest streamed unit
-    (one running, one prefetched) when they fit, else one. Units are kept resident
-    in forward order, so the first layers of a step never wait on disk.
+    budget must also hold the streaming window: two of the largest piece a streamed
+    unit takes at once (one running, one prefetched) when they fit, else one. Units are
+    kept resident in forward order, so the first layers of a step never wait on disk;
+    a unit read by row (window 0: the embeddings) is never kept, since a step reads
+    only a row of it per token.
 
     Args:
         unit_bytes: bytes of each unit, in forward order.
         budget: bytes of weights the stage may hold; None means unlimited.
         stage: stage index, for error messages.
+        window: bytes a streamed unit takes at once, where not all of it: 0 for one read
+            by row, a chunk's bytes for one streamed in chunks.
 
     Returns:
         The names of the resident units, in forward order.
@@ -54,17 +59,20 @@ def choose_resident(unit_bytes: dict[str, int], budget: int | None, stage: int =
     Raises:
         PlanError: a single unit is larger than the budget.
     """
-    names = list(unit_bytes)
     if budget is None or sum(unit_bytes.values()) <= budget:
-        return names
-    biggest = max(names, key=unit_bytes.__getitem__)
-    if unit_bytes[biggest] > budget:
+        return list(unit_bytes)
+    window = {**unit_bytes, **(window or {})}
+    names = [n for n in unit_bytes if window[n]]  # candidates, in forward order
+    if not names:
+        return []
+    biggest = max(names, key=window.__getitem__)
+    if window[biggest] > budget:
         raise PlanError(
-            f"unit {biggest} needs {fmt_bytes(unit_bytes[biggest])} but stage {stage} has a budget of "
+            f"unit {biggest} needs {fmt_bytes(window[biggest])} but stage {stage} has a budget of "
             f"{fmt_bytes(budget)}: raise memory_per_stage (--memory-per-stage) or add a stage"
         )
-    copies = 2 if 2 * unit_bytes[biggest] <= budget else 1
-    sizes = [unit_bytes[n] for n in names]
+    copies = 2 if 2 * window[biggest] <= budget else 1
+    sizes = [window[n] for n in names]
     suffix_max = sizes[:]
     for k in range(len(sizes) - 2, -1, -1):
         suffix_max[k] = max(sizes[k], suffix_max[k + 1])
@@ -72,8 +80,36 @@ def choose_resident(unit_bytes: dict[str, int], budget: int | None, stage: int =
     for k in range(len(names)):  # the first k units resident, the rest streamed
         if held + copies * suffix_max[k] <= budget:
             best = k
-        held += sizes[k]
+        held += unit_bytes[names[k]]
     return names[:best]
+
+
+def head_chunks(shape: "ModelShape", r: LayerRange) -> int:
+    """How many vocabulary chunks a stage that maps its shards streams its head in: as
+    many as make a chunk no larger than the stage's largest layer (1: whole)."""
+    biggest = max(shape.layer_bytes[r.start:r.end], default=0)
+    if not (r.last and shape.vocab and biggest) or shape.head <= biggest:
+        return 1
+    return min(shape.vocab, -(-shape.head // biggest))
+
+
+def stage_units(shape: "ModelShape", r: LayerRange, budget: int | None, maps: bool, stage: int = 0) -> tuple[list[str], int]:
+    """A stage's resident units, and how many chunks its head streams in.
+
+    A streamed embedding is read by row. A stage that maps its shards (``maps``: a CPU
+    stage of a store it can map in place) streams a head larger than its layers in
+    vocabulary chunks.
+
+    Raises:
+        PlanError: a unit (or chunk) larger than the budget.
+    """
+    sizes = shape.unit_bytes(r)
+    chunks = head_chunks(shape, r) if maps else 1
+    window = {EMBED: 0} if r.first else {}
+    if chunks > 1:
+        window[HEAD] = -(-shape.head * -(-shape.vocab // chunks) // shape.vocab)
+    resident = choose_resident(sizes, budget, stage, window)
+    return resident, chunks if r.last and HEAD not in resident else 1
 
 
 @dataclass(frozen=True)
@@ -93,6 +129,8 @@ class ModelShape:
         itemsize: bytes per element of the compute dtype.
         read_bytes: bytes one read of each unit costs, in forward order (embed, each
             layer, norm, head); None: its weight bytes.
+        in_place: the store's units can be mapped as they are (uncompressed, in the
+            compute dtype), so a CPU stage streams them with no copy.
     """
 
     layer_bytes: tuple[int, ...]
@@ -104,6 +142,7 @@ class ModelShape:
     vocab: int = 0
     itemsize: int = 4
     read_bytes: tuple[int, ...] | None = None
+    in_place: bool = False
 
     def unit_bytes(self, r: LayerRange) -> dict[str, int]:
         """Weight bytes of each unit of ``r`` in memory, in forward order."""
@@ -114,9 +153,12 @@ class ModelShape:
         return units
 
     def streamed_bytes(self, units: list[str]) -> int:
-        """Bytes a step reads to stream ``units``: :attr:`read_bytes` (compressed, for a
-        compressed store) while memory holds them decoded (:meth:`unit_bytes`)."""
-        costs = self.read_bytes or (self.embed, *self.layer_bytes, self.norm, self.head)
+        """Bytes a step reads to stream ``units`` at batch 1: :attr:`read_bytes`
+        (compressed, for a compressed store) while memory holds them decoded
+        (:meth:`unit_bytes`); an embedding is read by row, one row a token."""
+        costs = list(self.read_bytes or (self.embed, *self.layer_bytes, self.norm, self.head))
+        if self.vocab:
+            costs[0] //= self.vocab
         index = {u: k for k, u in enumerate(unit_order(len(self.layer_bytes)))}
         return sum(costs[index[u]] for u in units)
 
@@ -136,8 +178,8 @@ class ModelShape:
 class _Cuts:
     """Per-stage costs of candidate ranges, for :func:`plan_stages`."""
 
-    def __init__(self, shape: ModelShape, budgets: list[int | None], kv_per_layer: int, reserve: int):
-        self.shape, self.budgets, self.kv, self.reserve = shape, budgets, kv_per_layer, reserve
+    def __init__(self, shape: ModelShape, budgets: list[int | None], kv_per_layer: int, reserve: int, maps: bool):
+        self.shape, self.budgets, self.kv, self.reserve, self.maps = shape, budgets, kv_per_layer, reserve, maps
         self.n, self.s = len(shape.layer_bytes), len(budgets)
 
     def units(self, i: int, a: int, b: int) -> dict[str, int]:
@@ -151,9 +193,10 @@ class _Cuts:
         u, wb = self.units(i, a, b), self.weight_budget(i, a, b)
         if wb is None:
             return 0
-        if wb < max(u.values()):
+        try:
+            resident = set(stage_units(self.shape, LayerRange(a, b, i == 0, i == self.s - 1), wb, self.maps)[0])
+        except PlanError:
             return float("inf")
-        resident = set(choose_resident(u, wb))
         return self.shape.streamed_bytes([k for k in u if k not in resident])
 
     def work(self, i: int, a: int, b: int) -> int:
@@ -190,7 +233,7 @@ class _Cuts:
 
 
 def plan_stages(shape: ModelShape, budgets: list[int | None], kv_bytes_per_layer: int = 0,
-                reserve_bytes: int = 0) -> list[tuple[int, int]]:
+                reserve_bytes: int = 0, maps: bool = False) -> list[tuple[int, int]]:
     """Assign each stage a contiguous ``(start, end)`` range of decoder layers.
 
     The first stage also holds the embeddings, the last the final norm and head. Each
@@ -208,11 +251,12 @@ def plan_stages(shape: ModelShape, budgets: list[int | None], kv_bytes_per_layer
         budgets: bytes per stage; None means unlimited.
         kv_bytes_per_layer: KV cache bytes one layer needs for the job's batch and context.
         reserve_bytes: activation bytes each stage keeps free.
+        maps: the stages map their shards (:func:`stage_units`).
 
     Raises:
         PlanError: more stages than layers, or a budget that cannot hold a layer.
     """
-    c = _Cuts(shape, budgets, kv_bytes_per_layer, reserve_bytes)
+    c = _Cuts(shape, budgets, kv_bytes_per_layer, reserve_bytes, maps)
     if not 1 <= c.s <= c.n:
         raise PlanError(f"stages={c.s}: the model has {c.n} layers, so use 1 to {c.n} stages")
     total = max(sum(shape.layer_bytes) + shape.embed + shape.norm + shape.head, sum(shape.read_bytes or ()))
@@ -225,7 +269,8 @@ def plan_stages(shape: ModelShape, budgets: list[int | None], kv_bytes_per_layer
     limit = c.least(lambda t: lambda i, a, b: c.streamed(i, a, b) == 0 and c.work(i, a, b) <= t, total)
     return c.greedy(lambda i, a, b: c.streamed(i, a, b) == 0 and c.work(i, a, b) <= limit)
 
-def check_stages(shape: ModelShape, budgets: list[int | None], batch_size: int = 1, context: int | None = None) -> None:
+def check_stages(shape: ModelShape, budgets: list[int | None], device: str, batch_size: int = 1,
+                 context: int | None = None) -> None:
     """Check what can be checked before any stage starts: the number of stages against
     the layers, and the budgets that are given (others taken as unlimited) against the
     units, KV cache and activations they must hold.
@@ -233,7 +278,14 @@ def check_stages(shape: ModelShape, budgets: list[int | None], batch_size: int =
     Raises:
         PlanError: too many stages, or a budget too small, with what to change.
     """
-    plan_stages(shape, budgets, shape.kv_bytes_per_layer(batch_size, context), shape.activation_bytes(batch_size, context))
+    plan_stages(shape, budgets, shape.kv_bytes_per_layer(batch_size, context), shape.activation_bytes(batch_size, context),
+                maps_shards(shape, device))
+
+
+def maps_shards(shape: ModelShape, device: str) -> bool:
+    """Whether stages on ``device`` map their shards in place: CPU stages of a store that
+    holds its units as they are computed (``ModelShape.in_place``)."""
+    return shape.in_place and device.split(":")[0] == "cpu"
 
 
 def _too_small(shape: ModelShape, budgets, kv: int, reserve: int) -> PlanError:
@@ -331,6 +383,8 @@ class StagePlan:
     streamed_units: list[str] = field(default_factory=list)
     resident_bytes: int = 0         # weight bytes of the resident units in memory
     streamed_bytes: int = 0         # bytes a step reads of the streamed units (compressed, in a compressed store)
+    maps_shards: bool = False       # streams by mapping its shards' pages in and out (a CPU stage, no copy)
+    head_chunks: int = 1            # vocabulary chunks a streamed head runs in
     store_path: str = ""            # where the stage's node reads its units (set by fill.fill_stages)
     store_source: str = ""          # "node store", "driver path" or "push"
     fetched: list[str] = field(default_factory=list)  # its units pushed from the driver's node at start
@@ -419,14 +473,16 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
     context = reserved_context(context, device)
     kv = shape.kv_bytes_per_layer(batch_size, context)
     act = shape.activation_bytes(batch_size, context)
-    cuts = plan_stages(shape, [b for b, _ in budgeted], kv, act)
+    maps = maps_shards(shape, device)
+    cuts = plan_stages(shape, [b for b, _ in budgeted], kv, act, maps)
     micro, stage_threads = concurrency
     plans = []
     for i, ((a, b), (budget, source), site) in enumerate(zip(cuts, budgeted, sites)):
         p = StagePlan(i, a, b, i == len(cuts) - 1, device, site.node_ip, site.node_id, threads=stage_threads[i],
                       budget_bytes=budget, budget_source=source, reserve_bytes=kv * (b - a) + act if budget else 0)
         sizes = shape.unit_bytes(p.layer_range)
-        p.resident_units = choose_resident(sizes, p.weight_budget_bytes, i)
+        p.resident_units, p.head_chunks = stage_units(shape, p.layer_range, p.weight_budget_bytes, maps, i)
+        p.maps_shards = maps
         p.streamed_units = [u for u in sizes if u not in p.resident_units]
         p.resident_bytes = sum(sizes[u] for u in p.resident_units)
         p.streamed_bytes = shape.streamed_bytes(p.streamed_units)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import arch
@@ -22,7 +23,8 @@ from .errors import StoreError
 from .hardware import peak_rss_bytes
 from .planner import StagePlan
 from .store import LayerStore
-from .streaming import HostMemory, Streamer
+from .streaming import HostMemory, MappedMemory, Streamer
+from .units import chunk_unit
 
 # A CPU forward of fewer tokens than this (decode at batch 1 to 7) runs on one thread:
 # its matmuls are too small to split well (measurements: benchmarks/README.md).
@@ -48,6 +50,54 @@ class _Streamed(nn.Module):
             self.runner._evict(self.unit, self.inner)
 
 
+class _ChunkedHead(nn.Module):
+    """A streamed head run in vocabulary chunks: each chunk's rows of the weight arrive,
+    give their share of the logits, and leave, so the head is never held whole."""
+
+    def __init__(self, runner: "LayerRunner", names: list[str], inner: nn.Linear):
+        super().__init__()
+        self.runner, self.names, self.inner = runner, names, inner
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = []
+        for name in self.names:
+            chunk = self.runner._take(name)
+            try:
+                out.append(F.linear(hidden, chunk["lm_head.weight"], chunk.get("lm_head.bias")))
+            finally:
+                self.runner._give_back(name)
+        return torch.cat(out, dim=-1)
+
+
+class _RowEmbedding(nn.Module):
+    """A streamed embedding read by row: a forward looks up only the rows of its token
+    ids in the mapped shard, and the model's own embedding module runs over those rows
+    (any scaling it applies is its own); the pages touched are mapped out after. The
+    rest of the matrix is never read."""
+
+    def __init__(self, inner: nn.Module, store: LayerStore, key: str, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.inner, self.store, self.key = inner, store, key
+        self.mapping = store.map(arch.EMBED, random=True)
+        self.device, self.dtype = device, dtype
+        if getattr(inner, "padding_idx", None) is not None:
+            inner.padding_idx = None  # it indexes the whole matrix, not the rows looked up (and only matters to gradients)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.store.shard(arch.EMBED)  # a shard changed under its map must not be read
+        ids, inverse = torch.unique(input_ids.cpu(), return_inverse=True)
+        try:
+            rows = self.mapping.tensors[self.key][ids].to(self.device, self.dtype)
+        finally:
+            self.mapping.page_out(0, len(self.mapping.map))
+        meta = self.inner.weight
+        self.inner._parameters["weight"] = nn.Parameter(rows, requires_grad=False)
+        try:
+            return self.inner(inverse.to(self.device))
+        finally:
+            self.inner._parameters["weight"] = meta
+
+
 class LayerRunner:
     """Runs one stage's layers on one device within a weight budget.
 
@@ -70,12 +120,26 @@ class LayerRunner:
         self.unit_bytes = {u: store.unit_bytes(u, self.dtype) for u in self.range.units()}
         self.resident = list(plan.resident_units)
         self.streamed = list(plan.streamed_units)
+        self.streamed_bytes = plan.streamed_bytes  # a step's reads, at batch 1 (the planner's count)
         if set(self.resident) | set(self.streamed) != set(self.unit_bytes):
             raise StoreError(f"stage {self.stage}'s plan names units {sorted(set(self.resident) | set(self.streamed))} "
                              f"but its range holds {sorted(self.unit_bytes)}: plan it again for this store")
         self.caches: dict[str, StageCache] = {}
-        memory = CudaMemory if self.device.type == "cuda" else HostMemory
-        self.memory = memory(store, self.dtype, self.device, self.budget, self.unit_bytes, self.stage)
+        # The units the streamer hands over, in step order: an embedding streams by row
+        # instead, and a head in chunks streams chunk by chunk.
+        self.head_chunks = plan.head_chunks if arch.HEAD in self.streamed else 1
+        self.order = [c for u in self.streamed if u != arch.EMBED for c in (
+            [chunk_unit(u, j) for j in range(self.head_chunks)] if u == arch.HEAD and self.head_chunks > 1 else [u])]
+        self._taken: set[str] = set()  # handed to the running forward, not yet given back
+        if plan.maps_shards and self.device.type == "cpu":
+            self.memory = MappedMemory(store, self.dtype, self.device, self.budget, self.unit_bytes, self.stage,
+                                       {arch.HEAD: self.head_chunks} if self.head_chunks > 1 else None)
+        elif self.head_chunks > 1:
+            raise StoreError(f"stage {self.stage}'s plan streams the head in chunks, which only a CPU stage that "
+                             "maps its shards does: plan it again for this store and device")
+        else:
+            memory = CudaMemory if self.device.type == "cuda" else HostMemory
+            self.memory = memory(store, self.dtype, self.device, self.budget, self.unit_bytes, self.stage)
 
         self.model = arch.build_skeleton(config, dtype=self.dtype)
         self.parts = arch.parts(self.model)
@@ -84,8 +148,12 @@ class LayerRunner:
         self._prepare_modules()
         for unit in self.resident:
             self._assign(unit, self.memory.load_resident(unit))
-        self.memory.prepare(self.streamed)
-        self.streamer = Streamer(self.memory, self.streamed, self.stage, prefetch)
+        if isinstance(self.memory, MappedMemory):  # streamed units keep their mapped tensors
+            for unit in self.order:
+                if unit in self.unit_bytes:  # a whole unit, not a chunk
+                    self._assign(unit, self.memory.tensors(unit))
+        self.memory.prepare(self.order)
+        self.streamer = Streamer(self.memory, self.order, self.stage, prefetch)
         self.streamer.start()
 
     # ------------------------------------------------------------------ setup
@@ -100,14 +168,34 @@ class LayerRunner:
             p.model.lm_head = nn.Identity()
         streamed = set(self.streamed)
         if arch.EMBED in streamed:
-            p.base.embed_tokens = _Streamed(self, arch.EMBED, p.base.embed_tokens)
+            self._row_embedding()
         for i in range(r.start, r.end):
             if arch.layer_unit(i) in streamed:
                 p.layers[i] = _Streamed(self, arch.layer_unit(i), p.layers[i])
         if arch.NORM in streamed:
             p.base.norm = _Streamed(self, arch.NORM, p.base.norm)
-        if arch.HEAD in streamed:
+        if arch.HEAD in streamed and self.head_chunks > 1:
+            if not isinstance(p.model.lm_head, nn.Linear):
+                raise StoreError(f"stage {self.stage}'s plan streams the head in chunks but this model's head is a "
+                                 f"{type(p.model.lm_head).__name__}, not a Linear: give the stage a budget that "
+                                 "holds the head whole")
+            p.model.lm_head = _ChunkedHead(self, self.order[-self.head_chunks:], p.model.lm_head)
+        elif arch.HEAD in streamed:
             p.model.lm_head = _Streamed(self, arch.HEAD, p.model.lm_head)
+
+    def _row_embedding(self) -> None:
+        """Make the streamed embedding one read by row; the embed unit's other tensors,
+        if any, are kept as views of its mapped shard."""
+        key = "model.embed_tokens.weight"
+        rows = _RowEmbedding(self.parts.base.embed_tokens, self.store, key, self.device, self.dtype)
+        tensors = rows.mapping.tensors
+        if key not in tensors:
+            raise StoreError(f"the embed unit of {self.store.path} has no {key}: the store does not match this model")
+        others = {k: t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device)
+                  for k, t in tensors.items() if k != key}
+        if others:
+            self.model.load_state_dict(others, strict=False, assign=True)
+        self.parts.base.embed_tokens = rows
 
     def _module(self, unit: str) -> nn.Module:
         p = self.parts
@@ -130,22 +218,34 @@ class LayerRunner:
 
     # ------------------------------------------------------------------ streaming
 
+    def _take(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors of the streamed unit or chunk the forward runs next."""
+        tensors = self.streamer.take(name)
+        self._taken.add(name)
+        return tensors
+
+    def _give_back(self, name: str) -> None:
+        self._taken.discard(name)
+        self.streamer.release(name)
+
     def _materialize(self, unit: str, module: nn.Module) -> None:
-        self._assign(unit, self.streamer.take(unit), module)
+        tensors = self._take(unit)
+        if not isinstance(self.memory, MappedMemory):  # mapped units keep their tensors
+            self._assign(unit, tensors, module)
 
     def _evict(self, unit: str, module: nn.Module) -> None:
-        _to_meta(module)
-        self.streamer.release(unit)
+        if not isinstance(self.memory, MappedMemory):
+            _to_meta(module)
+        self._give_back(unit)
 
     def _resync_stream(self) -> None:
         """After a failed forward the prefetch order is lost: restart it at the step's start."""
         self.streamer.stop()
-        dropped = []
-        for unit in self.streamed:  # drop any unit left materialized
-            mod = self._module(unit)
-            if any(t.device.type != "meta" for t in mod.parameters()):
-                _to_meta(mod)
-                dropped.append(unit)
+        dropped = sorted(self._taken)  # taken and never given back
+        self._taken.clear()
+        if not isinstance(self.memory, MappedMemory):
+            for unit in dropped:
+                _to_meta(self._module(unit))
         self.streamer.restart(dropped)
 
     # ------------------------------------------------------------------ running
@@ -215,7 +315,7 @@ class LayerRunner:
             "peak_weight_bytes": measured.pop("peak_weight_bytes"),
             "budget_bytes": self.budget,
             "resident_bytes": sum(self.unit_bytes[u] for u in self.resident),
-            "streamed_bytes": sum(self.store.read_bytes(u, self.dtype) for u in self.streamed),
+            "streamed_bytes": self.streamed_bytes,
             "resident_units": list(self.resident),
             "streamed_units": list(self.streamed),
             "kv_bytes": self.kv_bytes(),

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from . import arch, quant
 from .errors import ConfigError, StoreError
+from .pages import Mapping
 from .sources import (MANIFEST, PARTIAL, SHARDS_DIRNAME, UNIT_FILE_RE, WEIGHT_SUFFIXES, Checkpoint, convert_gguf, default_shards_dir,
                       fingerprint_change, resolve_source)
 
@@ -473,7 +474,15 @@ class LayerStore:
         u = self.units[name]
         return int(u["bytes"]) if self.compression else self.unit_bytes(name, dtype)
 
-    def _check(self, name: str) -> Path:
+    def shard(self, name: str, sha: bool = True) -> Path:
+        """Unit ``name``'s shard file, checked: it exists and has the manifest's size; its
+        sha256 matches on first use and whenever its size, time or inode changed since
+        (unless ``sha`` is False: a map made now, checked as its pages are read).
+
+        Raises:
+            StoreError: the shard is missing, truncated, replaced or corrupt, with the
+                command that repairs it.
+        """
         u = self.units.get(name)
         if u is None:
             raise StoreError(f"unit {name!r} is not in {self.path / MANIFEST}: the store does not match this model")
@@ -489,7 +498,7 @@ class LayerStore:
                 f"the file is truncated or overwritten; {again}"
             )
         seen = (st.st_size, st.st_mtime_ns, st.st_ino)
-        if self._verified.get(name) != seen:  # first load, or the file changed since it was checked
+        if sha and self._verified.get(name) != seen:  # first load, or the file changed since it was checked
             if _sha256(f) != u["sha256"]:
                 with self._lock:
                     self._verified.pop(name, None)
@@ -505,7 +514,7 @@ class LayerStore:
         Raises:
             StoreError: the shard is missing, truncated or corrupt.
         """
-        f = self._check(name)
+        f = self.shard(name)
         try:
             tensors = load_file(f, device=str(device))
         except Exception as e:
@@ -541,15 +550,14 @@ class LayerStore:
         Raises:
             StoreError: the shard is missing, truncated or corrupt, or ``out`` is too small.
         """
-        f = self._check(name)
+        f = self.shard(name)
         if self.compression:
             return self._read_compressed_into(name, f, dtype, out, align)
+        size, header = self._header(name, f)
         try:
             with open(f, "rb") as fh:
-                size = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(size))
                 mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-        except (OSError, ValueError) as e:
+        except OSError as e:
             raise StoreError(f"shard {f} of unit {name} cannot be read ({e}): {self.repair_hint()}") from e
         try:
             mapped.madvise(mmap.MADV_SEQUENTIAL)
@@ -557,6 +565,53 @@ class LayerStore:
         finally:
             with contextlib.suppress(BufferError):  # a view of the map still alive after an error
                 mapped.close()
+
+    def _header(self, name: str, f: Path) -> tuple[int, dict]:
+        """A shard's safetensors header: its length in bytes, and the header itself."""
+        try:
+            with open(f, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                return size, json.loads(fh.read(size))
+        except (OSError, ValueError) as e:
+            raise StoreError(f"shard {f} of unit {name} cannot be read ({e}): {self.repair_hint()}") from e
+
+    def maps_in_place(self, dtype: torch.dtype | None) -> bool:
+        """Whether :meth:`map` can give this store's units in ``dtype``: they are stored
+        uncompressed, their floating tensors in ``dtype``."""
+        if self.compression:
+            return False
+        floating = [t["dtype"] for u in self.units.values() for t in u["tensors"].values()
+                    if getattr(torch, t["dtype"]).is_floating_point]
+        return dtype is None or all(d == str(dtype).removeprefix("torch.") for d in floating)
+
+    def map(self, name: str, random: bool = False) -> Mapping:
+        """Unit ``name``'s shard mapped into memory, its tensors as views of the map, in
+        the stored dtype: no copy; the page cache's pages are the tensors (see
+        ``pages.py``). ``random``: rows are read here and there (the embeddings).
+        Its sha256 is not read here: call :meth:`shard` before each use of its pages.
+
+        Raises:
+            StoreError: the shard is missing, truncated or corrupt, or compressed (a
+                compressed store's embeddings are kept as they are, and map).
+        """
+        f = self.shard(name, sha=False)
+        size, header = self._header(name, f)
+        listed = self.units[name]["tensors"]
+        if set(header) - {"__metadata__"} != set(listed) or any(
+                SAFETENSORS_DTYPES.get(header[k]["dtype"]) != getattr(torch, t["dtype"]) for k, t in listed.items()):
+            raise StoreError(f"unit {name} of {self.path} is stored compressed: it cannot be mapped, load it instead")
+        specs = {}
+        for key, spec in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = SAFETENSORS_DTYPES.get(spec["dtype"])
+            if dtype is None:
+                raise StoreError(f"unit {name}: tensor {key} has dtype {spec['dtype']}, which distlayer cannot stream")
+            specs[key] = (dtype, tuple(spec["shape"]), *spec["data_offsets"])
+        try:
+            return Mapping(f, 8 + size, specs, random)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise StoreError(f"shard {f} of unit {name} cannot be mapped ({e}): {self.repair_hint()}") from e
 
     def _read_compressed_into(self, name: str, f: Path, dtype: torch.dtype | None, out: torch.Tensor,
                               align: int) -> dict[str, torch.Tensor]:

@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from .errors import StageError
+from .errors import StageError, StoreError
+from .units import chunk_rows, chunk_unit
 
 # How often a forward that waits for a unit checks that the loader thread still runs.
 LOADER_CHECK_S = 1.0
@@ -85,18 +86,29 @@ class HostMemory:
         room must be there.
         """
         nbytes = self.unit_bytes[unit]
-        with self.cond:
-            while stopped is not None and self.budget is not None and self.held + nbytes > self.budget \
-                    and not stopped.is_set():
-                self.cond.wait(0.5)
-            if stopped is not None and stopped.is_set():
-                return None
-            self.hold(nbytes)
+        while True:
+            self.reclaim()
+            with self.cond:
+                if stopped is not None and stopped.is_set():
+                    return None
+                if stopped is None or self.budget is None or self.held + nbytes <= self.budget:
+                    self.hold(nbytes)
+                    break
+                if not self.pending():
+                    self.cond.wait(0.5)
         try:
             return self.read(unit)
         except BaseException:
             self.free(nbytes)
             raise
+
+    def reclaim(self) -> None:
+        """Finish giving back what forwards released (nothing to do here: host tensors go
+        with their last reference)."""
+
+    def pending(self) -> bool:
+        """Whether something released awaits :meth:`reclaim`."""
+        return False
 
     def wait_mark(self) -> float:
         """When a forward starts waiting for a unit."""
@@ -148,6 +160,119 @@ class HostMemory:
 
     def close(self) -> None:
         """Nothing to free: host tensors go with their last reference."""
+
+
+class MappedMemory(HostMemory):
+    """A CPU stage that streams an uncompressed store in its stored dtype: every streamed
+    unit is mapped once (``LayerStore.map``) and its tensors stay the module's for the
+    stage's lifetime; loading a unit maps its pages in, and once a forward released it
+    the loader thread maps them out (see ``pages.py``) before counting its bytes free,
+    so the budget bounds the bytes mapped in at once. Nothing is copied.
+
+    Args:
+        chunks: units streamed in chunks, and how many (the head, cut along its rows,
+            the vocabulary); each chunk ``units.chunk_unit(unit, j)`` streams on its own.
+        Others as :class:`HostMemory`.
+    """
+
+    def __init__(self, store, dtype: torch.dtype, device: torch.device, budget: int | None,
+                 unit_bytes: dict[str, int], stage: int, chunks: dict[str, int] | None = None):
+        super().__init__(store, dtype, device, budget, dict(unit_bytes), stage)
+        self.maps: dict[str, object] = {}  # unit -> pages.Mapping
+        self.outgoing: list[str] = []  # released by forwards, to be mapped out by the loader
+        self.pieces: dict[str, tuple[str, tuple[int, int], bool]] = {}  # chunk -> (unit, rows, last)
+        for unit, n in (chunks or {}).items():
+            for j in range(n):
+                name, rows = chunk_unit(unit, j), chunk_rows(self._rows(unit), n, j)
+                self.pieces[name] = (unit, rows, j == n - 1)
+                self.unit_bytes[name] = sum(t.nbytes for t in self.tensors(name).values())
+
+    def mapping(self, unit: str):
+        """Unit ``unit``'s shard, mapped (once)."""
+        if unit not in self.maps:
+            self.maps[unit] = self.store.map(unit)
+        return self.maps[unit]
+
+    def _rows(self, unit: str) -> int:
+        """Rows of a chunked unit: its tensors with that many rows are cut, others whole."""
+        return max(t.shape[0] for t in self.mapping(unit).tensors.values() if t.dim())
+
+    def _cut(self, unit: str, t: torch.Tensor) -> bool:
+        return t.dim() > 0 and t.shape[0] == self._rows(unit)
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors of a streamed unit or chunk: views of its mapped shard, valid for
+        the stage's lifetime (they are the module's; only their pages come and go)."""
+        if name not in self.pieces:
+            return self.mapping(name).tensors
+        unit, (a, b), _ = self.pieces[name]
+        return {k: t[a:b] if self._cut(unit, t) else t for k, t in self.mapping(unit).tensors.items()}
+
+    def _spans(self, name: str):
+        """The mapping of a streamed unit or chunk, and the file byte ranges it reads."""
+        if name not in self.pieces:
+            m = self.mapping(name)
+            return m, [(0, len(m.map))]
+        unit, rows, _ = self.pieces[name]
+        m = self.mapping(unit)
+        return m, [m.span(k, rows if self._cut(unit, t) else None) for k, t in m.tensors.items()]
+
+    def read(self, name: str) -> dict[str, torch.Tensor]:
+        """Map a unit's (or chunk's) pages in, reading from disk what the page cache lacks.
+
+        Raises:
+            StoreError: its shard changed on disk since it was checked (truncated or
+                corrupt), or cannot be read.
+        """
+        t0 = time.perf_counter()
+        unit = self.pieces[name][0] if name in self.pieces else name
+        self.store.shard(unit)  # a shard truncated under its map must not be touched
+        m, spans = self._spans(name)
+        try:
+            for lo, hi in spans:
+                m.page_in(lo, hi)
+        except OSError as e:
+            raise StoreError(f"unit {unit} of {self.store.path} cannot be read ({e}): "
+                             f"{self.store.repair_hint()}") from e
+        self.times["load_s"] += time.perf_counter() - t0
+        return self.tensors(name)
+
+    def _page_out(self, name: str) -> None:
+        m, spans = self._spans(name)
+        if name in self.pieces and self.pieces[name][2]:
+            # the last chunk: the whole shard, with what the kernel mapped in around earlier chunks
+            spans = [(0, len(m.map))]
+        for lo, hi in spans:
+            m.page_out(lo, hi)
+
+    def release(self, name: str) -> None:
+        """A forward is done with ``name``: the loader thread maps its pages out (off the
+        forward's thread) and only then counts its bytes free."""
+        with self.cond:
+            self.outgoing.append(name)
+            self.cond.notify_all()
+
+    def pending(self) -> bool:
+        return bool(self.outgoing)
+
+    def reclaim(self) -> None:
+        """Map out the pages of what forwards released, then count their bytes free."""
+        with self.cond:
+            names, self.outgoing = self.outgoing, []
+        for name in names:
+            self._page_out(name)
+            self.free(self.unit_bytes[name])
+
+    def discard(self, name: str, loaded) -> None:
+        """Give back a unit mapped in that no forward took."""
+        self._page_out(name)
+        self.free(self.unit_bytes[name])
+
+    def close(self) -> None:
+        """Map every page out (the maps themselves go with the last tensor viewing them)."""
+        self.reclaim()
+        for m in self.maps.values():
+            m.page_out(0, len(m.map))
 
 
 class Streamer:

@@ -35,3 +35,15 @@ class LayerRange:
         """The stage's units in forward order."""
         return ([EMBED] if self.first else []) + [layer_unit(i) for i in range(self.start, self.end)] \
             + ([NORM, HEAD] if self.last else [])
+
+
+def chunk_unit(unit: str, index: int) -> str:
+    """Name of chunk ``index`` of a unit streamed in chunks (the head, in vocabulary chunks)."""
+    return f"{unit}:{index}"
+
+
+def chunk_rows(rows: int, chunks: int, index: int) -> tuple[int, int]:
+    """Rows ``[a, b)`` of chunk ``index`` when ``rows`` rows are cut into ``chunks`` chunks:
+    every chunk but the last has ``ceil(rows / chunks)`` rows."""
+    size = -(-rows // chunks)
+    return min(rows, index * size), min(rows, (index + 1) * size)

@@ -28,7 +28,7 @@ import torch
 
 from conftest import prompts
 from distlayer import AutoModel, LayerStore, StageError, split
-from distlayer import cuda_stream, runner
+from distlayer import cuda_stream, planner, runner
 from distlayer.config import PipelineConfig
 from distlayer.errors import ConfigError, StoreError
 from distlayer.pipeline import model_shape
@@ -177,6 +177,7 @@ def stand_in_cuda(monkeypatch):
         monkeypatch.setattr(torch.cuda, name, value)
     monkeypatch.setattr(cuda_stream, "pinned_empty", lambda shape, dtype: torch.empty(shape, dtype=dtype))
     monkeypatch.setattr(runner, "HostMemory", cuda_stream.CudaMemory)
+    monkeypatch.setattr(planner, "maps_shards", lambda shape, device: False)  # as a GPU stage: no mapped shards
 
 
 @pytest.mark.parametrize("arch, stages, units", [

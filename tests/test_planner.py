@@ -107,9 +107,15 @@ def test_plan_pipeline_reserves_kv_and_streams_what_does_not_fit():
         assert p.resident_units + p.streamed_units == p.layer_range.units()
         assert p.resident_bytes + p.streamed_bytes == sum(SHAPE.unit_bytes(p.layer_range).values())
     tight = plan_pipeline(SHAPE, ONE_NODE, [45, 45], "cpu", (1, [2, 2]))
-    for p in tight.stages:  # 45 B cannot hold a whole stage: it streams, within the budget
-        largest = max(SHAPE.unit_bytes(p.layer_range)[u] for u in p.streamed_units)
-        assert p.streamed_units and p.resident_bytes + largest <= 45
+    # 45 B cannot hold the model's 101: the first stage streams, within the budget, and
+    # reads its embedding by row (a step reads one 2-byte row of it, not its 20 bytes)
+    first, last = tight.stages
+    assert "embed" in first.streamed_units and "embed" not in first.resident_units
+    assert first.streamed_bytes == 2 + 10 * (len(first.streamed_units) - 1)
+    for p in tight.stages:
+        assert sorted(p.resident_units + p.streamed_units) == sorted(p.layer_range.units())
+        window = max((SHAPE.unit_bytes(p.layer_range)[u] for u in p.streamed_units if u != "embed"), default=0)
+        assert p.resident_bytes + 2 * window <= 45
     with pytest.raises(PlanError, match="KV cache"):
         plan_pipeline(SHAPE, ONE_NODE, [60, 60], "cpu", (1, [2, 2]), batch_size=8, context=64)
 

@@ -8,7 +8,8 @@ import pytest
 
 from distlayer import PlanError
 from distlayer.config import parse_bytes
-from distlayer.planner import choose_resident, fmt_bytes
+from distlayer.planner import ModelShape, choose_resident, fmt_bytes, stage_units
+from distlayer.units import LayerRange
 
 # embed 10, four layers of 20, norm 1, head 10: 101 bytes in all
 UNITS = {"embed": 10, "layer.0": 20, "layer.1": 20, "layer.2": 20, "layer.3": 20, "norm": 1, "head": 10}
@@ -112,3 +113,37 @@ def test_parse_bytes_rejects(text):
 ])
 def test_fmt_bytes(n, text):
     assert fmt_bytes(n) == text
+
+
+@pytest.mark.parametrize("budget, window, resident", [
+    # the embeddings read by row take no room and are never kept (unless everything fits)
+    (101, {"embed": 0}, ORDER),
+    (90, {"embed": 0}, ORDER[1:3]),      # two layers + two slots of 20; the embeddings' 10 bytes go to nothing
+    (70, {"embed": 0}, ORDER[1:2]),      # 20 + 40
+    (40, {"embed": 0}, []),
+    # a head streamed in chunks of 5 (and a layer of 20 still the largest piece)
+    (89, {"embed": 0, "head": 5}, ORDER[1:3]),
+    # every layer and the norm resident: the window is two of the head's 5-byte chunks
+    (91, {"embed": 0, "head": 5}, ORDER[1:6]),   # 81 resident + 2 * 5
+])
+def test_choose_resident_with_windows(budget, window, resident):
+    assert choose_resident(UNITS, budget, window=window) == resident
+
+
+SHAPE = ModelShape((20,) * 4, embed=40, norm=1, head=40, hidden=4, vocab=10, itemsize=1)
+
+
+@pytest.mark.parametrize("r, budget, maps, resident, chunks", [
+    # a stage that maps its shards cuts a 40-byte head into chunks no larger than a 20-byte layer
+    (LayerRange(0, 4, True, True), 100, True, ["layer.0", "layer.1", "layer.2"], 2),
+    # without maps (a GPU, a compressed store) the head streams whole: two 40-byte slots and one layer
+    (LayerRange(0, 4, True, True), 100, False, ["layer.0"], 1),
+    # a resident head is not cut
+    (LayerRange(2, 4, False, True), 200, True, ["layer.2", "layer.3", "norm", "head"], 1),
+    # a first stage: the embeddings never stay when layers stream
+    (LayerRange(0, 2, True, False), 60, True, ["layer.0"], 1),
+    # no layers to size chunks by: the head is whole
+    (LayerRange(4, 4, False, True), 100, True, ["norm", "head"], 1),
+])
+def test_stage_units(r, budget, maps, resident, chunks):
+    assert stage_units(SHAPE, r, budget, maps) == (resident, chunks)

@@ -53,13 +53,14 @@ _EXTRA = {
 }
 
 
-def tiny_config(arch: str, num_layers: int = 4, tie: bool | None = None):
+def tiny_config(arch: str, num_layers: int = 4, tie: bool | None = None, vocab: int | None = None):
     """Builds the tiny config for an architecture.
 
     Args:
         arch: One of :data:`ARCHS` (a transformers ``model_type``).
         num_layers: Number of decoder layers.
         tie: Force ``tie_word_embeddings``; ``None`` keeps the architecture's default.
+        vocab: vocabulary size (default 320).
 
     Returns:
         A ``PretrainedConfig`` instance.
@@ -69,10 +70,13 @@ def tiny_config(arch: str, num_layers: int = 4, tie: bool | None = None):
     kwargs = {**_COMMON, **_EXTRA[arch], "num_hidden_layers": num_layers}
     if tie is not None:
         kwargs["tie_word_embeddings"] = tie
+    if vocab is not None:
+        kwargs["vocab_size"] = vocab
     return AutoConfig.for_model(arch, **kwargs)
 
 
-def build_tiny(arch: str, seed: int = 0, num_layers: int = 4, tie: bool | None = None, std: float = 0.2):
+def build_tiny(arch: str, seed: int = 0, num_layers: int = 4, tie: bool | None = None, std: float = 0.2,
+               vocab: int | None = None):
     """Instantiates a tiny random float32 model (not saved).
 
     Matrices (and stacked expert tensors) are drawn from N(0, std); 1-D parameters
@@ -86,11 +90,12 @@ def build_tiny(arch: str, seed: int = 0, num_layers: int = 4, tie: bool | None =
         num_layers: Number of decoder layers.
         tie: Force ``tie_word_embeddings``; ``None`` keeps the architecture's default.
         std: Standard deviation for >=2-D weights.
+        vocab: vocabulary size (default 320).
 
     Returns:
         The model in eval mode.
     """
-    cfg = tiny_config(arch, num_layers, tie)
+    cfg = tiny_config(arch, num_layers, tie, vocab)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
@@ -108,7 +113,8 @@ def build_tiny(arch: str, seed: int = 0, num_layers: int = 4, tie: bool | None =
     return model.eval()
 
 
-def make_tiny(arch: str, path, seed: int = 0, num_layers: int = 4, tie: bool | None = None) -> pathlib.Path:
+def make_tiny(arch: str, path, seed: int = 0, num_layers: int = 4, tie: bool | None = None,
+              vocab: int | None = None) -> pathlib.Path:
     """Saves a tiny random checkpoint (single ``model.safetensors``).
 
     Args:
@@ -117,12 +123,13 @@ def make_tiny(arch: str, path, seed: int = 0, num_layers: int = 4, tie: bool | N
         seed: Weight seed.
         num_layers: Number of decoder layers.
         tie: Force ``tie_word_embeddings``; ``None`` keeps the architecture's default.
+        vocab: vocabulary size (default 320).
 
     Returns:
         ``path`` as a ``pathlib.Path``.
     """
     path = pathlib.Path(path)
-    build_tiny(arch, seed, num_layers, tie).save_pretrained(path)
+    build_tiny(arch, seed, num_layers, tie, vocab=vocab).save_pretrained(path)
     return path
 
 
