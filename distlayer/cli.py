@@ -1,7 +1,7 @@
 """``distlayer`` command line: one thin verb per job over the library.
 
-Verbs: ``split``, ``plan``, ``generate``, ``serve``, ``run``, ``demo``. Errors distlayer raises on
-bad input are printed as ``error: ...`` with exit status 2.
+Verbs: ``split``, ``plan``, ``generate``, ``serve``, ``run``, ``demo``, ``bench``. Errors
+distlayer raises on bad input are printed as ``error: ...`` with exit status 2.
 """
 
 from __future__ import annotations
@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description=f"Prepare SmolLM2-135M-Instruct (converted and split once, then cached), start "
                                    f"a 2-stage pipeline, ask {DEMO_QUESTION!r}, then print the plan and per-stage stats.")
     p.set_defaults(func=cmd_demo)
+
+    _add_bench_verb(sub)
     return parser
 
 
@@ -141,6 +143,71 @@ def _add_serve_verb(sub) -> None:
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL's name)")
     add_settings_flags(p, PipelineConfig)
     p.set_defaults(func=cmd_serve)
+
+
+def _budget(text: str):
+    """A ``--budgets`` entry: ``resident``, or a share of the weights above 0 and at most 1."""
+    if text == "resident":
+        return text
+    try:
+        share = float(text)
+    except ValueError:
+        share = None
+    if share is None or not 0 < share <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a budget: write a share of the model's weights per stage "
+                                         "above 0 and at most 1, such as 0.25, or 'resident'")
+    return share
+
+
+def _at_least(low: int):
+    """An argparse type for whole numbers at least ``low``."""
+    def whole(text: str) -> int:
+        value = _cli_type(int)(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is too small: write {low} or more")
+        return value
+
+    return whole
+
+
+def _add_bench_verb(sub) -> None:
+    """The ``bench`` verb's parser; its defaults are :class:`distlayer.bench.Options`'."""
+    from .bench import MODES, SYSTEMS, Options
+
+    d = Options()
+    p = sub.add_parser("bench", help="tokens/s against transformers, accelerate offload and AirLLM, warm and cold",
+                       description="Time greedy decoding of the same prompts on transformers with all weights in "
+                                   "memory, accelerate's disk offload, AirLLM (when installed) and distlayer "
+                                   "(in-process and Ray stages, resident and streaming within a share of the "
+                                   "weights per stage), with the page cache warm and cold (every file a system "
+                                   "reads dropped at every token). Runs take turns. Each streaming row is set "
+                                   "against its roofline: the bytes a step streams over the read bandwidth of the "
+                                   "same files, measured in the same run. Writes bench.json, bench.md and bench.png "
+                                   "into --out and prints the table.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None,
+                     help='HF repo id, local model dir, .gguf file, or "default" (SmolLM2-135M-Instruct, '
+                          'the default)')
+    src.add_argument("--synthetic", metavar="SIZE", default=None,
+                     help="a random-weight Llama of about SIZE parameters (1B, 50M, 7M), built once and reused")
+    p.add_argument("--synthetic-dir", metavar="DIR", default=None,
+                   help="where --synthetic models are kept (default: $DISTLAYER_HOME/synthetic)")
+    p.add_argument("--out", metavar="DIR", default=d.out, help=f"where the results go (default: ./{d.out})")
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(d.systems), metavar="SYSTEM",
+                   help=f"systems to run: {', '.join(SYSTEMS)} (default: all)")
+    p.add_argument("--stages", nargs="+", type=_cli_type(int), default=list(d.stages), metavar="N",
+                   help="distlayer stage counts; 0 is one stage in this process without Ray (default: 0 1 2)")
+    p.add_argument("--budgets", nargs="+", type=_budget, default=list(d.budgets), metavar="BUDGET",
+                   help="'resident', or shares of the weights per stage (default: resident 0.5 0.25 0.1)")
+    p.add_argument("--batches", nargs="+", type=_at_least(1), default=list(d.batches), metavar="B",
+                   help="batch sizes (default: 1 16)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(d.modes), metavar="MODE",
+                   help="page cache: warm, cold (default: both)")
+    p.add_argument("--new", type=_at_least(2), default=d.new, help=f"new tokens a run (default {d.new})")
+    p.add_argument("--repeat", type=_at_least(1), default=d.repeat, help=f"timed runs each (default {d.repeat})")
+    p.add_argument("--airllm-new", type=_at_least(2), default=d.airllm_new,
+                   help=f"new tokens a run for AirLLM, seconds a token on CPU (default {d.airllm_new})")
+    p.set_defaults(func=cmd_bench)
 
 
 class Terminated(KeyboardInterrupt):
@@ -292,6 +359,23 @@ def cmd_demo(args) -> int:
         print(format_plan(model.plan))
         print("\nPer-stage stats:")
         print(stats_table(model.stats()))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """``distlayer bench``: run, write bench.json / bench.md / bench.png, print the table."""
+    from pathlib import Path
+
+    from .bench import Options, run_bench, write
+
+    names = {f.name for f in dataclasses.fields(Options)}
+    opts = Options(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()
+                      if k in names and v is not None})
+    paths = write(run_bench(opts), Path(args.out))
+    print(paths["md"].read_text())
+    _err(f"wrote {paths['json']}, {paths['md']}" + (f" and {paths['png']}" if paths["png"] else
+                                                     "; no plot: matplotlib is not installed "
+                                                     "(pip install 'distlayer[bench]')"))
     return 0
 
 
