@@ -7,10 +7,18 @@ maps its pages in (``MADV_POPULATE_READ``: read from disk if the page cache lack
 and after it ran they are unmapped again (``MADV_DONTNEED``), so what the stage holds
 mapped stays within its budget. The ``madvise`` calls go through ctypes, which releases
 the GIL, so paging on the loader thread does not stall the forward.
+
+Maps ask for 2 MiB pages (``MADV_HUGEPAGE``): where the kernel and file system give them
+(Linux with transparent huge pages in ``madvise`` or ``always`` mode, a file system with
+large folios such as ext4 or XFS on recent kernels), mapping a unit in or out costs a
+few page-table entries instead of one per 4 KiB page. The kernel maps whole pages, so a
+unit streamed in chunks (the head) may have up to one such page mapped past either end
+of the chunk in use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -20,9 +28,10 @@ import os
 import torch
 
 PAGE = mmap.PAGESIZE
-# Mapping a page in maps its neighbours within an aligned window of this many bytes too
-# (Linux's default fault_around_bytes), so pages are mapped out in such windows.
-FAULT_AROUND = 64 * 1024
+# Mapping a page in may map its neighbours within an aligned window of up to this many
+# bytes too (a 2 MiB huge page, or the kernel's fault-around), so pages are mapped out
+# in such windows.
+MAP_GRAIN = 2 * 2**20
 # madvise advice values (Linux).
 MADV_DONTNEED, MADV_POPULATE_READ = 4, 22
 
@@ -59,6 +68,11 @@ class Mapping:
             self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self.path = os.fspath(path)
         self.map.madvise(mmap.MADV_RANDOM if random else mmap.MADV_SEQUENTIAL)
+        if not random and hasattr(mmap, "MADV_HUGEPAGE"):
+            # 2 MiB pages where the kernel and file system allow: mapping a unit in and
+            # out then costs a few page-table entries, not one per 4 KiB
+            with contextlib.suppress(OSError):
+                self.map.madvise(mmap.MADV_HUGEPAGE)
         whole = torch.frombuffer(self.map, dtype=torch.uint8)
         self.base = whole.data_ptr()
         self.tensors: dict[str, torch.Tensor] = {}
@@ -96,9 +110,9 @@ class Mapping:
 
     def page_out(self, lo: int, hi: int) -> None:
         """Unmap the pages that hold file bytes ``[lo, hi)``, and those the kernel mapped
-        around them (see :data:`FAULT_AROUND`); they stay in the page cache, and a later
+        around them (see :data:`MAP_GRAIN`); they stay in the page cache, and a later
         touch maps them again (a neighbour still in use maps its pages back as it runs)."""
-        a, b = lo - lo % FAULT_AROUND, min(-(-hi // FAULT_AROUND) * FAULT_AROUND, len(self.map))
+        a, b = lo - lo % MAP_GRAIN, min(-(-hi // MAP_GRAIN) * MAP_GRAIN, len(self.map))
         libc = _madvise()
         if b > a and libc is not None:
             if libc.madvise(self.base + a, b - a, MADV_DONTNEED) != 0:
