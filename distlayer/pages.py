@@ -36,6 +36,17 @@ MAP_GRAIN = 2 * 2**20
 MADV_DONTNEED, MADV_POPULATE_READ = 4, 22
 
 _libc = None
+THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def huge_pages_possible() -> bool:
+    """Whether the kernel may back a mapping that asks for it with 2 MiB pages
+    (transparent huge pages in ``madvise`` or ``always`` mode)."""
+    try:
+        with open(THP_SETTING) as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
 
 
 def _madvise():
@@ -68,11 +79,13 @@ class Mapping:
             self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self.path = os.fspath(path)
         self.map.madvise(mmap.MADV_RANDOM if random else mmap.MADV_SEQUENTIAL)
-        if not random and hasattr(mmap, "MADV_HUGEPAGE"):
+        self.huge = False  # asked for 2 MiB pages, and the kernel may give them
+        if not random and hasattr(mmap, "MADV_HUGEPAGE") and huge_pages_possible():
             # 2 MiB pages where the kernel and file system allow: mapping a unit in and
             # out then costs a few page-table entries, not one per 4 KiB
             with contextlib.suppress(OSError):
                 self.map.madvise(mmap.MADV_HUGEPAGE)
+                self.huge = True
         whole = torch.frombuffer(self.map, dtype=torch.uint8)
         self.base = whole.data_ptr()
         self.tensors: dict[str, torch.Tensor] = {}
@@ -90,6 +103,16 @@ class Mapping:
         t = self.tensors[name]
         row = t[0].numel() * t.element_size() if t.dim() else 0
         return lo + rows[0] * row, lo + rows[1] * row
+
+    def drop_cached(self) -> None:
+        """Ask the kernel to drop the file from the page cache (what no process maps), so
+        the next read brings it back in 2 MiB pages: pages read another way (written by
+        ``split``, read by ``cp``) are 4 KiB ones, and stay so while cached."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
     def page_in(self, lo: int, hi: int) -> None:
         """Map the pages of file bytes ``[lo, hi)`` in, reading what the page cache lacks."""

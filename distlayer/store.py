@@ -474,10 +474,14 @@ class LayerStore:
         u = self.units[name]
         return int(u["bytes"]) if self.compression else self.unit_bytes(name, dtype)
 
-    def shard(self, name: str, sha: bool = True) -> Path:
+    def shard(self, name: str, sha: bool = True, data=None) -> Path:
         """Unit ``name``'s shard file, checked: it exists and has the manifest's size; its
         sha256 matches on first use and whenever its size, time or inode changed since
         (unless ``sha`` is False: a map made now, checked as its pages are read).
+
+        Args:
+            data: the file's bytes already in memory (its map), to hash instead of
+                reading the file again.
 
         Raises:
             StoreError: the shard is missing, truncated, replaced or corrupt, with the
@@ -499,7 +503,8 @@ class LayerStore:
             )
         seen = (st.st_size, st.st_mtime_ns, st.st_ino)
         if sha and self._verified.get(name) != seen:  # first load, or the file changed since it was checked
-            if _sha256(f) != u["sha256"]:
+            digest = hashlib.sha256(data).hexdigest() if data is not None else _sha256(f)
+            if digest != u["sha256"]:
                 with self._lock:
                     self._verified.pop(name, None)
                 raise StoreError(f"shard {f} of unit {name} fails its sha256 check: the file is corrupt or was "

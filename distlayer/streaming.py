@@ -190,7 +190,9 @@ class MappedMemory(HostMemory):
     def mapping(self, unit: str):
         """Unit ``unit``'s shard, mapped (once)."""
         if unit not in self.maps:
-            self.maps[unit] = self.store.map(unit)
+            m = self.maps[unit] = self.store.map(unit)
+            if m.huge:  # read it again, into 2 MiB pages: a cached file read another way has 4 KiB ones
+                m.drop_cached()
         return self.maps[unit]
 
     def _rows(self, unit: str) -> int:
@@ -226,7 +228,7 @@ class MappedMemory(HostMemory):
         """
         t0 = time.perf_counter()
         unit = self.pieces[name][0] if name in self.pieces else name
-        self.store.shard(unit)  # a shard truncated under its map must not be touched
+        self.store.shard(unit, sha=False)  # a shard truncated under its map must not be touched
         m, spans = self._spans(name)
         try:
             for lo, hi in spans:
@@ -234,6 +236,9 @@ class MappedMemory(HostMemory):
         except OSError as e:
             raise StoreError(f"unit {unit} of {self.store.path} cannot be read ({e}): "
                              f"{self.store.repair_hint()}") from e
+        # its sha256 on first use (or after a change), over the pages just mapped in: read
+        # through the map, the file comes into the page cache in 2 MiB pages
+        self.store.shard(unit, data=m.map)
         self.times["load_s"] += time.perf_counter() - t0
         return self.tensors(name)
 
