@@ -131,7 +131,7 @@ class LayerRunner:
         self.order = [c for u in self.streamed if u != arch.EMBED for c in (
             [chunk_unit(u, j) for j in range(self.head_chunks)] if u == arch.HEAD and self.head_chunks > 1 else [u])]
         self._taken: set[str] = set()  # handed to the running forward, not yet given back
-        if plan.maps_shards and self.device.type == "cpu":
+        if plan.maps_shards:
             self.memory = MappedMemory(store, self.dtype, self.device, self.budget, self.unit_bytes, self.stage,
                                        {arch.HEAD: self.head_chunks} if self.head_chunks > 1 else None)
         elif self.head_chunks > 1:
@@ -184,8 +184,8 @@ class LayerRunner:
             p.model.lm_head = _Streamed(self, arch.HEAD, p.model.lm_head)
 
     def _row_embedding(self) -> None:
-        """Make the streamed embedding one read by row; the embed unit's other tensors,
-        if any, are kept as views of its mapped shard."""
+        """Make the streamed embedding one read by row; the embed unit's other tensors, if
+        any, are loaded whole (on the stage's device, in the compute dtype)."""
         key = "model.embed_tokens.weight"
         rows = _RowEmbedding(self.parts.base.embed_tokens, self.store, key, self.device, self.dtype)
         tensors = rows.mapping.tensors
