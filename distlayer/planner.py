@@ -117,7 +117,8 @@ class ModelShape:
     """What planning needs to know of a model, in its compute dtype.
 
     A unit costs its weight bytes in memory, whether it stays resident or takes a turn
-    in the streaming window; a streamed unit also costs the bytes each step reads of it,
+    in the streaming window (a head streamed in chunks, a chunk at a time; embeddings
+    read by row, nothing); a streamed unit also costs the bytes each step reads of it,
     which are fewer for a compressed store (compressed on disk, decoded as it loads).
 
     Attributes:
