@@ -22,24 +22,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from distlayer.bench.measure import drop_page_cache as drop_files
+
 COMPRESSIONS = (None, "8bit", "4bit")
 
 
 def drop_page_cache(store_dir: Path) -> None:
     """Ask the kernel to drop every shard file of a store from the page cache."""
-    for f in store_dir.glob("*.safetensors"):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    drop_files(store_dir.glob("*.safetensors"))
 
 
 class DropEachStep:

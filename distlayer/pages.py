@@ -39,6 +39,15 @@ _libc = None
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
+def drop_from_page_cache(path: os.PathLike) -> None:
+    """Ask the kernel to drop a file's pages from the page cache (those no process maps)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def huge_pages_possible() -> bool:
     """Whether the kernel may back a mapping that asks for it with 2 MiB pages
     (transparent huge pages in ``madvise`` or ``always`` mode)."""
@@ -108,11 +117,7 @@ class Mapping:
         """Ask the kernel to drop the file from the page cache (what no process maps), so
         the next read brings it back in 2 MiB pages: pages read another way (written by
         ``split``, read by ``cp``) are 4 KiB ones, and stay so while cached."""
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        drop_from_page_cache(self.path)
 
     def page_in(self, lo: int, hi: int) -> None:
         """Map the pages of file bytes ``[lo, hi)`` in, reading what the page cache lacks."""

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import prompts, save_tokenizer
 from distlayer import AutoModel, LayerStore, split
+from distlayer.bench.measure import drop_page_cache
 from tiny_models import make_tiny
 
 NEW = 8
@@ -103,12 +104,7 @@ def test_streams_from_a_cold_page_cache(big_vocab, tmp_path):
 
     class DropEachStep:
         def put(self, value):
-            for f in shards.glob("*.safetensors"):
-                fd = os.open(f, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
+            drop_page_cache(shards.glob("*.safetensors"))
 
         def end(self):
             pass

@@ -10,11 +10,13 @@ holds mapped, which is why a cold run must not share its files with another load
 
 from __future__ import annotations
 
-import os
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..pages import drop_from_page_cache
 
 READ_BUFFER = 64 * 2**20   # bytes a bandwidth read asks for at once
 
@@ -22,14 +24,8 @@ READ_BUFFER = 64 * 2**20   # bytes a bandwidth read asks for at once
 def drop_page_cache(files) -> None:
     """Ask the kernel to drop every page of ``files`` from the page cache."""
     for f in files:
-        try:
-            fd = os.open(f, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            drop_from_page_cache(f)
 
 
 def read_all(files, buf: bytearray) -> int:
