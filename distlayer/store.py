@@ -605,16 +605,8 @@ class LayerStore:
         if set(header) - {"__metadata__"} != set(listed) or any(
                 SAFETENSORS_DTYPES.get(header[k]["dtype"]) != getattr(torch, t["dtype"]) for k, t in listed.items()):
             raise StoreError(f"unit {name} of {self.path} is stored compressed: it cannot be mapped, load it instead")
-        specs = {}
-        for key, spec in header.items():
-            if key == "__metadata__":
-                continue
-            dtype = SAFETENSORS_DTYPES.get(spec["dtype"])
-            if dtype is None:
-                raise StoreError(f"unit {name}: tensor {key} has dtype {spec['dtype']}, which distlayer cannot stream")
-            specs[key] = (dtype, tuple(spec["shape"]), *spec["data_offsets"])
         try:
-            return Mapping(f, 8 + size, specs, random)
+            return Mapping(f, 8 + size, _header_tensors(header, f"unit {name}"), random)
         except (OSError, ValueError, RuntimeError) as e:
             raise StoreError(f"shard {f} of unit {name} cannot be mapped ({e}): {self.repair_hint()}") from e
 
@@ -648,17 +640,25 @@ class LayerStore:
         return total
 
 
+def _header_tensors(header: dict, what: str) -> dict[str, tuple[torch.dtype, tuple, int, int]]:
+    """The tensors a safetensors ``header`` describes: ``{name: (dtype, shape, begin, end)}``,
+    byte offsets from the start of the data, in file order."""
+    tensors = {}
+    for key, spec in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(spec["dtype"])
+        if dtype is None:
+            raise StoreError(f"{what}: tensor {key} has dtype {spec['dtype']}, which distlayer cannot stream")
+        tensors[key] = (dtype, tuple(spec["shape"]), *spec["data_offsets"])
+    return tensors
+
+
 def _copy_tensors(mapped: mmap.mmap, data_start: int, header: dict, dtype, out: torch.Tensor, align: int,
                   what: str) -> dict[str, torch.Tensor]:
     """Copy the tensors a safetensors ``header`` describes from the mapped file into ``out``."""
     tensors, offset = {}, 0
-    for key, spec in header.items():
-        if key == "__metadata__":
-            continue
-        stored = SAFETENSORS_DTYPES.get(spec["dtype"])
-        if stored is None:
-            raise StoreError(f"{what}: tensor {key} has dtype {spec['dtype']}, which distlayer cannot stream")
-        shape, (begin, end) = tuple(spec["shape"]), spec["data_offsets"]
+    for key, (stored, shape, begin, end) in _header_tensors(header, what).items():
         want = dtype if dtype is not None and stored.is_floating_point else stored
         numel = (end - begin) // stored.itemsize
         nbytes = numel * want.itemsize
