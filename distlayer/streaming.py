@@ -181,9 +181,12 @@ class MappedMemory(HostMemory):
         self.maps: dict[str, object] = {}  # unit -> pages.Mapping
         self.outgoing: list[str] = []  # released by forwards, to be mapped out by the loader
         self.pieces: dict[str, tuple[str, tuple[int, int], bool]] = {}  # chunk -> (unit, rows, last)
+        # rows of each chunked unit: its tensors with that many rows are cut, others whole
+        self.rows = {unit: max(t.shape[0] for t in self.mapping(unit).tensors.values() if t.dim())
+                     for unit in (chunks or {})}
         for unit, n in (chunks or {}).items():
             for j in range(n):
-                name, rows = chunk_unit(unit, j), chunk_rows(self._rows(unit), n, j)
+                name, rows = chunk_unit(unit, j), chunk_rows(self.rows[unit], n, j)
                 self.pieces[name] = (unit, rows, j == n - 1)
                 self.unit_bytes[name] = sum(t.nbytes for t in self.tensors(name).values())
 
@@ -195,12 +198,8 @@ class MappedMemory(HostMemory):
                 m.drop_cached()
         return self.maps[unit]
 
-    def _rows(self, unit: str) -> int:
-        """Rows of a chunked unit: its tensors with that many rows are cut, others whole."""
-        return max(t.shape[0] for t in self.mapping(unit).tensors.values() if t.dim())
-
     def _cut(self, unit: str, t: torch.Tensor) -> bool:
-        return t.dim() > 0 and t.shape[0] == self._rows(unit)
+        return t.dim() > 0 and t.shape[0] == self.rows[unit]
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         """The tensors of a streamed unit or chunk: views of its mapped shard, valid for
