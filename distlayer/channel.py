@@ -287,7 +287,7 @@ class StageServer:
             self.links["next"].send("q", key, group, Hop(work, x))
             return
         self.links["driver"].send("k", key, group, x)
-        if work.pick is not None:  # picked tokens also feed the first stage's next step
+        if work.pick:  # picked tokens also feed the first stage's next step
             self.links["ring"].send("k", key, group, x)
 
     def _send_all(self, *msg) -> None:
@@ -358,7 +358,7 @@ class SocketTransport(Transport):
                 raise ValueError("a step's handle can feed the next step only when its last stage picked the tokens")
             work.feed, x = x.key, None
         self._link.send("q", work.key, work.cache_id, Hop(work, x))
-        return Handle(work.key, picked=work.pick is not None)
+        return Handle(work.key, picked=work.pick)
 
     def fetch(self, handle: Handle):
         return self._inbox.take(handle.key, self.timeout)[0]

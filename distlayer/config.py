@@ -374,10 +374,10 @@ class GenerationConfig:
                        "(or do_sample=False)")
         return out
 
-    def for_group(self, group: int) -> "GenerationConfig":
-        """What the stage that picks tokens of micro-batch ``group`` uses: the same filters,
-        seeded ``seed + group``."""
-        return dataclasses.replace(self, seed=None if self.seed is None else self.seed + group)
+    def for_row(self, row: int) -> "GenerationConfig":
+        """Row ``row`` of a batch: the same settings, seeded ``seed + row``, so rows with
+        the same prompt sample differently and each row's text depends on its seed alone."""
+        return dataclasses.replace(self, seed=None if self.seed is None else self.seed + row)
 
 
 @dataclass

@@ -3,9 +3,8 @@ which generates like a transformers model over a :class:`~distlayer.pipeline.Pip
 
 from __future__ import annotations
 
-import itertools
 import os
-import uuid
+import threading
 from pathlib import Path
 
 import torch
@@ -13,12 +12,11 @@ import torch
 from . import arch
 from .config import GenerationConfig, PipelineConfig, build
 from .errors import ConfigError
-from .generate import Generated, generate
+from .generate import Generated
 from .pipeline import Pipeline
+from .scheduler import Group, Scheduler
 from .store import LayerStore, open_store
-from .transport import Work
 
-AHEAD = 3  # decode steps in flight per micro-batch when the last stage picks the tokens
 # Keywords AirLLM's from_pretrained takes that mean nothing here.
 AIRLLM_IGNORED = ("profiling_mode",)
 # transformers generate() keywords accepted for compatibility: the output is the same.
@@ -69,7 +67,8 @@ class DistModel:
         self.config = store.config
         self.tokenizer = load_tokenizer(store.path)
         self.generation_config = load_generation_config(store.path)
-        self._steps = itertools.count()
+        self._lock = threading.Lock()
+        self._scheduler: Scheduler | None = None
 
     @classmethod
     def load(cls, model: str | os.PathLike, cfg: PipelineConfig, progress: bool = True) -> "DistModel":
@@ -93,7 +92,9 @@ class DistModel:
         return self.pipeline.stats()
 
     def close(self) -> None:
-        """Stop the stages and free their memory."""
+        """Stop the scheduler and the stages, and free their memory."""
+        if self._scheduler is not None:
+            self._scheduler.close()
         self.pipeline.close()
 
     def __enter__(self):
@@ -135,34 +136,58 @@ class DistModel:
         out.sequences = out.sequences.to(device)
         return out if return_dict_in_generate else out.sequences
 
+    @property
+    def scheduler(self) -> Scheduler:
+        """The scheduler that runs this model's requests, ``generate()``'s included: at most
+        ``batch_size`` sequences at once (a larger ``generate()`` batch runs when nothing
+        else does), each at most ``context`` tokens (None: no limit). Made on first use, and
+        again after one that failed (a stage lost for good)."""
+        with self._lock:
+            if self._scheduler is None or not self._scheduler.running:
+                cfg = self.pipeline.cfg
+                self._scheduler = Scheduler(self, cfg.batch_size, cfg.context)
+            return self._scheduler
+
     def _run(self, input_ids, attention_mask, s: GenerationConfig, streamer, output_logits: bool) -> Generated:
-        """Run one batch as micro-batches (one per device that works at once). Unless logits
-        are wanted or picking reads earlier tokens, the last stage picks each token (greedy
-        or sampled, each micro-batch with its own seed), and on Ray actors a few steps stay
-        in flight, the first stage taking the last stage's tokens straight from it, so no
-        stage waits on this process."""
-        transport = self.pipeline.transport
-        groups = 1 if streamer is not None else self.pipeline.micro_batches(input_ids.shape[0])
-        picks = None if output_logits or s.needs_history else [s.for_group(k) for k in range(groups)]
-        ahead = AHEAD if picks and self.pipeline.remote else 1
-        request = uuid.uuid4().hex
-
-        def step(k, ids, mask, pos):
-            work = Work(f"{request}#{next(self._steps)}", f"{request}:{k}", mask, pos, 1, picks and picks[k])
-            return transport.submit(work, ids)
-
-        def fetch(handle):
-            out = transport.fetch(handle)
-            return out if picks else out[:, -1, :]
-
+        """Run the batch's rows as one group of requests on the scheduler; each row's
+        sampling has its own seed (``seed + row``). With ``output_logits`` the rows stay
+        together until the last has stopped, so every step has logits for every row."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        rows = [(input_ids[r][mask[r] != 0].tolist(), s.for_row(r))
+                for r in range(input_ids.shape[0])]
+        reqs = self.scheduler.submit_many(rows, group=Group(hold=output_logits))
         try:
-            return generate(step, input_ids, attention_mask, s, tokenizer=self.tokenizer, streamer=streamer,
-                            keep_logits=output_logits, fetch=fetch, groups=groups, ahead=ahead)
-        finally:
-            transport.drop(request)
+            if streamer is not None:
+                stream(streamer, input_ids, reqs, s.pad_token_id)
+            for r in reqs:
+                r.result()
+        except BaseException:
+            for r in reqs:
+                r.cancel()
+            raise
+        new = max(len(r.tokens) for r in reqs)
+        sequences = torch.full((len(reqs), input_ids.shape[1] + new), s.pad_token_id, dtype=torch.long)
+        sequences[:, :input_ids.shape[1]] = input_ids
+        for i, r in enumerate(reqs):
+            sequences[i, input_ids.shape[1]:input_ids.shape[1] + len(r.tokens)] = torch.tensor(r.tokens, dtype=torch.long)
+        logits = [torch.stack([r.logits[t] for r in reqs]) for t in range(new)] if output_logits else []
+        return Generated(sequences, [r.finish_reason for r in reqs], [len(r.tokens) for r in reqs], logits)
 
     def __call__(self, *args, **kwargs) -> Generated:
         return self.generate(*args, return_dict_in_generate=True, **kwargs)
+
+
+def stream(streamer, input_ids: torch.Tensor, reqs: list, pad_id: int) -> None:
+    """Feed a transformers streamer as ``generate`` does: the prompt, then each step's
+    tokens (padding for a row that has stopped), then ``end()``."""
+    streamer.put(input_ids)
+    rows = [r.stream() for r in reqs]
+    while True:
+        step = [next(it, None) for it in rows]
+        if all(t is None for t in step):
+            break
+        streamer.put(torch.tensor([pad_id if t is None else t for t in step]))
+    streamer.end()
 
 
 def check_inputs(input_ids, attention_mask, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -7,8 +7,8 @@ and masks, never hidden states. After a loss, every stage (replacements and surv
 whose caches may be part-way through the step that was in flight) starts from empty
 caches, and the journal is sent again, in its order and with its shapes. Each stage then
 computes exactly what it computed before, so the rebuilt caches are bit for bit the ones
-that were lost and greedy output equals an uninterrupted run's; sampling on the last stage
-replays its seeded generator to the same state.
+that were lost and greedy output equals an uninterrupted run's (sampling happens in the
+driver, whose seeded generators a loss does not touch).
 
 Petals' way, each stage's input history kept at the stage before it, would replay only the
 lost stage, but it holds ``positions x hidden`` values per sequence at every boundary,
@@ -184,7 +184,7 @@ class Recovering(Transport):
         with self._lock:
             step = self.journal.step(work, x.key if isinstance(x, Handle) else x)
             self._do(lambda: self._send(step, self.live))  # when it fails, the replay sends it
-        return Handle(work.key, picked=work.pick is not None)
+        return Handle(work.key, picked=work.pick)
 
     def fetch(self, handle: Handle):
         while True:

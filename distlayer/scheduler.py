@@ -1,30 +1,37 @@
 """The driver's sequences: requests join and leave a running batch at any step.
 
-A :class:`Scheduler` owns every request in flight. Its loop (one thread) keeps one
-running batch per micro-batch slot (``Pipeline.micro_batches``: one per device that
-works at once) and, each round, submits one step of every batch before it fetches any,
-so all stages work at once:
+A :class:`Scheduler` owns every request in flight, ``generate()``'s rows included. Its
+loop (one thread) keeps running batches, one per micro-batch the pipeline runs at once
+(``Pipeline.micro_batches``), and each round submits a step of every batch before it
+fetches any, so all stages work at once:
 
-- a request that arrives is prefilled as a batch of its own (with whatever else arrived
-  at the same time, left-padded) and, at the next step boundary, joins a running batch:
-  each stage appends its rows to that batch's KV cache, the shorter side padded on the
-  left (``StageCache.merge``). Models with sliding-window layers keep such a batch
-  separate instead (their caches drop old positions, so they cannot be padded);
+- requests that arrive are prefilled as batches of their own (left-padded; as many
+  batches as there are free micro-batch slots) and, at the next step boundary, join a
+  running batch when no slot is free: each stage appends their rows to that batch's KV
+  cache, the shorter side padded on the left (``StageCache.merge``). Models with
+  sliding-window layers keep such batches separate instead (their caches drop old
+  positions, so they cannot be padded);
 - a request leaves as soon as it stops (end-of-sequence, a stop text, ``max_new_tokens``,
   the context, or its caller cancelled): every stage drops its rows at once
   (``StageCache.select_rows``), and padding no kept row needs is trimmed;
 - admission is bounded by memory: at most ``max_rows`` sequences (the plan reserved KV
   cache for ``batch_size`` sequences of ``context`` tokens); a request that does not fit
-  waits, and one longer than the context is refused.
+  waits, and one longer than the context is refused. Requests submitted as one group
+  (a ``generate()`` call) are admitted together, and a group larger than ``max_rows``
+  runs when nothing else does, as one batch always could;
+- when every row of a batch is greedy and the stages are Ray actors, the last stage picks
+  the tokens and ``AHEAD`` steps stay in flight, each fed the tokens of the step before
+  straight from the last stage, so no stage waits on this process. A row that stops, or
+  rows that join, wait for the steps in flight to be fetched (their extra tokens for a
+  stopped row are dropped), then the next step is fed from here.
 
 Why rows join one batch rather than run as independent micro-batches: on a device bound
 by reading weights, a step of 8 rows costs little more than a step of 1, so 8 requests in
 one batch finish far sooner than 8 batches of one (measurements: benchmarks/README.md).
 
-Tokens are picked on the last stage (argmax) when every row of a batch is greedy without
-settings that read earlier tokens; otherwise the last stage returns logits and each row is
-picked here with its own settings and its own seeded generator, so a request's sampled
-text does not depend on what else runs beside it.
+Tokens that are not greedy (or whose settings read earlier tokens) are picked here, each
+row with its own settings and its own seeded generator, so a request's sampled text does
+not depend on what else runs beside it.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import itertools
 import queue
 import threading
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -40,9 +48,22 @@ import torch
 from .config import GenerationConfig
 from .errors import ConfigError, DistlayerError
 from .generate import cut_at_stop, pick_next, positions_from_mask, process_logits
-from .transport import Work
+from .transport import Handle, Work
 
-GREEDY = GenerationConfig(do_sample=False)
+AHEAD = 3  # steps in flight per batch when the last stage picks the tokens on Ray actors
+
+
+@dataclass(eq=False)
+class Group:
+    """Requests submitted together (one ``generate()`` call): admitted together. With
+    ``hold``, a row that stopped stays in its batch, fed padding, until every row of the
+    group has stopped, so each step has logits for every row, as transformers computes them."""
+
+    hold: bool = False
+    members: list = field(default_factory=list)
+
+    def stopped(self) -> bool:
+        return all(r.stopped for r in self.members)
 
 
 @dataclass(eq=False)
@@ -59,6 +80,9 @@ class Request:
     finish_reason: str | None = None                 # "stop", "length" or "cancelled"
     error: BaseException | None = None
     text: str | None = None                          # the completion once finished, cut before a stop text
+    group: Group | None = None
+    logits: list | None = None                       # with a held group: each step's raw logits ``[V]``
+    stopped: str | None = None                       # why it stopped; it finishes once its rows left every stage
 
     def __post_init__(self):
         self._events: queue.Queue = queue.Queue()
@@ -79,6 +103,11 @@ class Request:
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+    @property
+    def held(self) -> bool:
+        """Stopped, but kept in its batch until its whole group has stopped."""
+        return self.group is not None and self.group.hold and not self.group.stopped()
 
     def stream(self, timeout: float | None = None):
         """Yield each new token id as it is generated; raises the request's error, if any."""
@@ -116,8 +145,23 @@ class Request:
             fn(kind, value)
 
 
+@dataclass(eq=False)
+class _Sent:
+    """A step in flight: its handle, the rows it was submitted with, and whether the last
+    stage picks its tokens."""
+
+    handle: Handle
+    rows: list[Request]
+    picked: bool
+
+
 class _Batch:
-    """Rows that share one KV cache on every stage, with their attention mask."""
+    """Rows that share one KV cache on every stage, with their attention mask.
+
+    ``mask`` covers every position up to the next input, ``history`` every token so far
+    (prompt with its padding, and the tokens fetched), and ``next_ids`` is the next input:
+    token ids, or the handle of the last step in flight whose picked tokens it is.
+    """
 
     _ids = itertools.count()
 
@@ -130,22 +174,43 @@ class _Batch:
         for i, r in enumerate(rows):
             self.mask[i, width - len(r.prompt):] = 1
             self.next_ids[i, width - len(r.prompt):] = torch.tensor(r.prompt)
-        self.history = self.next_ids.clone()                                # [B, T] every token so far
+        self.history = self.next_ids.clone()                                # [B, T]
+        self.pad_id = pad_id
+        self.sent: deque[_Sent] = deque()
 
-    def step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The next forward's ids ``[B, t]``, mask ``[B, T]`` and positions ``[B, t]``."""
-        t = self.next_ids.shape[1]
+    @property
+    def picked(self) -> bool:
+        """Every row greedy, without settings that read earlier tokens: the last stage picks."""
+        return all(not r.settings.do_sample and not r.settings.needs_history and r.logits is None
+                   for r in self.rows)
+
+    def steps_left(self, context: int | None) -> int:
+        """Steps that can still give some row a token, beyond those in flight."""
+        left = max(r.settings.max_new_tokens - len(r.tokens) if not r.stopped else 0 for r in self.rows)
+        if context is not None:
+            left = min(left, max(context - len(r.prompt) - len(r.tokens) for r in self.rows))
+        return left - len(self.sent)
+
+    def submit(self, transport, key: str) -> None:
+        """Send the next step: ``next_ids`` over the mask, with new positions."""
+        ids, t = self.next_ids, 1 if isinstance(self.next_ids, Handle) else self.next_ids.shape[1]
         pos = positions_from_mask(self.mask)[:, -t:]
-        return self.next_ids, self.mask, pos
-
-    def advance(self, tokens: torch.Tensor) -> None:
-        """Each row's next token ``[B]`` becomes the next input."""
-        self.next_ids = tokens[:, None]
+        picked = self.picked
+        handle = transport.submit(Work(key, self.cache_id, self.mask, pos, 1, picked), ids)
+        self.sent.append(_Sent(handle, list(self.rows), picked))
         self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], dim=1)
-        self.history = torch.cat([self.history, self.next_ids], dim=1)
+        self.next_ids = handle
+
+    def fetched(self, tokens: torch.Tensor) -> None:
+        """The oldest step in flight gave ``tokens`` ``[B]`` (padding for held rows)."""
+        self.sent.popleft()
+        self.history = torch.cat([self.history, tokens[:, None]], dim=1)
+        if not self.sent:
+            self.next_ids = tokens[:, None]
 
     def keep(self, keep: list[int]) -> int:
-        """Keep only rows ``keep``; returns how many leading positions no kept row needs."""
+        """Keep only rows ``keep`` (nothing in flight); returns how many leading positions no
+        kept row needs."""
         index = torch.tensor(keep, dtype=torch.long)
         self.rows = [self.rows[i] for i in keep]
         self.mask, self.next_ids, self.history = (t.index_select(0, index) for t in
@@ -156,7 +221,7 @@ class _Batch:
         return trim
 
     def absorb(self, other: "_Batch") -> None:
-        """Append ``other``'s rows (the caches were merged the same way)."""
+        """Append ``other``'s rows (nothing in flight on either; the caches were merged the same way)."""
         width = max(self.mask.shape[1], other.mask.shape[1])
 
         def pad(t, fill=0):
@@ -174,13 +239,12 @@ class Scheduler:
     Args:
         model: a started ``DistModel``.
         max_rows: most sequences in flight (the batch the plan reserved KV cache for).
-        context: most tokens of a sequence (prompt and completion).
+        context: most tokens of a sequence (prompt and completion); None: no limit.
     """
 
-    def __init__(self, model, max_rows: int, context: int):
+    def __init__(self, model, max_rows: int, context: int | None):
         self.model, self.max_rows, self.context = model, max_rows, context
-        self.transport = model.pipeline.transport
-        self.slots = model.pipeline.micro_batches(max_rows)
+        self.pipeline = model.pipeline
         text = model.config.get_text_config()
         self.mergeable = not (getattr(text, "sliding_window", None) and "sliding_attention" in
                               (getattr(text, "layer_types", None) or ["sliding_attention"]))
@@ -195,6 +259,10 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="distlayer-scheduler", daemon=True)
         self._thread.start()
 
+    @property
+    def transport(self):
+        return self.pipeline.transport
+
     # ------------------------------------------------------------------ clients
 
     def submit(self, prompt: list[int], settings: GenerationConfig, listener=None) -> Request:
@@ -208,23 +276,31 @@ class Scheduler:
         """
         return self.submit_many([(prompt, settings)], listener)[0]
 
-    def submit_many(self, requests: list[tuple[list[int], GenerationConfig]], listener=None) -> list[Request]:
+    def submit_many(self, requests: list[tuple[list[int], GenerationConfig]], listener=None,
+                    group: Group | None = None) -> list[Request]:
         """Queue several requests at once (each ``(prompt, settings)``), all before the loop
         admits any: requests queued together on an idle scheduler are admitted, stepped,
         joined and left in an order that depends only on them, never on timing, so they
-        compute the same whenever they run. Checks every one before queuing any (see
-        :meth:`submit`)."""
+        compute the same whenever they run. With ``group``, they are admitted together
+        (see :class:`Group`). Checks every one before queuing any (see :meth:`submit`)."""
         made = []
         for prompt, settings in requests:
             if not prompt:
                 raise ConfigError("the prompt has no tokens: write a prompt")
-            if len(prompt) + settings.max_new_tokens > self.context:
+            if settings.stop and self.model.tokenizer is None:
+                raise ConfigError("stop texts need the model's tokenizer, and this model has none: put its "
+                                  "tokenizer files in the model dir, or leave out stop")
+            if self.context is not None and len(prompt) + settings.max_new_tokens > self.context:
                 raise ConfigError(f"the prompt is {len(prompt)} tokens and max_new_tokens is "
                                   f"{settings.max_new_tokens}, {len(prompt) + settings.max_new_tokens} in all, over "
                                   f"the context of {self.context}: shorten the prompt or lower max_new_tokens")
-            made.append(Request(list(prompt), settings))
+            made.append(Request(list(prompt), settings, group=group))
             if listener is not None:
                 made[-1].listeners.append(listener)
+            if group is not None:
+                group.members.append(made[-1])
+                if group.hold:
+                    made[-1].logits = []
         with self._cond:
             if self.failure is not None or self._stopped:
                 raise DistlayerError(f"the scheduler has stopped ({self.failure or 'closed'})")
@@ -238,12 +314,18 @@ class Scheduler:
         with self._cond:
             return len(self._active)
 
+    @property
+    def running(self) -> bool:
+        """Whether the loop still takes requests (not closed, not failed)."""
+        return self.failure is None and not self._stopped
+
     def close(self) -> None:
         """Stop the loop; requests still running end with an error."""
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
-        self._thread.join(timeout=60)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)
 
     # ------------------------------------------------------------------ the loop
 
@@ -263,81 +345,102 @@ class Scheduler:
             self._fail_all(self.failure or DistlayerError("the scheduler was closed"))
 
     def _admit(self) -> list[_Batch]:
-        """A new batch of the waiting requests that fit (called with the lock held)."""
+        """New batches of the waiting requests that fit, first come first served (called
+        with the lock held): a group whole or not at all, and one larger than ``max_rows``
+        only when nothing else runs."""
         for r in self._waiting:
             if r.cancelled:
                 self._finish(r, "cancelled")
         pending = [r for r in self._waiting if not r.cancelled]
-        room = max(self.max_rows - sum(len(b.rows) for b in self._batches), 0)
-        take, self._waiting = pending[:room], pending[room:]
-        return [_Batch(self.prefix, take, take[0].settings.pad_token_id)] if take else []
+        running = sum(len(b.rows) for b in self._batches)
+        take: list[Request] = []
+        while pending:
+            r = pending[0]
+            unit = [m for m in r.group.members if m in pending] if r.group else [r]
+            alone = not take and not running  # nothing else runs: a large group runs by itself
+            if running + len(take) + len(unit) > self.max_rows and not alone:
+                break
+            take += unit
+            pending = [p for p in pending if p not in unit]
+        self._waiting = pending
+        if not take:
+            return []
+        slots = self.pipeline.micro_batches(running + len(take)) - len(self._batches)
+        pad = take[0].settings.pad_token_id
+        return [_Batch(self.prefix, [take[i] for i in part.tolist()], pad)
+                for part in torch.arange(len(take)).tensor_split(max(1, min(slots, len(take))))]
 
     def _round(self, admitted: list[_Batch]) -> None:
-        """One step of every batch, submitted before any is fetched; then rows leave and join.
-        Newcomers that can join a running batch are prefilled first and join it at once, so
-        the running batch's next step already has them."""
+        """A step of every batch, all submitted before any is fetched; then rows leave and
+        join. Newcomers that can join a running batch are prefilled first and join it at
+        once, so the running batch's next step already has them."""
         if admitted and self.mergeable and self._batches:
-            self._step(admitted)
+            for b in admitted:
+                self._submit(b)
+            for b in admitted:
+                self._fetch(b)
             self._batches = self._join(self._batches + self._settle(admitted))
             admitted = []
         batches = self._batches + admitted
-        self._step(batches)
+        for b in batches:
+            depth = AHEAD if b.picked and self.pipeline.remote else 1
+            while len(b.sent) < depth and (not b.sent or b.steps_left(self.context) > 0):
+                self._submit(b)
+        for b in batches:
+            self._fetch(b)
         self._batches = self._join(self._settle(batches))
 
-    def _step(self, batches: list[_Batch]) -> None:
-        """One forward of each batch (all submitted before any is fetched), and its tokens."""
-        handles = []
-        for b in batches:
-            ids, mask, pos = b.step()
-            greedy = all(not r.settings.do_sample and not r.settings.needs_history for r in b.rows)
-            work = Work(f"{self.prefix}#{next(self._steps)}", b.cache_id, mask, pos, 1, GREEDY if greedy else None)
-            handles.append((b, self.transport.submit(work, ids), greedy))
-        for b, handle, greedy in handles:
-            out = self.transport.fetch(handle)
-            b.advance(self._pick(b, out if greedy else out[:, -1, :], greedy))
+    def _submit(self, b: _Batch) -> None:
+        b.submit(self.transport, f"{self.prefix}#{next(self._steps)}")
 
-    def _settle(self, batches: list[_Batch]) -> list[_Batch]:
-        """Deliver the step's tokens; returns the batches that still have rows."""
-        for b in batches:
-            self._leave(b)
-        return [b for b in batches if b.rows]
+    def _fetch(self, b: _Batch) -> None:
+        """Fetch the oldest step of ``b`` in flight and give each row its token."""
+        sent = b.sent[0]
+        out = self.transport.fetch(sent.handle)
+        tokens = out.long() if sent.picked else self._pick(b, sent.rows, out[:, -1, :].float())
+        for i, r in enumerate(sent.rows):
+            if r.stopped:  # a held row is fed padding; a stopped row's extra tokens are dropped
+                if r.held:
+                    tokens[i] = b.pad_id
+                continue
+            token = int(tokens[i])
+            r.stopped = self._stop_reason(r, token)
+            if r.stopped != "cancelled":
+                r._emit(token)
+        b.fetched(tokens)
 
-    def _pick(self, b: _Batch, out: torch.Tensor, greedy: bool) -> torch.Tensor:
-        """Each row's next token, from argmax tokens ``[B]`` or logits ``[B, V]``."""
-        if greedy:
-            return out.long()
+    def _pick(self, b: _Batch, rows: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        """Each row's next token from its logits ``[B, V]``, with its own settings."""
         picked = []
-        for i, r in enumerate(b.rows):
-            s = r.settings
-            logits = out[i:i + 1].float()
+        for i, r in enumerate(rows):
+            s, row = r.settings, logits[i:i + 1]
+            if r.logits is not None and not r.done:
+                r.logits.append(row[0])
             if s.needs_history:
                 padding = b.mask[i].nonzero()[0]  # leading positions that are not this row's
-                logits = process_logits(logits, b.history[i:i + 1], padding, len(r.tokens), s)
-            picked.append(pick_next(logits, s, r.generator))
+                row = process_logits(row, b.history[i:i + 1], padding, len(r.tokens), s)
+            picked.append(pick_next(row, s, r.generator))
         return torch.cat(picked).long()
 
-    def _leave(self, b: _Batch) -> None:
-        """Deliver the step's tokens; rows that stopped leave the batch on every stage."""
-        keep = []
-        for i, r in enumerate(b.rows):
-            if r.done:
+    def _settle(self, batches: list[_Batch]) -> list[_Batch]:
+        """Rows that stopped leave their batch on every stage (after the batch's steps in
+        flight are fetched); returns the batches that still have rows."""
+        for b in batches:
+            if not any(r.stopped and not r.held for r in b.rows):
                 continue
-            token = int(b.next_ids[i, 0])
-            reason = self._stop_reason(r, token)
-            if reason != "cancelled":
-                r._emit(token)
-            if reason:
-                self._finish(r, reason)
+            while b.sent:
+                self._fetch(b)
+            keep = [i for i, r in enumerate(b.rows) if not r.stopped or r.held]
+            leaving = [r for i, r in enumerate(b.rows) if i not in keep]
+            if not keep:
+                self.transport.drop(b.cache_id)
+                b.rows = []
             else:
-                keep.append(i)
-        if len(keep) == len(b.rows):
-            return
-        if not keep:
-            self.transport.drop(b.cache_id)
-            b.rows = []
-            return
-        trim = b.keep(keep)
-        self.transport.control("select_rows", b.cache_id, keep, trim)
+                trim = b.keep(keep)
+                self.transport.control("select_rows", b.cache_id, keep, trim)
+            for r in leaving:  # finished once its KV cache is freed
+                self._finish(r, r.stopped)
+        return [b for b in batches if b.rows]
 
     def _stop_reason(self, r: Request, token: int) -> str | None:
         s = r.settings
@@ -351,23 +454,31 @@ class Scheduler:
             if hit:
                 r.text = text
                 return "stop"
-        if len(r.tokens) + 1 >= s.max_new_tokens or len(r.prompt) + len(r.tokens) + 1 >= self.context:
+        if len(r.tokens) + 1 >= s.max_new_tokens or \
+                self.context is not None and len(r.prompt) + len(r.tokens) + 1 >= self.context:
             return "length"
         return None
 
     def _join(self, batches: list[_Batch]) -> list[_Batch]:
-        """Fold freshly prefilled batches into running ones, at most ``slots`` batches in all."""
+        """Fold batches into others while there are more than the micro-batches the pipeline
+        runs at once (the smallest into the next smallest, after their steps in flight)."""
         if not self.mergeable:
             return batches
-        batches = sorted(batches, key=lambda b: -len(b.rows))
-        while len(batches) > self.slots:
-            small = batches.pop()
-            into = min(batches, key=lambda b: len(b.rows))
+        while True:
+            batches = sorted(batches, key=lambda b: -len(b.rows))
+            if len(batches) <= self.pipeline.micro_batches(sum(len(b.rows) for b in batches)):
+                return batches
+            small, into = batches[-1], batches[-2]
+            for b in (into, small):
+                while b.sent:
+                    self._fetch(b)
             self.transport.control("merge_caches", into.cache_id, small.cache_id)
             into.absorb(small)
-        return batches
+            batches = self._settle(batches[:-1])
 
     def _finish(self, r: Request, reason: str) -> None:
+        if r.done:
+            return
         if r.text is None:
             r.text = self.model.tokenizer.decode(r.tokens, skip_special_tokens=True) if self.model.tokenizer else ""
         r._finish(reason)
@@ -377,6 +488,11 @@ class Scheduler:
     def _fail_all(self, error: BaseException) -> None:
         with self._cond:
             everyone, self._active = list(self._active), set()
-            self._waiting, self._batches = [], []
+            self._waiting, batches, self._batches = [], self._batches, []
         for r in everyone:
             r._finish(None, error)
+        for b in batches:  # free what the stages still hold, where they still answer
+            try:
+                self.transport.drop(b.cache_id)
+            except Exception:
+                pass

@@ -10,11 +10,8 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 from . import hardware
 from .errors import StoreError
-from .generate import pick_next
 from .planner import StagePlan
 from .runner import LayerRunner
 from .store import LayerStore
@@ -45,7 +42,6 @@ class StageActor:
         self.runner: LayerRunner | None = None
         self.transfer_s = 0.0
         self.attached: dict[str, object] = {}  # what transports keep here (a serving loop)
-        self._gens: dict[str, torch.Generator] = {}  # seeded sampling, per micro-batch cache
         self._lock = threading.Lock()  # a transport's loop against calls from the driver
 
     def describe(self) -> dict:
@@ -79,14 +75,12 @@ class StageActor:
         with self._lock:
             for key in list(self.runner.caches):
                 self.runner.drop(key)
-            self._gens.clear()
 
     def run(self, work: Work, payload: Payload) -> Payload:
         """Run one micro-batch through this stage's units.
 
-        With ``work.pick`` the last stage returns the next token of each row (``[B]``:
-        argmax, or sampled with the micro-batch's own seeded generator) instead of
-        logits, so only token ids travel on.
+        With ``work.pick`` the last stage returns the greedy next token of each row
+        (``[B]``) instead of logits, so only token ids travel on.
         """
         self.transfer_s += max(0.0, time.time() - payload.sent_at)
         x = payload.x
@@ -94,29 +88,17 @@ class StageActor:
             x = x[:, None]
         with self._lock:
             out = self.runner.forward(x, work.mask, work.pos, work.cache_id, work.logits_to_keep)
-            pick = work.pick
-            if pick is not None and self.runner.range.last:
-                last = out[:, -1, :]
-                out = pick_next(last.float().cpu(), pick, self._generator(work.cache_id, pick)) if pick.do_sample \
-                    else last.argmax(-1)
+            if work.pick and self.runner.range.last:
+                out = out[:, -1, :].argmax(-1)
         # hidden states for the next stage leave a GPU through pinned memory; what the
         # driver keeps (logits, tokens) is plain host memory
         return Payload.now(out.cpu() if self.runner.range.last else self.runner.to_host(out))
-
-    def _generator(self, cache_id: str, pick) -> torch.Generator | None:
-        if pick.seed is None:
-            return None
-        if cache_id not in self._gens:
-            self._gens[cache_id] = torch.Generator().manual_seed(pick.seed)
-        return self._gens[cache_id]
 
     def drop(self, cache_id: str) -> None:
         """Free the KV caches of a finished request (all its micro-batches)."""
         with self._lock:
             for key in [k for k in self.runner.caches if in_request(k, cache_id)]:
                 self.runner.drop(key)
-            for key in [k for k in self._gens if in_request(k, cache_id)]:
-                del self._gens[key]
 
     def select_rows(self, cache_id: str, rows: list[int], trim: int = 0) -> None:
         """Keep only ``rows`` of a request group's KV cache (the others finished), dropping

@@ -10,7 +10,7 @@ first stage and fetches the last stage's output. Two implementations:
 - ``channel.SocketTransport``: every stage serves a loop on its mailbox and sends its
   output over a socket straight to the next, with no Ray call per step.
 
-The driver's scheduling code (``model.generate``) only calls ``submit``, ``fetch`` and
+The driver's scheduler (``scheduler.py``) only calls ``submit``, ``fetch`` and
 ``drop``, so a new transport does not touch it.
 """
 
@@ -32,8 +32,8 @@ class Work:
         mask: ``[B, past + T]`` attention mask, or None (no padding).
         pos: ``[B, T]`` positions of the new tokens.
         logits_to_keep: how many final positions get logits on the last stage.
-        pick: with settings, the last stage picks the next token of each row (``[B]``)
-            instead of returning logits.
+        pick: the last stage returns the greedy next token of each row (``[B]``)
+            instead of logits.
         feed: the key of an earlier step whose picked tokens are this step's input (set
             by transports that pass tokens from the last stage to the first themselves).
     """
@@ -43,7 +43,7 @@ class Work:
     mask: Any
     pos: Any
     logits_to_keep: int = 1
-    pick: Any = None
+    pick: bool = False
     feed: str | None = None
 
 
@@ -153,7 +153,7 @@ class RefTransport(Transport):
             msg = Payload.now(x)
         for actor in self.stages.actors:
             msg = self.stages.call(actor, "run", work, msg)
-        return Handle(work.key, msg, picked=work.pick is not None)
+        return Handle(work.key, msg, picked=work.pick)
 
     def fetch(self, handle: Handle):
         return self.stages.get(handle.ref, self.timeout).x

@@ -3,6 +3,8 @@ max_new_tokens, streamers, and the errors bad settings give."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from transformers import TextStreamer
@@ -11,7 +13,7 @@ from transformers.generation.streamers import BaseStreamer
 from conftest import EOS, PAD, prompts, word_token
 from distlayer import AutoModel, ConfigError
 from distlayer.config import GenerationConfig
-from distlayer.generate import generate, pick_next, positions_from_mask
+from distlayer.generate import pick_next, positions_from_mask
 
 
 def settings(**kw) -> GenerationConfig:
@@ -48,6 +50,16 @@ def test_sampling_is_reproducible_per_seed_and_differs_across_seeds(model):
     again = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=True, seed=2)
     assert again.tolist() == runs[2].tolist()
     assert len({tuple(r.flatten().tolist()) for r in runs.values()}) == 4
+
+
+def test_a_sampled_row_depends_on_its_seed_and_prompt_only(model):
+    """Row r of a batch sampled with seed s is what that prompt gives alone with seed s + r."""
+    ids, mask = prompts(4)
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=True, seed=11, eos_token_id=[])
+    for r in range(4):
+        alone = model.generate(ids[r:r + 1, mask[r].argmax():], max_new_tokens=MAX_NEW, do_sample=True, seed=11 + r,
+                               eos_token_id=[])
+        assert alone[0, -MAX_NEW:].tolist() == batch[r, -MAX_NEW:].tolist()
 
 
 def test_top_k_1_and_tiny_top_p_equal_greedy(model):
@@ -134,10 +146,15 @@ def test_stop_strings_stop_early(model):
     assert out.sequences[0, ids.shape[1]:].tolist() == full[:k + 1]
 
 
-def test_stop_strings_need_a_tokenizer():
-    step = lambda ids, mask, pos: torch.zeros(ids.shape[0], 8)  # noqa: E731
-    with pytest.raises(ValueError, match="tokenizer"):
-        generate(step, torch.tensor([[3, 4]]), None, settings(stop=["x"]))
+def test_stop_strings_need_a_tokenizer(tiny_dir, tmp_path):
+    bare = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_dir("llama"), bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    ids, _ = prompts(1)
+    with AutoModel.from_pretrained(bare, stages=0, progress=False) as m:
+        assert m.tokenizer is None
+        with pytest.raises(ConfigError, match="tokenizer"):
+            m.generate(ids, max_new_tokens=3, stop_strings=["x"])
+        assert m.generate(ids, max_new_tokens=3).shape == (1, ids.shape[1] + 3)
 
 
 # --------------------------------------------------------------------------- streamers
@@ -210,52 +227,38 @@ def test_temperature_zero_is_fine_when_greedy(model):
     assert model.generate(ids, max_new_tokens=3, temperature=0.0).shape == (1, ids.shape[1] + 3)
 
 
-def test_generate_without_model():
-    """``generate`` works over any step function: positions follow the left padding."""
+def test_positions_follow_the_left_padding():
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     assert positions_from_mask(mask).tolist() == [[1, 1, 0, 1], [0, 1, 2, 3]]
-    seen = []
-
-    def step(k, ids, m, pos):  # always prefers token 5, then 7 once 3 tokens were seen
-        seen.append((ids.shape, m.shape, pos.tolist()))
-        logits = torch.zeros(ids.shape[0], 10)
-        logits[:, 5 if len(seen) < 3 else 7] = 1.0
-        return logits
-
-    out = generate(step, torch.tensor([[0, 0, 3, 4], [3, 4, 3, 4]]), mask,
-                   settings(max_new_tokens=4, eos_token_id=[7]))
-    assert out.sequences[:, 4:].tolist() == [[5, 5, 7], [5, 5, 7]]
-    assert out.finish_reasons == ["stop", "stop"] and out.completion_tokens == [3, 3]
-    assert seen[0] == ((2, 4), (2, 4), [[1, 1, 0, 1], [0, 1, 2, 3]])
-    assert seen[1] == ((2, 1), (2, 5), [[2], [4]])
 
 
-def counting_model(calls):
-    """A fake greedy model over handles: each row's next token is its last token + 1 (mod 10);
-    a handle is ``("h", tokens)``, as a pipeline's future would be."""
-    def step(k, ids, mask, pos):
-        last = ids[1] if isinstance(ids, tuple) else ids[:, -1]
-        calls.append((k, int(mask.shape[1])))
-        assert pos.shape == (len(last), 1) or pos.shape == ids.shape
-        return ("h", (last + 1) % 10)
+def test_rows_that_stop_early_are_padded_and_their_logits_kept(model, hf):
+    """Rows stop at different steps (eos is a token each row reaches at another step); the
+    output is transformers' own: padding after a row's eos, and logits for every row at
+    every step, the stopped rows fed padding as transformers feeds them."""
+    ids, mask = prompts(4)
+    full = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, eos_token_id=[])[:, ids.shape[1]:]
+    eos = full[0, first_new(full[0].tolist())].item()  # stops row 0 early; other rows wherever they meet it
+    ours = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, eos_token_id=eos, pad_token_id=PAD,
+                          output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        want = hf.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos,
+                           pad_token_id=PAD, output_logits=True, return_dict_in_generate=True)
+    assert ours.sequences.tolist() == want.sequences.tolist()
+    assert ours.finish_reasons[0] == "stop" and ours.completion_tokens[0] < MAX_NEW
+    assert len(ours.logits) == len(want.logits)
+    for a, b in zip(ours.logits, want.logits):
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, eos_token_id=eos, pad_token_id=PAD)
+    assert plain.tolist() == want.sequences.tolist()  # rows that leave at once give the same tokens
 
-    return step, (lambda handle: handle[1])
 
-
-@pytest.mark.parametrize("groups, ahead", [(1, 3), (2, 1), (2, 3), (3, 2)])
-def test_micro_batches_and_steps_ahead_give_the_same_tokens(groups, ahead):
-    ids = torch.tensor([[0, 1, 2], [0, 5, 6], [3, 4, 5], [1, 1, 1], [2, 2, 8]])
-    mask = torch.tensor([[0, 1, 1], [0, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1]])
-    s = settings(max_new_tokens=6, eos_token_id=[9], pad_token_id=0)
-    ref_calls, calls = [], []
-    step, fetch = counting_model(ref_calls)
-    ref = generate(step, ids, mask, s, fetch=fetch)
-    step, fetch = counting_model(calls)
-    out = generate(step, ids, mask, s, fetch=fetch, groups=groups, ahead=ahead)
-    assert out.sequences.tolist() == ref.sequences.tolist()
-    assert out.finish_reasons == ref.finish_reasons and out.completion_tokens == ref.completion_tokens
-    assert ref.sequences[2, 3:].tolist() == [6, 7, 8, 9, 0, 0]  # stopped at eos 9, then padding
-    # forwards are submitted in step order, micro-batch after micro-batch
-    assert calls[:groups] == [(k, 3) for k in range(groups)]
-    steps = [m for _, m in calls]
-    assert steps == sorted(steps)
+def test_a_batch_larger_than_the_reservation_runs_whole(model):
+    """The model reserves KV for batch_size 1; a batch of 4 still runs, as one group."""
+    ids, mask = prompts(4)
+    assert model.pipeline.cfg.batch_size == 1
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=[])
+    alone = [model.generate(ids[r:r + 1, mask[r].argmax():], max_new_tokens=4, eos_token_id=[])[0, -4:].tolist()
+             for r in range(4)]
+    assert out[:, -4:].tolist() == alone
+    assert model.stats()[0]["kv_bytes"] == 0

@@ -68,7 +68,7 @@ def test_a_killed_stage_is_replaced_and_generation_goes_on_unchanged(stages, tin
 
 
 def test_micro_batches_sampling_and_logits_survive_a_killed_stage(tiny_dir):
-    """Two micro-batches in flight, seeded sampling on the last stage, and logits returned
+    """Two micro-batches in flight, seeded sampling in the driver, and logits returned
     to the driver, over Ray object refs (the other transport): a stage killed mid-run
     changes none of them."""
     import threading
