@@ -21,9 +21,11 @@ fetches any, so all stages work at once:
   runs when nothing else does, as one batch always could;
 - when every row of a batch is greedy and the stages are Ray actors, the last stage picks
   the tokens and ``AHEAD`` steps stay in flight, each fed the tokens of the step before
-  straight from the last stage, so no stage waits on this process. A row that stops, or
-  rows that join, wait for the steps in flight to be fetched (their extra tokens for a
-  stopped row are dropped), then the next step is fed from here.
+  straight from the last stage, so no stage waits on this process. No step is sent past
+  a row's last token (its ``max_new_tokens`` or the context), so a row that ends there
+  leaves with nothing in flight; one that stops earlier (end-of-sequence, a stop text),
+  and rows that join, wait for the steps in flight to be fetched (a stopped row's extra
+  tokens are dropped), then the next step is fed from here.
 
 Why rows join one batch rather than run as independent micro-batches: on a device bound
 by reading weights, a step of 8 rows costs little more than a step of 1, so 8 requests in
@@ -57,9 +59,11 @@ AHEAD = 3  # steps in flight per batch when the last stage picks the tokens on R
 class Group:
     """Requests submitted together (one ``generate()`` call): admitted together. With
     ``hold``, a row that stopped stays in its batch, fed padding, until every row of the
-    group has stopped, so each step has logits for every row, as transformers computes them."""
+    group has stopped, as transformers computes a batch; with ``logits`` too, each row
+    keeps every step's logits (``Request.logits``)."""
 
     hold: bool = False
+    logits: bool = False
     members: list = field(default_factory=list)
 
     def stopped(self) -> bool:
@@ -81,7 +85,7 @@ class Request:
     error: BaseException | None = None
     text: str | None = None                          # the completion once finished, cut before a stop text
     group: Group | None = None
-    logits: list | None = None                       # with a held group: each step's raw logits ``[V]``
+    logits: list | None = None                       # with a group that keeps logits: each step's raw logits ``[V]``
     stopped: str | None = None                       # why it stopped; it finishes once its rows left every stage
 
     def __post_init__(self):
@@ -185,11 +189,13 @@ class _Batch:
                    for r in self.rows)
 
     def steps_left(self, context: int | None) -> int:
-        """Steps that can still give some row a token, beyond those in flight."""
-        left = max(r.settings.max_new_tokens - len(r.tokens) if not r.stopped else 0 for r in self.rows)
-        if context is not None:
-            left = min(left, max(context - len(r.prompt) - len(r.tokens) for r in self.rows))
-        return left - len(self.sent)
+        """Steps that can still be sent before some row's last token (``max_new_tokens``, or
+        the context), counting those in flight: no step goes past it, so a row that stops
+        there leaves with nothing in flight."""
+        left = [min(r.settings.max_new_tokens - len(r.tokens),
+                    context - len(r.prompt) - len(r.tokens) if context is not None else 1 << 62)
+                for r in self.rows if not r.stopped]
+        return (min(left) if left else 0) - len(self.sent)
 
     def submit(self, transport, key: str) -> None:
         """Send the next step: ``next_ids`` over the mask, with new positions."""
@@ -299,7 +305,7 @@ class Scheduler:
                 made[-1].listeners.append(listener)
             if group is not None:
                 group.members.append(made[-1])
-                if group.hold:
+                if group.logits:
                     made[-1].logits = []
         with self._cond:
             if self.failure is not None or self._stopped:
@@ -397,7 +403,7 @@ class Scheduler:
         """Fetch the oldest step of ``b`` in flight and give each row its token."""
         sent = b.sent[0]
         out = self.transport.fetch(sent.handle)
-        tokens = out.long() if sent.picked else self._pick(b, sent.rows, out[:, -1, :].float())
+        tokens = out.long().clone() if sent.picked else self._pick(b, sent.rows, out[:, -1, :].float())
         for i, r in enumerate(sent.rows):
             if r.stopped:  # a held row is fed padding; a stopped row's extra tokens are dropped
                 if r.held:

@@ -3,6 +3,7 @@ get alone; freed KV caches; cancelling; refusing what cannot fit."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -103,3 +104,24 @@ def test_cancel_frees_the_rows_and_refusals(model):
             sched.submit([], model.generation_settings(max_new_tokens=3))
     finally:
         sched.close()
+
+
+def test_generate_calls_from_several_threads_share_the_pipeline(model):
+    """generate() is a client of the model's scheduler: calls from four threads run at once,
+    each gets what it gets alone, and every cache is freed after."""
+    ps = prompts(3)[:4]
+    want = [alone(model, p, n) for p, (_, n) in zip(ps, LENGTHS)]
+    got: list = [None] * 4
+    start = threading.Barrier(4)
+
+    def call(i):
+        start.wait()
+        got[i] = alone(model, ps[i], LENGTHS[i][1])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert got == want
+    assert model.scheduler.in_flight() == 0 and model.stats()[0]["kv_bytes"] == 0
