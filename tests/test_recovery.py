@@ -84,16 +84,19 @@ def test_micro_batches_sampling_and_logits_survive_a_killed_stage(tiny_dir):
         for stage, run in ((1, "sampled"), (0, "logits")):
             timer = threading.Timer(0.5, lambda s=stage: os.kill(model.plan[s].pid, signal.SIGKILL))
             timer.start()
-            if run == "sampled":
-                out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, **sampled)
-                assert out.tolist() == clean_s.tolist()
-            else:
-                while timer.is_alive():  # the kill lands while logits steps run
+            while True:  # until a whole run started after the kill (a kill between runs is met by the next)
+                fired = not timer.is_alive()
+                if run == "sampled":
+                    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, **sampled)
+                    assert out.tolist() == clean_s.tolist()
+                else:
                     out = model.generate(ids, attention_mask=mask, max_new_tokens=8, output_logits=True,
                                          return_dict_in_generate=True)
                     assert out.sequences.tolist() == clean_l.sequences.tolist()
                     for a, b in zip(out.logits, clean_l.logits):
                         torch.testing.assert_close(a, b, rtol=0, atol=0)
+                if fired:
+                    break
             timer.join()
         assert sum(s["restarts"] for s in model.stats()) == 2
         assert_all_freed(model)
