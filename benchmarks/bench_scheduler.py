@@ -8,11 +8,8 @@ Two measurements, same model and pipeline, same run:
     same 8 sent one after another: wall-time ratio (target at most 0.5).
 (b) a batch of 64 prompts whose outputs run from 8 to 128 tokens, on the scheduler (rows
     join and leave a running batch, at most ``--rows`` at a time) against batch after
-    batch of ``--rows``: throughput ratio (target at least 1.3). Two baselines:
-    - the way before the scheduler: every row of a batch computes until its longest row
-      is done (a held group, ``scheduler.Group(hold=True)``, as ``generate()`` ran then);
-    - batch after batch through today's ``generate()``, whose rows leave the pipeline as
-      they stop, the next batch still waiting for the longest row.
+    batch of ``--rows`` through ``generate()`` (each batch runs until its longest row is
+    done, as before the scheduler): throughput ratio (target at least 1.3).
 
 End-of-sequence is off so every output has exactly the length asked for.
 """
@@ -49,31 +46,22 @@ def run_one_by_one(sched, model, jobs) -> float:
     return time.perf_counter() - t
 
 
-def run_batches(sched, model, jobs, rows: int, held: bool) -> float:
-    """Batch after batch, prompts sorted by length as jobs did: each batch a held group on
-    the scheduler (``held``: the way before it), or a ``generate()`` call."""
+def run_batches(model, jobs, rows: int) -> float:
+    """Batch after batch through generate(), prompts sorted by length as jobs did."""
     import torch
-
-    from distlayer.scheduler import Group
 
     t = time.perf_counter()
     ordered = sorted(jobs, key=lambda j: len(j[0]))
     pad = model.tokenizer.pad_token_id
     for i in range(0, len(ordered), rows):
         batch = ordered[i:i + rows]
-        longest = max(n for _, n in batch)
-        if held:
-            group = [(p, model.generation_settings(max_new_tokens=longest, eos_token_id=[])) for p, _ in batch]
-            for r in sched.submit_many(group, group=Group(hold=True)):
-                r.result()
-            continue
         width = max(len(ids) for ids, _ in batch)
         ids = torch.full((len(batch), width), pad)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
         for r, (p, _) in enumerate(batch):
             ids[r, width - len(p):] = torch.tensor(p)
             mask[r, width - len(p):] = 1
-        model.generate(ids, attention_mask=mask, max_new_tokens=longest, eos_token_id=[])
+        model.generate(ids, attention_mask=mask, max_new_tokens=max(n for _, n in batch), eos_token_id=[])
     return time.perf_counter() - t
 
 
@@ -88,12 +76,11 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     from distlayer import AutoModel
-    from distlayer.scheduler import Scheduler
     from distlayer.smollm import ensure_smollm2
 
     path = a.model or str(ensure_smollm2())
     model = AutoModel.from_pretrained(path, stages=a.stages, progress=False, batch_size=a.rows, context=512)
-    sched = Scheduler(model, a.rows, 512)
+    sched = model.scheduler  # the one generate() runs on too
     tok = model.tokenizer
     rng = random.Random(0)
     eight = [(encode(tok, PROMPTS[i]), n) for i, n in enumerate([8, 16, 24, 32, 40, 48, 56, 64])]
@@ -106,15 +93,11 @@ def main(argv=None):
                      "ratio": round(together / alone, 3)})
         print(json.dumps(rows[-1]), flush=True)
         tokens = sum(n for _, n in many)
-        sched_s = run_together(sched, model, many)
-        held_s, generate_s = run_batches(sched, model, many, a.rows, True), run_batches(sched, model, many, a.rows, False)
+        sched_s, batch_s = run_together(sched, model, many), run_batches(model, many, a.rows)
         rows.append({"case": f"{a.jobs} prompts, 8-128 new tokens", "tokens": tokens,
-                     "scheduler_tok_s": round(tokens / sched_s, 2),
-                     "batches_before_tok_s": round(tokens / held_s, 2), "ratio": round(held_s / sched_s, 3),
-                     "batches_generate_tok_s": round(tokens / generate_s, 2),
-                     "ratio_generate": round(generate_s / sched_s, 3)})
+                     "scheduler_tok_s": round(tokens / sched_s, 2), "batches_tok_s": round(tokens / batch_s, 2),
+                     "ratio": round(batch_s / sched_s, 3)})
         print(json.dumps(rows[-1]), flush=True)
-    sched.close()
     model.close()
     if a.json:
         with open(a.json, "w") as f:

@@ -301,7 +301,6 @@ def cmd_serve(args) -> int:
     from pathlib import Path
 
     from .model import DistModel
-    from .scheduler import Scheduler
     from .serve import listen, serve
     from .smollm import DEFAULT_MODEL_NAME, resolve_model
     from .store import open_store
@@ -315,13 +314,9 @@ def cmd_serve(args) -> int:
     name = args.served_model_name or (DEFAULT_MODEL_NAME if args.model == "default" else Path(args.model).name)
     api_key = args.api_key or os.environ.get("DISTLAYER_API_KEY") or None
     with sock, DistModel.start(store, cfg) as model:
-        scheduler = Scheduler(model, cfg.batch_size, cfg.context)
-        try:
-            serve(model, scheduler, name, sock, api_key,
-                  ready=lambda port: _err(f"serving {name} on http://{args.host}:{port}/v1 "
-                                          f"({len(model.plan)} stages, up to {cfg.batch_size} requests at once)"))
-        finally:
-            scheduler.close()
+        serve(model, model.scheduler, name, sock, api_key,
+              ready=lambda port: _err(f"serving {name} on http://{args.host}:{port}/v1 "
+                                      f"({len(model.plan)} stages, up to {cfg.batch_size} requests at once)"))
     return 0
 
 

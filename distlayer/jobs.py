@@ -375,7 +375,7 @@ def run_job(path_or_config: str | os.PathLike | JobConfig | dict, progress: bool
     writer = ResultWriter(cfg.output)
     summary = JobSummary(str(cfg.output), len(records), 0, 0, 0, 0, 0.0, writer.repaired)
     mode = _progress_mode(progress)
-    model = bar = scheduler = None
+    model = bar = None
     try:
         pending = [r for r in records if r.key not in writer.done]
         summary.skipped = len(records) - len(pending)
@@ -398,14 +398,13 @@ def run_job(path_or_config: str | os.PathLike | JobConfig | dict, progress: bool
         rows = min(cfg.batch_size, len(valid))
         context = max(len(r.tokens) for r in valid) + cfg.generation.max_new_tokens
         model = _load_model(cfg, store, rows, context)
-        scheduler = Scheduler(model, rows, context)
         settings = model.generation_settings(**dataclasses.asdict(cfg.generation))
         bar = Progress(sum(r.key not in writer.done for r in valid), mode)
         bar.say(f"{bar.total} prompts to run, {rows} at a time")
         for segment in plan_segments(valid, cfg.batch_size):
             if all(r.key in writer.done for r in segment):
                 continue
-            for r, res in run_segment(scheduler, segment, settings):
+            for r, res in run_segment(model.scheduler, segment, settings):
                 if r.key in writer.done:
                     continue
                 writer.write(res)
@@ -419,8 +418,6 @@ def run_job(path_or_config: str | os.PathLike | JobConfig | dict, progress: bool
         summary.seconds = round(time.monotonic() - t0, 3)
         if bar is not None:
             bar.close()
-        if scheduler is not None:
-            scheduler.close()
         if model is not None:
             model.close()
         writer.close()
