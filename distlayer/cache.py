@@ -66,13 +66,19 @@ class StageCache(DynamicCache):
 
     def select_rows(self, rows: list[int], trim: int = 0) -> None:
         """Keep only ``rows`` (batch indices, in that order), and drop the first ``trim``
-        positions, which no kept row attends to (all padding for them)."""
+        positions, which no kept row attends to (all padding for them). A sliding-window
+        layer holds only its window's last positions, so it loses only those of the
+        ``trim`` it still holds, and counts ``trim`` fewer tokens seen."""
         index = torch.tensor(rows, dtype=torch.long)
         for layer in self._filled():
             index = index.to(layer.keys.device)
-            layer.keys = layer.keys.index_select(0, index)[:, :, trim:]
-            layer.values = layer.values.index_select(0, index)[:, :, trim:]
+            cut = max(0, trim - (self.seen - layer.keys.shape[2]))  # positions before it holds are gone already
+            layer.keys = layer.keys.index_select(0, index)[:, :, cut:]
+            layer.values = layer.values.index_select(0, index)[:, :, cut:]
         self.seen -= trim
+        for layer in self.layers:
+            if isinstance(layer, DynamicSlidingWindowLayer):
+                layer.cumulative_length = self.seen
 
     def merge(self, other: "StageCache") -> None:
         """Append the rows of ``other`` after this cache's rows; the shorter side is padded

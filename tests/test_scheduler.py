@@ -125,3 +125,21 @@ def test_generate_calls_from_several_threads_share_the_pipeline(model):
         t.join(timeout=120)
     assert got == want
     assert model.scheduler.in_flight() == 0 and model.stats()[0]["kv_bytes"] == 0
+
+
+def test_rows_leaving_trim_padding_on_sliding_window_layers(tiny_dir):
+    """The row with the longest prompt leaves first, so the others' common padding is trimmed
+    from every cache; on Gemma2 (window 8) the sliding layers hold fewer positions than the
+    sequence, and the rows that stay still get what they get alone."""
+    with AutoModel.from_pretrained(tiny_dir("gemma2"), stages=0, progress=False) as model:
+        g = torch.Generator().manual_seed(4)
+        ps = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (14, 5, 6)]
+        lengths = [2, 16, 12]
+        want = [alone(model, p, n) for p, n in zip(ps, lengths)]
+        sched = Scheduler(model, max_rows=3, context=64)
+        try:
+            settings = [model.generation_settings(max_new_tokens=n, eos_token_id=[]) for n in lengths]
+            reqs = sched.submit_many(list(zip(ps, settings)))
+            assert [r.result(timeout=60).tokens for r in reqs] == want
+        finally:
+            sched.close()
