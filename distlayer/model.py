@@ -155,7 +155,7 @@ class DistModel:
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
         rows = [(input_ids[r][mask[r] != 0].tolist(), s.for_row(r))
                 for r in range(input_ids.shape[0])]
-        reqs = self.scheduler.submit_many(rows, group=Group(hold=output_logits, logits=output_logits))
+        reqs = self.scheduler.submit_many(rows, group=Group(hold=output_logits))
         try:
             if streamer is not None:
                 stream(streamer, input_ids, reqs, s.pad_token_id)

@@ -58,12 +58,11 @@ AHEAD = 3  # steps in flight per batch when the last stage picks the tokens on R
 @dataclass(eq=False)
 class Group:
     """Requests submitted together (one ``generate()`` call): admitted together. With
-    ``hold``, a row that stopped stays in its batch, fed padding, until every row of the
-    group has stopped, as transformers computes a batch; with ``logits`` too, each row
-    keeps every step's logits (``Request.logits``)."""
+    ``hold``, each row keeps every step's logits (``Request.logits``), and a row that
+    stopped stays in its batch, fed padding, until every row of the group has stopped, so
+    each step has logits for every row, as transformers returns them."""
 
     hold: bool = False
-    logits: bool = False
     members: list = field(default_factory=list)
 
     def stopped(self) -> bool:
@@ -85,7 +84,7 @@ class Request:
     error: BaseException | None = None
     text: str | None = None                          # the completion once finished, cut before a stop text
     group: Group | None = None
-    logits: list | None = None                       # with a group that keeps logits: each step's raw logits ``[V]``
+    logits: list | None = None                       # in a held group: each step's raw logits ``[V]``
     stopped: str | None = None                       # why it stopped; it finishes once its rows left every stage
 
     def __post_init__(self):
@@ -305,7 +304,7 @@ class Scheduler:
                 made[-1].listeners.append(listener)
             if group is not None:
                 group.members.append(made[-1])
-                if group.logits:
+                if group.hold:
                     made[-1].logits = []
         with self._cond:
             if self.failure is not None or self._stopped:
@@ -403,7 +402,7 @@ class Scheduler:
         """Fetch the oldest step of ``b`` in flight and give each row its token."""
         sent = b.sent[0]
         out = self.transport.fetch(sent.handle)
-        tokens = out.long().clone() if sent.picked else self._pick(b, sent.rows, out[:, -1, :].float())
+        tokens = out.long() if sent.picked else self._pick(b, sent.rows, out[:, -1, :].float())
         for i, r in enumerate(sent.rows):
             if r.stopped:  # a held row is fed padding; a stopped row's extra tokens are dropped
                 if r.held:
