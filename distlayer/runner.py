@@ -26,11 +26,6 @@ from .store import LayerStore
 from .streaming import HostMemory, MappedMemory, Streamer
 from .units import chunk_unit
 
-# A CPU forward of fewer tokens than this (decode at batch 1 to 7) runs on one thread:
-# its matmuls are too small to split well (measurements: benchmarks/README.md).
-SMALL_FORWARD = 8
-
-
 class _Streamed(nn.Module):
     """Wraps a streamed unit's module: its weights arrive just before it runs and
     leave right after."""
@@ -267,7 +262,7 @@ class LayerRunner:
         """
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             begun = self.memory.begin_forward()
-            self._set_threads(x.shape[0] * x.shape[1])
+            self._set_threads()
             cache = self.caches.get(cache_id)
             if cache is None:
                 cache = self.caches[cache_id] = StageCache(self.config, range(self.range.start, self.range.end))
@@ -290,14 +285,12 @@ class LayerRunner:
             self.memory.end_forward(begun)
             return out
 
-    def _set_threads(self, tokens: int) -> None:
-        """CPU forwards of fewer than ``SMALL_FORWARD`` tokens run on one thread, others on
-        the stage's threads. OpenMP's thread count is per calling thread, so this is set on
-        the thread that runs the forward."""
-        if self.threads:
-            n = 1 if tokens < SMALL_FORWARD else self.threads
-            if torch.get_num_threads() != n:
-                torch.set_num_threads(n)
+    def _set_threads(self) -> None:
+        """CPU forwards run on the stage's threads, small ones too (measurements:
+        benchmarks/README.md). OpenMP's thread count is per calling thread, so this is set
+        on the thread that runs the forward."""
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
 
     def drop(self, cache_id: str) -> None:
         """Free the KV cache of a finished sequence group."""
