@@ -414,6 +414,11 @@ class Scheduler:
                 r._emit(token)
         b.fetched(tokens)
 
+    def _drain(self, b: _Batch) -> None:
+        """Fetch every step of ``b`` in flight, before its rows change."""
+        while b.sent:
+            self._fetch(b)
+
     def _pick(self, b: _Batch, rows: list[Request], logits: torch.Tensor) -> torch.Tensor:
         """Each row's next token from its logits ``[B, V]``, with its own settings."""
         picked = []
@@ -433,8 +438,7 @@ class Scheduler:
         for b in batches:
             if not any(r.stopped and not r.held for r in b.rows):
                 continue
-            while b.sent:
-                self._fetch(b)
+            self._drain(b)
             keep = [i for i, r in enumerate(b.rows) if not r.stopped or r.held]
             leaving = [r for i, r in enumerate(b.rows) if i not in keep]
             if not keep:
@@ -474,9 +478,8 @@ class Scheduler:
             if len(batches) <= self.pipeline.micro_batches(sum(len(b.rows) for b in batches)):
                 return batches
             small, into = batches[-1], batches[-2]
-            for b in (into, small):
-                while b.sent:
-                    self._fetch(b)
+            self._drain(into)
+            self._drain(small)
             self.transport.control("merge_caches", into.cache_id, small.cache_id)
             into.absorb(small)
             batches = self._settle(batches[:-1])
