@@ -6,6 +6,7 @@ device and the caller decides which units get real weights.
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 
@@ -90,6 +91,18 @@ def parts(model: nn.Module) -> Parts:
     prefixes = {layer_unit(i): f"model.layers.{i}." for i in range(len(layers))}
     prefixes.update({NORM: "model.norm.", HEAD: "lm_head."})
     return Parts(model=model, base=base, layers=layers, prefixes=prefixes)
+
+
+def cache_keyword(p: Parts) -> str:
+    """The keyword the decoder's forward takes its KV cache under: ``cache`` from
+    transformers 5.24, ``past_key_values`` before. An older forward swallows an unknown
+    ``cache=`` in its ``**kwargs`` and runs every step without a cache, so asking is what
+    keeps decoding exact on both."""
+    params = inspect.signature(type(p.base).forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise _unsupported(p.model.config, "its decoder's forward takes no KV cache (neither cache nor past_key_values)")
 
 
 def unit_of_key(p: Parts, key: str) -> str:

@@ -38,9 +38,11 @@ class StageCache(DynamicCache):
             return super().get_seq_length(layer_idx)
         return self.seen
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query, layer_idx: int) -> tuple[int, int]:
         if layer_idx in self.owned or isinstance(self.layers[layer_idx], DynamicSlidingWindowLayer):
-            return super().get_mask_sizes(query_length, layer_idx)
+            return super().get_mask_sizes(query, layer_idx)
+        # transformers before 5.5 passes the new tokens' cache positions, later their count
+        query_length = query.shape[0] if isinstance(query, torch.Tensor) else query
         return self.seen + query_length, 0
 
     def nbytes(self) -> int:

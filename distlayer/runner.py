@@ -138,6 +138,7 @@ class LayerRunner:
 
         self.model = arch.build_skeleton(config, dtype=self.dtype)
         self.parts = arch.parts(self.model)
+        self.cache_keyword = arch.cache_keyword(self.parts)
         if self.device.type != "cpu":
             _buffers_to(self.model, self.device)
         self._prepare_modules()
@@ -268,7 +269,8 @@ class LayerRunner:
                 cache = self.caches[cache_id] = StageCache(self.config, range(self.range.start, self.range.end))
             x = self.memory.to_device(x)
             kw = dict(attention_mask=None if attention_mask is None else self.memory.to_device(attention_mask),
-                      position_ids=self.memory.to_device(position_ids), cache=cache, use_cache=True)
+                      position_ids=self.memory.to_device(position_ids), use_cache=True)
+            kw[self.cache_keyword] = cache
             if self.range.first:
                 kw["input_ids"] = x
             else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import arch, quant
+from . import arch, quant, versions
 from .errors import ConfigError, StoreError
 from .pages import Mapping
 from .sources import (MANIFEST, PARTIAL, SHARDS_DIRNAME, UNIT_FILE_RE, WEIGHT_SUFFIXES, Checkpoint, convert_gguf, default_shards_dir,
@@ -204,6 +205,7 @@ def _clear(out: Path) -> None:
 
 def _split_dir(src: Path, out: Path, progress: bool, meta: dict) -> None:
     """Write every unit of the checkpoint dir ``src`` that ``out`` lacks, then the manifest."""
+    versions.guard(names=versions.LOCAL)  # the split runs transformers' own weight conversion
     from transformers import AutoConfig
     from tqdm.auto import tqdm
 
@@ -273,11 +275,13 @@ def _unit_loader(skeleton, ckpt: Checkpoint):
     from transformers.modeling_utils import LoadStateDictConfig
 
     lc = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(skeleton))
+    # Before transformers 5.16 the loader also took a tensor-parallel plan (none here).
+    extra = {"tp_plan": None} if "tp_plan" in inspect.signature(convert_and_load_state_dict_in_model).parameters else {}
 
     def load(keys: list[str]) -> None:
         sd = {k: ckpt.get(k) for k in keys}
         if sd:
-            convert_and_load_state_dict_in_model(skeleton, sd, lc)
+            convert_and_load_state_dict_in_model(skeleton, sd, lc, **extra)
 
     return load
 
