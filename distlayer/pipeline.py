@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import arch, hardware
+from . import arch, hardware, versions
 from .channel import SocketTransport
 from .config import PipelineConfig, parse_address
 from .errors import StageError, StageLost
@@ -428,6 +428,7 @@ class Pipeline:
 
     def _start(self) -> None:
         cfg = self.cfg
+        versions.guard(names=versions.LOCAL if cfg.runs_in_process else versions.GUARDED)
         n = cfg.stage_count_given()
         if n is not None:  # what can be checked before any stage starts or any weight is read
             check_stages(model_shape(self.store, self.dtype), cfg.budgets(n), cfg.device or "cpu", cfg.batch_size,
@@ -442,7 +443,10 @@ class Pipeline:
         else:
             self.stages, device, concurrency = RayStages.launch(cfg, args)
         s = self.stages
-        plan = plan_for(self.store, cfg, self.dtype, s.describe(), device, concurrency)
+        described = s.describe()
+        for d in described if s.remote else ():  # each node's own libraries run its stages
+            versions.guard(d["versions"], versions.LOCAL, where=f"node {d['node_ip']} (stage {d['stage']})")
+        plan = plan_for(self.store, cfg, self.dtype, described, device, concurrency)
         self.plan, self._micro = plan.stages, plan.micro_batches
         if s.remote:
             fill_stages(s, self.plan, self.store)  # each node gets its stages' units before they load

@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import hardware
+from . import hardware, versions
 from .errors import StoreError
 from .planner import StagePlan
 from .runner import LayerRunner
@@ -46,8 +46,10 @@ class StageActor:
 
     def describe(self) -> dict:
         """Where this stage runs: pid, address, cores, the bytes its device has free, and
-        which physical GPU it is (stages that share one share its memory)."""
-        return {"pid": os.getpid(), "device": self.device, **hardware.where(self.device)}
+        which physical GPU it is (stages that share one share its memory), and the
+        versions of the libraries that decide its answers."""
+        return {"pid": os.getpid(), "stage": self.stage, "device": self.device, "versions": versions.installed(),
+                **hardware.where(self.device)}
 
     def setup(self, plan: StagePlan) -> None:
         """Load the stage's resident units and start streaming the rest, as planned."""
