@@ -7,7 +7,7 @@ For large prompt files, resumable output and progress, use a job file instead:
 """
 
 from distlayer import AutoModel
-from distlayer.jobs import resolve_model
+from distlayer.smollm import resolve_model
 
 questions = [
     "What is the capital of France?",

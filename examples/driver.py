@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 
 from distlayer import AutoModel
-from distlayer.jobs import resolve_model
 from distlayer.report import format_plan, stats_table
+from distlayer.smollm import resolve_model
 
 
 def main() -> None:
