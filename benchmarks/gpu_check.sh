@@ -43,6 +43,9 @@ for name in ("transformers", "accelerate", "safetensors", "ray", "pytest"):
         print(name, importlib.import_module(name).__version__)
     except Exception as e:
         print(name, "missing", type(e).__name__)
+from distlayer import versions  # the tested ranges: outside them distlayer refuses to run
+for c in versions.checks():
+    print("range", c.name, c.installed, c.supported, "ok" if c.ok else "OUTSIDE: " + c.fix)
 EOF
 cat "$OUT/env.txt"
 if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .errors import ConfigError, DistlayerError, PlanError, StageError, StoreError, UnsupportedModelError
+from .errors import ConfigError, DistlayerError, PlanError, StageError, StoreError, UnsupportedModelError, VersionError
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
     from .jobs import run_job
@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
     from .store import LayerStore, split
 
 __all__ = ["AutoModel", "DistModel", "LayerStore", "split", "run_job", "DistlayerError", "StoreError", "PlanError",
-           "ConfigError", "StageError", "UnsupportedModelError"]
+           "ConfigError", "StageError", "UnsupportedModelError", "VersionError"]
 __version__ = "0.1.0"
 
 _LAZY = {

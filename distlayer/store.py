@@ -116,6 +116,7 @@ def split(
     if compression is not None and compression not in quant.COMPRESSIONS:
         raise ConfigError(f"compression={compression!r}: use one of {', '.join(quant.COMPRESSIONS)}, "
                           "or leave it unset for uncompressed shards")
+    versions.guard(names=versions.LOCAL)  # the split runs transformers' own weight conversion
     source = resolve_source(model, token)
     named = out is not None
     out = Path(out).expanduser() if named else default_shards_dir(source, compression)
@@ -205,7 +206,6 @@ def _clear(out: Path) -> None:
 
 def _split_dir(src: Path, out: Path, progress: bool, meta: dict) -> None:
     """Write every unit of the checkpoint dir ``src`` that ``out`` lacks, then the manifest."""
-    versions.guard(names=versions.LOCAL)  # the split runs transformers' own weight conversion
     from transformers import AutoConfig
     from tqdm.auto import tqdm
 
@@ -700,6 +700,7 @@ def open_store(
         StoreError: the checkpoint or store is missing, damaged or incomplete, or holds
             another compression.
     """
+    versions.guard(names=versions.LOCAL)  # before transformers reads the model's config
     path = Path(model).expanduser()
     if shards_dir is None and path.is_dir() and (path / MANIFEST).is_file():
         store = LayerStore(path)

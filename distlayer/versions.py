@@ -22,16 +22,12 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from .errors import DistlayerError
+from .errors import VersionError
 
 GUARDED = ("transformers", "torch", "ray")
 LOCAL = ("transformers", "torch")  # what a process that starts no Ray actor runs on
 # Set to 1 to run outside the tested ranges anyway, with a warning.
 ALLOW_ENV = "DISTLAYER_ALLOW_UNTESTED"
-
-
-class VersionError(DistlayerError):
-    """A library that decides distlayer's answers is outside the tested range."""
 
 
 @dataclass(frozen=True)
