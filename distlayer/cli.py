@@ -1,7 +1,7 @@
 """``distlayer`` command line: one thin verb per job over the library.
 
-Verbs: ``split``, ``plan``, ``generate``, ``serve``, ``run``, ``demo``, ``bench``. Errors
-distlayer raises on bad input are printed as ``error: ...`` with exit status 2.
+Verbs: ``split``, ``plan``, ``generate``, ``serve``, ``run``, ``demo``, ``bench``, ``doctor``.
+Errors distlayer raises on bad input are printed as ``error: ...`` with exit status 2.
 """
 
 from __future__ import annotations
@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     _add_bench_verb(sub)
+    _add_doctor_verb(sub)
     return parser
 
 
@@ -208,6 +209,25 @@ def _add_bench_verb(sub) -> None:
     p.add_argument("--airllm-new", type=_at_least(2), default=d.airllm_new,
                    help=f"new tokens a run for AirLLM, seconds a token on CPU (default {d.airllm_new})")
     p.set_defaults(func=cmd_bench)
+
+
+def _add_doctor_verb(sub) -> None:
+    """The ``doctor`` verb's parser."""
+    p = sub.add_parser("doctor", help="versions, devices, Ray, disk speed and a correctness canary",
+                       description="Check that this machine gives right answers and how fast it can go: the "
+                                   "versions of transformers, torch and Ray against the tested ranges; CPU, RAM and "
+                                   "GPUs; Ray (a private local Ray, or the cluster at --address); the disk's read "
+                                   "speed; and a canary, a tiny random model of MODEL's architecture run through "
+                                   "distlayer (in process and on 2 Ray stages that stream, on every device kind) "
+                                   "whose greedy tokens must equal transformers' own. Prints a table; exit status 1 "
+                                   "when a check fails.")
+    p.add_argument("model", nargs="?", default="default",
+                   help='HF repo id, local model dir, .gguf file, layer store, or "default" (SmolLM2-135M-Instruct, '
+                        'the default); only its config is read')
+    p.add_argument("--address", default=None,
+                   help='the Ray cluster to check: "auto" or host:port (default: start a private local Ray)')
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    p.set_defaults(func=cmd_doctor)
 
 
 class Terminated(KeyboardInterrupt):
@@ -374,6 +394,16 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    """``distlayer doctor``: the checks' table (or JSON); 1 when one fails."""
+    from .doctor import FAIL, format_rows, run_doctor
+
+    cfg = settings_from(args, PipelineConfig)
+    rows = run_doctor(args.model, cfg, say=_err)
+    print(json.dumps([r.as_dict() for r in rows], indent=1) if args.json else format_rows(rows))
+    return 1 if any(r.status == FAIL for r in rows) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``distlayer`` console script.
 
@@ -381,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         argv: arguments without the program name; None reads ``sys.argv``.
 
     Returns:
-        The exit status: 0 on success, 2 on a bad setting or input (printed as ``error: ...``).
+        The exit status: 0 on success, 2 on a bad setting or input (printed as ``error: ...``),
+        1 when a ``doctor`` check fails.
     """
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \

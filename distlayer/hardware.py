@@ -1,9 +1,13 @@
-"""What the machine running this process has: free memory, cores, its address, peak RSS."""
+"""What the machine running this process has: free memory, cores, its address, peak RSS,
+the GPUs its NVIDIA driver sees."""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import socket
+import subprocess
 
 
 def free_bytes(device: str) -> int:
@@ -63,3 +67,18 @@ def peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def nvidia_smi() -> tuple[list[str], str | None]:
+    """The GPUs the NVIDIA driver sees (``nvidia-smi``), by name, and the newest CUDA its
+    driver supports (``"12.4"``); ``([], None)`` where there is no ``nvidia-smi`` or it fails."""
+    if shutil.which("nvidia-smi") is None:
+        return [], None
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True, timeout=20, check=True).stdout
+        header = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return [], None
+    cuda = re.search(r"CUDA Version:\s*([\d.]+)", header)
+    return [n.strip() for n in names.splitlines() if n.strip()], cuda[1] if cuda else None

@@ -14,6 +14,7 @@ sure each node has its stages' units on its own disk.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -132,6 +133,31 @@ def probe_address(address: str, timeout: float) -> None:
         raise StageError(f"nothing answers at the Ray cluster address {host}:{port} within {timeout:g}s "
                          f"({e.strerror or type(e).__name__}): start the cluster with `ray start --head --port "
                          f"{port}` on {host}, check the address, or pass address=None for a private local Ray") from e
+
+
+def cluster_nodes(cfg: PipelineConfig) -> list[dict]:
+    """Join or start Ray as ``cfg.address`` says (:meth:`RayStages.connect`) and list its
+    live nodes, each ``{"node_ip", "cpus", "gpus"}``."""
+    ray = RayStages.connect(cfg)
+    return [{"node_ip": n["NodeManagerAddress"], "cpus": n["Resources"].get("CPU", 0),
+             "gpus": n["Resources"].get("GPU", 0)} for n in ray.nodes() if n.get("Alive")]
+
+
+@contextlib.contextmanager
+def own_ray():
+    """Within it, a Ray this process joins or starts is left again on the way out (a
+    private local Ray stops with it); one it was connected to before is kept."""
+    try:
+        import ray
+    except ImportError:  # nothing to join or leave
+        yield
+        return
+    before = ray.is_initialized()
+    try:
+        yield
+    finally:
+        if not before and ray.is_initialized():
+            ray.shutdown()
 
 
 def death_cause(error) -> str:

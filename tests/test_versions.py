@@ -20,13 +20,14 @@ from pathlib import Path
 import pytest
 
 from distlayer import VersionError, versions
+from distlayer.sources import SHARDS_DIRNAME
 
 ROOT = Path(__file__).parents[1]
 
 
 def test_ranges_are_the_declared_requirements():
-    """The guard reads pyproject.toml's ranges (through the installed metadata: a stale
-    install fails here), and each guarded library has a floor and a ceiling."""
+    """The guard reads pyproject.toml's ranges, and each guarded library has a floor and a
+    ceiling."""
     from packaging.requirements import Requirement
     from packaging.specifiers import SpecifierSet
 
@@ -98,6 +99,11 @@ def scratch(tmp_path_factory):
     return tmp_path_factory.mktemp("transformers-installs")
 
 
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """The checkpoint at ``src`` without the layer store an earlier test may have split beside it."""
+    return shutil.copytree(src, dst, ignore=shutil.ignore_patterns(SHARDS_DIRNAME))
+
+
 def run_with(target: Path, code: str, *args) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(ROOT / "tests")])}
     env.pop(versions.ALLOW_ENV, None)
@@ -127,7 +133,7 @@ print("RESULT " + json.dumps(out))
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_installed_transformers_5_17_gives_transformers_tokens(arch, tiny_dir, scratch, tmp_path):
     target = install("5.17.0", scratch)
-    path = shutil.copytree(tiny_dir(arch), tmp_path / arch)  # split by 5.17's own loader
+    path = copy_checkpoint(tiny_dir(arch), tmp_path / arch)  # split by 5.17's own loader
     r = run_with(target, COMPARE, path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.split("RESULT ", 1)[1])
@@ -140,7 +146,7 @@ def test_installed_transformers_5_17_gives_transformers_tokens(arch, tiny_dir, s
 @pytest.mark.slow
 def test_installed_transformers_below_the_floor_is_refused_before_anything_runs(tiny_dir, scratch, tmp_path):
     target = install("5.3.0", scratch)
-    path = shutil.copytree(tiny_dir("llama"), tmp_path / "llama")
+    path = copy_checkpoint(tiny_dir("llama"), tmp_path / "llama")
     cli = "import sys; from distlayer.cli import main; sys.exit(main(sys.argv[1:]))"
     r = run_with(target, cli, "generate", path, "w005 w006", "--stages", "0", "--max-new-tokens", "2")
     spec = versions.supported()["transformers"]
@@ -148,4 +154,4 @@ def test_installed_transformers_below_the_floor_is_refused_before_anything_runs(
     assert f"error: transformers 5.3.0 is installed, but distlayer is tested with transformers{spec}" in r.stderr
     assert f'pip install "transformers{spec}"' in r.stderr
     assert "Traceback" not in r.stderr
-    assert not (path / "distlayer-shards").exists(), "refused before splitting"
+    assert not (path / SHARDS_DIRNAME).exists(), "refused before splitting"

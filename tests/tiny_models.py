@@ -15,7 +15,9 @@ import pathlib
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
+
+from distlayer.canary import build_random
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "mixtral", "qwen2_moe"]
 
@@ -79,10 +81,9 @@ def build_tiny(arch: str, seed: int = 0, num_layers: int = 4, tie: bool | None =
                vocab: int | None = None):
     """Instantiates a tiny random float32 model (not saved).
 
-    Matrices (and stacked expert tensors) are drawn from N(0, std); 1-D parameters
-    (norms, biases) keep their initial value plus N(0, 0.02) noise so that mis-loaded
-    norms or biases change the outputs while norms stay near their neutral value.
-    Gemma2's embedding is scaled down by sqrt(hidden_size) to offset its normalizer.
+    Weights as the doctor's canary draws them (``distlayer.canary.randomize``): matrices
+    from N(0, std), 1-D parameters (norms, biases) nudged by N(0, 0.02), and Gemma2's
+    embedding scaled down by sqrt(hidden_size) to offset its normalizer.
 
     Args:
         arch: One of :data:`ARCHS`.
@@ -95,19 +96,7 @@ def build_tiny(arch: str, seed: int = 0, num_layers: int = 4, tie: bool | None =
     Returns:
         The model in eval mode.
     """
-    cfg = tiny_config(arch, num_layers, tie, vocab)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():  # parameters() yields tied tensors once
-            if p.dim() >= 2:
-                p.normal_(0.0, std)
-            else:
-                p.add_(torch.randn_like(p) * 0.02)
-        if arch == "gemma2":
-            # Gemma multiplies embeddings by sqrt(hidden_size); unscaled, the (tied)
-            # embedding dominates the residual and greedy decoding repeats one token.
-            model.get_input_embeddings().weight.mul_(cfg.hidden_size**-0.5)
+    model = build_random(tiny_config(arch, num_layers, tie, vocab), seed, std)
     gen = model.generation_config
     gen.pad_token_id, gen.bos_token_id, gen.eos_token_id = PAD, BOS, EOS
     return model.eval()
