@@ -40,6 +40,13 @@ def test_ranges_are_the_declared_requirements():
             assert ranges[req.name].startswith(">=") and ",<" in ranges[req.name]
 
 
+def test_the_readme_states_the_same_ranges():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Supported versions"):]
+    for name, spec in versions.supported().items():
+        assert f"`{spec}`" in section.split("\n\n")[1], f"README's Supported versions table: {name} {spec}"
+
+
 def test_this_environment_is_in_range():
     """CI's main environment and its floor environment both run inside the ranges."""
     assert all(c.ok for c in versions.checks()), versions.checks()
