@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The floor run: a second environment, .venv-floor/, with every core dependency at its
-# declared lowest version (scripts/floors.py reads them from pyproject.toml; torch's floor
-# comes from PyPI, a CUDA build that runs on the CPU here), then the exactness tests in it.
+# The floor run: a second environment, .venv-floor/, with every dependency (the optional
+# ones too) at its declared lowest version (scripts/floors.py reads them from
+# pyproject.toml; torch's floor comes from PyPI, a CUDA build that runs on the CPU here),
+# then the exactness tests in it, and one test of each optional dependency (the openai
+# client against distlayer serve; distlayer bench's plot).
 # scripts/test.sh runs this after the main suite; extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,4 +22,6 @@ exec .venv-floor/bin/python -m pytest -q -p no:cacheprovider --durations=5 \
     tests/test_pipeline.py::test_actors_match_transformers \
     tests/test_pipeline.py::test_smollm_two_stages_matches_transformers \
     tests/test_streaming.py::test_head_in_chunks_and_embeddings_by_row_match_transformers \
-    tests/test_scheduler.py::test_rows_that_join_and_leave_get_what_they_get_alone "$@"
+    tests/test_scheduler.py::test_rows_that_join_and_leave_get_what_they_get_alone \
+    tests/test_serve.py::test_chat_and_completion_streamed_and_whole \
+    tests/test_bench.py::test_bench_in_process_against_transformers_and_accelerate "$@"
