@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import signal
 import sys
 import threading
@@ -239,7 +240,15 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+# Whether streamed text left stdout without a line end (``generate``), so that a message
+# after it starts on a line of its own.
+_stdout = {"mid_line": False}
+
+
 def _err(msg: str) -> None:
+    if _stdout["mid_line"]:
+        print(flush=True)
+        _stdout["mid_line"] = False
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -248,7 +257,8 @@ def cmd_split(args) -> int:
     from .smollm import resolve_model
     from .store import split
 
-    print(split(resolve_model(args.model), out=args.out, compression=args.compression, force=args.force, verify=True))
+    print(split(resolve_model(args.model), out=args.out, compression=args.compression, force=args.force, verify=True,
+                prefix="--"))
     return 0
 
 
@@ -288,7 +298,8 @@ def cmd_generate(args) -> int:
     gen = settings_from(args, GenerationConfig)
     if not args.prompt.strip():
         raise ConfigError("the prompt is empty: write the prompt text")
-    store = open_store(resolve_model(args.model), cfg.shards_dir, cfg.compression, cfg.hf_token)
+    store = open_store(resolve_model(args.model), cfg.shards_dir, cfg.compression, cfg.hf_token,
+                       prefix=cfg.messages_prefix)
     tok = load_tokenizer(store.path)
     if tok is None:
         raise ConfigError(f"{args.model} has no tokenizer files: generate needs a model with a tokenizer")
@@ -299,8 +310,16 @@ def cmd_generate(args) -> int:
         raise ConfigError(f"the prompt is {enc.input_ids.shape[1]} tokens and --max-new-tokens {gen.max_new_tokens}, "
                           f"{need} in all, but the model's context is {context}: shorten the prompt or lower "
                           "--max-new-tokens")
+    class LineStreamer(TextStreamer):
+        """TextStreamer that notes whether stdout was left mid-line (for "terminated")."""
+
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            super().on_finalized_text(text, stream_end)
+            if text or stream_end:
+                _stdout["mid_line"] = not stream_end and not text.endswith("\n")
+
     with DistModel.start(store, cfg) as model:
-        streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = LineStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
         model.generate(enc.input_ids, attention_mask=enc.attention_mask, streamer=streamer, **dataclasses.asdict(gen))
     return 0
 
@@ -327,7 +346,8 @@ def cmd_serve(args) -> int:
 
     cfg = settings_from(args, PipelineConfig)
     sock = listen(args.host, args.port)
-    store = open_store(resolve_model(args.model), cfg.shards_dir, cfg.compression, cfg.hf_token)
+    store = open_store(resolve_model(args.model), cfg.shards_dir, cfg.compression, cfg.hf_token,
+                       prefix=cfg.messages_prefix)
     longest = getattr(store.config.get_text_config(), "max_position_embeddings", None) or 4096
     cfg = dataclasses.replace(cfg, batch_size=SERVE_ROWS if args.batch_size is None else cfg.batch_size,
                               context=cfg.context or min(longest, SERVE_CONTEXT))
@@ -404,6 +424,20 @@ def cmd_doctor(args) -> int:
     return 1 if any(r.status == FAIL for r in rows) else 0
 
 
+def _negative_values(argv: list[str]) -> list[str]:
+    """``argv`` with a value that starts with a minus and a digit joined to the long flag
+    before it (``--memory-per-stage -5GiB`` -> ``--memory-per-stage=-5GiB``): argparse
+    takes ``-5GiB`` for a flag and says "expected one argument"; joined, the setting's
+    own check says what is wrong with the value."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and re.match(r"-\.?\d", arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``distlayer`` console script.
 
@@ -414,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         The exit status: 0 on success, 2 on a bad setting or input (printed as ``error: ...``),
         1 when a ``doctor`` check fails.
     """
-    args = build_parser().parse_args(argv)
+    _stdout["mid_line"] = False
+    args = build_parser().parse_args(_negative_values(sys.argv[1:] if argv is None else list(argv)))
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
         else None
     try:

@@ -47,6 +47,27 @@ def setting(help: str, cli: type | None = None, default: Any = None, aliases: tu
     return field(default=default, metadata={"help": help, "cli": cli, "aliases": aliases}, **kw)
 
 
+def spell(prefix: str, name: str, value: Any = ...) -> str:
+    """A setting as the user writes it where they wrote their settings, ``prefix`` as
+    :func:`build` takes it: ``--shards-dir DIR`` on the command line (``"--"``),
+    ``pipeline.shards_dir: DIR`` in a job file (``"pipeline."``), ``shards_dir=DIR`` in
+    Python (``""``). Without ``value``, the name alone."""
+    if prefix == "--":
+        key = "--" + name.replace("_", "-")
+        return key if value is ... else f"{key} {value}"
+    if prefix:
+        return prefix + name if value is ... else f"{prefix}{name}: {value}"
+    return name if value is ... else f"{name}={value!r}"
+
+
+def leave_out(prefix: str, name: str) -> str:
+    """How to unset a setting there (see :func:`spell`): ``leave out --address``, ``leave
+    pipeline.address out``, ``pass address=None``."""
+    if prefix == "--":
+        return f"leave out {spell(prefix, name)}"
+    return f"leave {prefix}{name} out" if prefix else f"pass {name}=None"
+
+
 def parse_bytes(value: int | float | str | None) -> int | None:
     """Parse ``"4GiB"``, ``"512MB"``, ``"1.5G"`` or a number of bytes.
 
@@ -186,6 +207,9 @@ class PipelineConfig:
     gpus_per_stage: float | None = setting(
         "Ray GPUs per stage on a GPU cluster: 1 gives each stage a GPU of its own; a fraction such as 0.25 puts "
         "four stages on one GPU, each with its own budget (default: 1)", float)
+    # How the user named these settings, for messages (spell, leave_out): "--" from the CLI,
+    # "pipeline." from a job file, "" from Python. Set by build; not a setting.
+    messages_prefix: str = field(default="", repr=False, compare=False, metadata={"internal": True})
 
     def __post_init__(self):
         p = "pipeline."
@@ -462,7 +486,7 @@ def build(cls, data, prefix: str, what: str = "key"):
     """
     if not isinstance(data, dict):
         raise _bad(prefix.rstrip(".") or "job file", data, "write a mapping of key: value")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     for key in data:
         if key not in fields:
             alias = ALIASES.get(str(key))
@@ -472,6 +496,8 @@ def build(cls, data, prefix: str, what: str = "key"):
     for name, f in fields.items():
         if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required {what} '{prefix}{name}': add `{name}: ...` to the job file")
+    if any(f.name == "messages_prefix" for f in dataclasses.fields(cls)):
+        data = {**data, "messages_prefix": prefix}
     return cls(**data)
 
 

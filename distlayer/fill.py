@@ -13,8 +13,15 @@ Each node is asked once, through one of its stages (:func:`locate`), where it ha
 3. else its own store, with what is missing pushed from the driver through Ray:
    in chunks of :data:`CHUNK_BYTES`, at most :data:`IN_FLIGHT` on their way to one
    node (so neither side nor Ray's object store ever holds a whole unit), appended to
-   ``<file>.part`` and renamed once its sha256 matches. A push that was cut off resumes
-   from the ``.part`` file's length.
+   ``<file>.part`` and renamed once its sha256 matches. A push that was cut off (its
+   stage lost) resumes from the ``.part`` file's length; one that failed otherwise (a
+   full disk, a bad file on the driver's side) removes its ``.part`` files.
+
+Before any node is asked, the driver checks the shards it will serve (:meth:`LayerStore.check_shards`:
+each at its manifest size, and hashed again where it changed since it was last verified),
+so a damaged store is named (with the command that repairs it) before anything is copied,
+and a store the driver's own node sees whole is used there in place. Each pushed file is
+hashed on the driver as it is read, and checked against the manifest before the node keeps it.
 
 Only the units of the node's own stages travel, plus the store's small side files
 (config, tokenizer, manifest last). The driver prints one progress line per node while
@@ -25,6 +32,7 @@ functions in the stage processes (``call_with``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -139,7 +147,8 @@ def receive(actor, root: str, name: str, offset: int, data: bytes) -> None:
         os.pwrite(fd, data, offset)
     except OSError as e:
         raise StoreError(f"cannot write {part} ({e}): free disk space on this node (or set its DISTLAYER_HOME to "
-                         "a bigger disk) and load the model again; the push resumes where it stopped") from e
+                         "a bigger disk) and load the model again; the push resumes after the files already "
+                         "received") from e
     finally:
         os.close(fd)
 
@@ -156,6 +165,17 @@ def finish(actor, root: str, spec: FileSpec) -> None:
     os.replace(part, Path(root) / spec.name)
 
 
+def discard(actor, root: str, names: list[str]) -> None:
+    """Run in a stage's process: remove the ``.part`` files of ``names`` after a failed
+    push, and ``root`` (then its ``stores`` folder) when nothing else is left in it."""
+    root_dir = Path(root)
+    for name in names:
+        (root_dir / (name + PART)).unlink(missing_ok=True)
+    for d in (root_dir, root_dir.parent):
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only an empty one
+
+
 def use_store(actor, path: str) -> None:
     """Run in a stage's process: the stage loads its units from ``path``."""
     actor.store_path = path
@@ -170,33 +190,76 @@ def report_progress(node: str, done: int, total: int, files: int, of: int, last:
           f"driver's node{' (done)' if last else ''}", file=sys.stderr, flush=True)
 
 
+DISCARD_TIMEOUT = 30.0
+"""Seconds a failed push waits for its node to remove the ``.part`` files."""
+
+
+def bad_source(store: LayerStore, spec: FileSpec, why: str) -> StoreError:
+    """The error for a file of the driver's store that cannot be sent as the manifest says
+    (``why``: ``"short"``, ``"sha256"`` or the text of the ``OSError`` that opening it raised)."""
+    path = store.path / spec.name
+    unit = next((n for n, u in store.units.items() if u["file"] == spec.name), None)
+    if unit is None:
+        return StoreError(f"{path} changed while it was sent to a node ({why}): load the model again")
+    store.check_shards([unit])  # raises the store's own sentence for a missing or truncated shard
+    if why == "sha256":
+        return StoreError(f"shard {path} of unit {unit} fails its sha256 check: the file is corrupt or was "
+                          f"changed; {store.repair_hint()}")
+    return StoreError(f"shard {path} of unit {unit} cannot be read ({why}): {store.repair_hint()}")
+
+
 def push(stages: Stages, actor, node: str, store: LayerStore, root: str, files: list[FileSpec],
          missing: dict[str, int]) -> dict[str, int]:
     """Send ``files`` (from their offsets in ``missing``) to the node of ``actor``;
-    returns the bytes sent of each file."""
+    returns the bytes sent of each file.
+
+    Each file is hashed as it is read (from its start, a resumed one too) and refused,
+    with the command that repairs the store, unless its sha256 is the manifest's. A push
+    that fails removes its ``.part`` files from the node (unless the node cannot be asked:
+    a stage lost mid-push leaves them for the next push to resume from).
+    """
     todo = [f for f in files if f.name in missing]
     total = sum(f.size - missing[f.name] for f in todo)
     sent, shown, flight, per_file = 0, 0.0, deque(), {}
-    for k, spec in enumerate(todo):
-        with open(store.path / spec.name, "rb") as src:
-            src.seek(missing[spec.name])
-            offset = missing[spec.name]
-            while offset < spec.size:
-                data = src.read(min(CHUNK_BYTES, spec.size - offset))
-                if not data:
-                    raise StoreError(f"{store.path / spec.name} is shorter than its manifest says: "
-                                     f"{store.repair_hint()}")
-                flight.append(stages.call_with(actor, receive, root, spec.name, offset, data))
-                offset += len(data)
-                sent += len(data)
-                while len(flight) > IN_FLIGHT:
-                    stages.get(flight.popleft())
-                if time.monotonic() - shown >= PROGRESS_EVERY:
-                    shown = time.monotonic()
-                    report_progress(node, sent, total, k, len(todo), False)
-        flight.append(stages.call_with(actor, finish, root, spec))
-        per_file[spec.name] = spec.size - missing[spec.name]
-    stages.get(list(flight))
+    try:
+        for k, spec in enumerate(todo):
+            try:
+                src = open(store.path / spec.name, "rb")
+            except OSError as e:
+                raise bad_source(store, spec, e.strerror or str(e)) from None
+            with src:
+                st, digest = os.fstat(src.fileno()), hashlib.sha256()
+                offset = missing[spec.name]
+                while src.tell() < offset:  # what the node already holds: hashed, not sent
+                    data = src.read(min(CHUNK_BYTES, offset - src.tell()))
+                    if not data:
+                        raise bad_source(store, spec, "short")
+                    digest.update(data)
+                while offset < spec.size:
+                    data = src.read(min(CHUNK_BYTES, spec.size - offset))
+                    if not data:
+                        raise bad_source(store, spec, "short")
+                    digest.update(data)
+                    flight.append(stages.call_with(actor, receive, root, spec.name, offset, data))
+                    offset += len(data)
+                    sent += len(data)
+                    while len(flight) > IN_FLIGHT:
+                        stages.get(flight.popleft())
+                    if time.monotonic() - shown >= PROGRESS_EVERY:
+                        shown = time.monotonic()
+                        report_progress(node, sent, total, k, len(todo), False)
+            if digest.hexdigest() != spec.sha256:
+                raise bad_source(store, spec, "sha256")
+            unit = next((n for n, u in store.units.items() if u["file"] == spec.name), None)
+            if unit is not None:
+                store.note_verified(unit, st)
+            flight.append(stages.call_with(actor, finish, root, spec))
+            per_file[spec.name] = spec.size - missing[spec.name]
+        stages.get(list(flight))
+    except Exception:
+        with contextlib.suppress(Exception):  # a node that cannot be asked keeps its .part files
+            stages.get(stages.call_with(actor, discard, root, [f.name for f in todo]), DISCARD_TIMEOUT)
+        raise
     report_progress(node, sent, total, len(todo), len(todo), True)
     return per_file
 
@@ -212,19 +275,22 @@ def fill_stages(stages: Stages, plans: list, store: LayerStore, which: list[int]
     path"`` or ``"push"``), ``fetched`` (its units that were pushed) and ``fetched_bytes``
     (their bytes sent now: less than their size when a push resumed).
     """
-    digest, side = manifest_digest(store), side_files(store)
     nodes: dict[str, list[int]] = {}
     for i in range(len(plans)) if which is None else which:
         nodes.setdefault(plans[i].node_id, []).append(i)
-    wanted = {}
-    for node, idx in nodes.items():
-        units = [u for i in idx for u in plans[i].layer_range.units()]
-        wanted[node] = unit_files(store, list(dict.fromkeys(units))) + side
+    units = {node: list(dict.fromkeys(u for i in idx for u in plans[i].layer_range.units()))
+             for node, idx in nodes.items()}
+    # a damaged store is named here, before any node is asked or filled (and a whole one
+    # is then found in place on the driver's own node)
+    store.check_shards(list(dict.fromkeys(u for us in units.values() for u in us)))
+    digest, side = manifest_digest(store), side_files(store)
+    wanted = {node: unit_files(store, units[node]) + side for node in nodes}
     found = stages.get([stages.call_with(stages.actors[idx[0]], locate, str(store.path), store.source, digest,
                                          wanted[node]) for node, idx in nodes.items()])
     for (node, idx), where in zip(nodes.items(), found):
         sent = {}
         if where["missing"]:
+            store.check_shards(units[node])  # still whole (sizes) as the push starts
             sent = push(stages, stages.actors[idx[0]], plans[idx[0]].node_ip, store, where["path"], wanted[node],
                         where["missing"])
         for i in idx:

@@ -330,7 +330,8 @@ def _open_store(cfg: JobConfig, show_split: bool):
     from .store import open_store
 
     p = cfg.pipeline
-    store = open_store(resolve_model(cfg.model), p.shards_dir, p.compression, p.hf_token, progress=show_split)
+    store = open_store(resolve_model(cfg.model), p.shards_dir, p.compression, p.hf_token, progress=show_split,
+                       prefix=p.messages_prefix)
     return store, load_tokenizer(store.path)
 
 

@@ -73,7 +73,8 @@ class DistModel:
     @classmethod
     def load(cls, model: str | os.PathLike, cfg: PipelineConfig, progress: bool = True) -> "DistModel":
         """Open (or split) ``model``'s layer store and start a pipeline with ``cfg``."""
-        return cls.start(open_store(model, cfg.shards_dir, cfg.compression, cfg.hf_token, progress), cfg)
+        return cls.start(open_store(model, cfg.shards_dir, cfg.compression, cfg.hf_token, progress,
+                                    prefix=cfg.messages_prefix), cfg)
 
     @classmethod
     def start(cls, store: LayerStore, cfg: PipelineConfig) -> "DistModel":

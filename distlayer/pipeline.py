@@ -20,7 +20,6 @@ import os
 import re
 import signal
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 
 from . import arch, hardware, versions
 from .channel import SocketTransport
-from .config import PipelineConfig, parse_address
+from .config import PipelineConfig, leave_out, parse_address, spell
 from .errors import StageError, StageLost
 from .fill import fill_stages
 from .planner import ModelShape, Plan, Site, StagePlan, check_stages, plan_concurrency, plan_pipeline, stage_count
@@ -113,17 +112,31 @@ class LocalStages:
         self.actors = []
 
 
-def probe_address(address: str, timeout: float) -> None:
+def ray_address_file() -> Path:
+    """Where ``ray start`` records the cluster it started on this machine: the file Ray's
+    own ``address="auto"`` reads, under Ray's temp dir (``RAY_TMPDIR``, else ``TMPDIR``,
+    else /tmp)."""
+    try:
+        from ray._common.utils import get_ray_address_file
+
+        return Path(get_ray_address_file(None))
+    except (ImportError, AttributeError, TypeError):  # another Ray: its documented order
+        base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+        return Path(base) / "ray" / "ray_current_cluster"
+
+
+def probe_address(address: str, timeout: float, prefix: str = "") -> None:
     """Fail within ``timeout`` seconds, with what to do, when nothing answers at the Ray
     cluster ``address`` (``"auto"``: ``RAY_ADDRESS``, else the cluster ``ray start`` last
-    recorded on this machine), instead of letting Ray retry forever."""
+    recorded on this machine), instead of letting Ray retry forever. ``prefix`` names the
+    settings in messages as :func:`config.build`'s does (``"--"``: the CLI's flags)."""
+    local = f"{leave_out(prefix, 'address')} for a private local Ray"
     if address == "auto":
-        recorded = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        recorded = ray_address_file()
         address = os.environ.get("RAY_ADDRESS") or (recorded.read_text().strip() if recorded.is_file() else "")
         if not address:
-            raise StageError("address='auto' but no `ray start` cluster is recorded on this machine (no RAY_ADDRESS, "
-                             f"no {recorded}): start one with `ray start --head`, or pass address=None for a "
-                             "private local Ray")
+            raise StageError(f"{spell(prefix, 'address', 'auto')} but no `ray start` cluster is recorded on this "
+                             f"machine (no RAY_ADDRESS, no {recorded}): start one with `ray start --head`, or {local}")
     host, port = parse_address(address) or (None, None)
     if host is None:
         raise StageError(f"Ray address {address!r} is not host:port: check RAY_ADDRESS")
@@ -132,7 +145,7 @@ def probe_address(address: str, timeout: float) -> None:
     except OSError as e:
         raise StageError(f"nothing answers at the Ray cluster address {host}:{port} within {timeout:g}s "
                          f"({e.strerror or type(e).__name__}): start the cluster with `ray start --head --port "
-                         f"{port}` on {host}, check the address, or pass address=None for a private local Ray") from e
+                         f"{port}` on {host}, check the address, or {local}") from e
 
 
 def cluster_nodes(cfg: PipelineConfig) -> list[dict]:
@@ -203,14 +216,15 @@ class RayStages:
         import ray
 
         if cfg.address is not None and (cfg.address != "auto" or not ray.is_initialized()):
-            probe_address(cfg.address, cfg.connect_timeout)
+            probe_address(cfg.address, cfg.connect_timeout, cfg.messages_prefix)
         if ray.is_initialized():
             here = ray.get_runtime_context().gcs_address
             wanted = parse_address(cfg.address) if cfg.address not in (None, "auto") else None
             if wanted is not None and parse_address(here) != wanted and wanted[0] not in ("127.0.0.1", "localhost"):
                 raise StageError(f"this process is already connected to the Ray cluster at {here}, so it cannot "
-                                 f"join {cfg.address!r} too: pass address={here!r} (or \"auto\"), or start a new "
-                                 "process for the other cluster")
+                                 f"join {cfg.address!r} too: pass {spell(cfg.messages_prefix, 'address', here)} "
+                                 f"(or {spell(cfg.messages_prefix, 'address', 'auto')}), or start a new process for "
+                                 "the other cluster")
             return ray
         kw = dict(include_dashboard=False, logging_level="WARNING", configure_logging=True)
         on_term = signal.getsignal(signal.SIGTERM)
@@ -219,7 +233,7 @@ class RayStages:
         except (ConnectionError, ValueError) as e:
             raise StageError(
                 f"cannot join the Ray cluster at {cfg.address!r} ({e}): start one with `ray start --head` "
-                "on the head node, or pass address=None for a private local Ray"
+                f"on the head node, or {leave_out(cfg.messages_prefix, 'address')} for a private local Ray"
             ) from e
         finally:
             if threading.current_thread() is threading.main_thread() and on_term is not None:
@@ -395,7 +409,7 @@ def plan_model(model, cfg: PipelineConfig, progress: bool = True) -> tuple[Plan,
     Returns:
         ``(plan, store, dtype)``.
     """
-    store = open_store(model, cfg.shards_dir, cfg.compression, cfg.hf_token, progress)
+    store = open_store(model, cfg.shards_dir, cfg.compression, cfg.hf_token, progress, prefix=cfg.messages_prefix)
     dtype = arch.compute_dtype(cfg.dtype, store.config)
     device = local_device(cfg)
     n = stage_count(cfg.stage_count_given(), device, gpu_stages(torch.cuda.device_count(), cfg))
@@ -416,7 +430,7 @@ def plan_on_cluster(model, cfg: PipelineConfig, progress: bool = True) -> tuple[
     Returns:
         ``(plan, store, dtype)``.
     """
-    store = open_store(model, cfg.shards_dir, cfg.compression, cfg.hf_token, progress)
+    store = open_store(model, cfg.shards_dir, cfg.compression, cfg.hf_token, progress, prefix=cfg.messages_prefix)
     dtype = arch.compute_dtype(cfg.dtype, store.config)
     stages = None
     try:

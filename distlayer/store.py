@@ -11,6 +11,7 @@ Finding the checkpoint (local dir, HF repo id, ``.gguf``) and reading its tensor
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import inspect
@@ -26,9 +27,11 @@ import threading
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import arch, quant, versions
+from .config import spell
 from .errors import ConfigError, StoreError
 from .pages import Mapping
 from .sources import (MANIFEST, PARTIAL, SHARDS_DIRNAME, UNIT_FILE_RE, WEIGHT_SUFFIXES, Checkpoint, convert_gguf, default_shards_dir,
@@ -54,10 +57,14 @@ def _sha256(path: Path) -> str:
 
 def _write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk: leave no half-written file behind
+        raise
 
 
 def _copy_side_files(src: Path, out: Path) -> None:
@@ -67,13 +74,45 @@ def _copy_side_files(src: Path, out: Path) -> None:
             shutil.copy2(f, out / f.name)
 
 
-def _check_disk(out: Path, need: int) -> None:
+def _check_disk(out: Path, need: int, where: str = "out") -> None:
     free = shutil.disk_usage(out).free
     if free < need * 1.02:
         raise StoreError(
             f"splitting needs about {need / 2**30:.2f} GiB in {out} but only {free / 2**30:.2f} GiB is free: "
-            "free some space or pass another --out / shards_dir"
+            f"free some space or pass {where} on another disk"
         )
+
+
+# errno values (and what safetensors' errors say) of a disk that has no room left.
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def _writing(out: Path, name: str, need: int | None, done: int, where: str):
+    """Within it, a failed write of ``name`` into ``out`` (a full disk, a read-only one)
+    becomes one StoreError that says which file system, what it lacks, and that the
+    same split resumes; ``need``: bytes still to write, if known; ``done``: units written."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        code = e.errno if isinstance(e, OSError) else \
+            int(m[1]) if (m := re.search(r"os error (\d+)", str(e))) else None
+        why = e.strerror if isinstance(e, OSError) and e.strerror else \
+            os.strerror(code) if code else str(e)
+        mount = out.resolve()
+        while not os.path.ismount(mount) and mount != mount.parent:
+            mount = mount.parent
+        resume = f"then run the same split again: it resumes after the {done} units already written" if done else \
+            "then run the same split again"
+        if code in _FULL:
+            from .planner import fmt_bytes
+
+            free = shutil.disk_usage(mount).free
+            more = f" and about {fmt_bytes(need)} more is needed" if need else ""
+            raise StoreError(f"cannot write {name} to {out} ({why}): the disk at {mount} has {fmt_bytes(free)} "
+                             f"free{more}; free some space there or pass {where} on another disk, {resume}") from e
+        raise StoreError(f"cannot write {name} to {out} ({why}): make {out} writable or pass another {where}, "
+                         f"{resume}") from e
 
 
 def split(
@@ -84,6 +123,9 @@ def split(
     progress: bool = True,
     force: bool = False,
     verify: bool = False,
+    *,
+    prefix: str = "",
+    out_key: str = "out",
 ) -> Path:
     """Split a checkpoint into a layer store; reuse a finished one, resume a partial one.
 
@@ -103,6 +145,9 @@ def split(
         force: split again even if a finished store exists (and whatever it was split from).
         verify: check every shard of a finished store (size and sha256) and rewrite the
             bad ones from the checkpoint (``distlayer split`` does).
+        prefix, out_key: how messages name ``out`` (``config.spell``): ``"--"`` for the
+            CLI's flags, ``""`` for Python's keywords; ``out_key`` is the caller's name for
+            it (``"shards_dir"`` from :func:`open_store`).
 
     Returns:
         The store directory.
@@ -111,7 +156,7 @@ def split(
         ConfigError: ``compression`` is not None, ``"8bit"`` or ``"4bit"``.
         StoreError: the checkpoint is missing, damaged or incomplete, its model is not
             supported, ``out`` holds another model's store or another compression, or
-            the disk is too full.
+            the disk is too full or fills up (then the same call resumes).
     """
     if compression is not None and compression not in quant.COMPRESSIONS:
         raise ConfigError(f"compression={compression!r}: use one of {', '.join(quant.COMPRESSIONS)}, "
@@ -121,13 +166,15 @@ def split(
     named = out is not None
     out = Path(out).expanduser() if named else default_shards_dir(source, compression)
     meta = {"source": source.name, "fingerprint": source.fingerprint(), "compression": compression}
-    if _reusable(out, meta, named, force, verify):
+    where = spell(prefix, out_key)
+    if _reusable(out, meta, named, force, verify, where):
         return out
     created = not out.exists()
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        with _writing(out, out.name, None, 0, where):
+            out.mkdir(parents=True, exist_ok=True)
         src_dir = convert_gguf(source.path, out / "gguf-converted") if source.kind == "gguf" else source.path
-        _split_dir(src_dir, out, progress, meta)
+        _split_dir(src_dir, out, progress, meta, where)
     except BaseException:
         if created and not any(out.glob("*.safetensors")):
             shutil.rmtree(out, ignore_errors=True)  # a failed split leaves no empty store behind
@@ -151,11 +198,12 @@ def _recorded(out: Path) -> dict | None:
     return None
 
 
-def _reusable(out: Path, meta: dict, named: bool, force: bool, verify: bool) -> bool:
+def _reusable(out: Path, meta: dict, named: bool, force: bool, verify: bool, where: str = "out") -> bool:
     """True when ``out`` holds a finished store of this source that needs no work. Clears
     a store to split again (a default store whose source changed, a damaged manifest,
     ``force``); refuses a named store of another source; with ``verify``, reopens the
-    units whose shards are bad so the split rewrites exactly them."""
+    units whose shards are bad so the split rewrites exactly them. ``where``: the caller's
+    name for ``out`` (``--out``, ``shards_dir``...), for messages."""
     recorded = _recorded(out)
     if recorded is None:
         return False
@@ -165,12 +213,12 @@ def _reusable(out: Path, meta: dict, named: bool, force: bool, verify: bool) -> 
         if named and not force:
             raise StoreError(f"{out} holds {compression_name(recorded.get('compression'))} shards of "
                              f"{meta['source']}, not {compression_name(meta['compression'])} ones: "
-                             f"{compression_advice(recorded.get('compression'), meta['compression'], meta['source'], out)}")
+                             f"{compression_advice(recorded.get('compression'), meta['compression'], meta['source'], out, where)}")
         why = f"it holds {compression_name(recorded.get('compression'))} shards"
     if why and recorded and named and not force:
         fix = f"distlayer split {shlex.quote(meta['source'])} --out {shlex.quote(str(out))} --force"
         raise StoreError(f"{out} holds the layer store of {recorded.get('source', 'another checkpoint')}, which does not "
-                         f"fit {meta['source']}: {why}. Pass this model's own store (--shards-dir / shards_dir), "
+                         f"fit {meta['source']}: {why}. Pass another {where} (this model's own store), "
                          f"or split it there again with `{fix}`")
     if why or force:
         if why:
@@ -186,10 +234,13 @@ def _reusable(out: Path, meta: dict, named: bool, force: bool, verify: bool) -> 
             expected = set(arch.unit_order(int(recorded["num_layers"])))
         except (KeyError, TypeError, ValueError):
             expected = None
-        if len(good) < len(units) or expected is None or {u["name"] for u in good} != expected:
-            bad = sorted((expected or set()) - {u["name"] for u in good}) or ["the manifest"]
+        config_changed = _store_config_changed(out, recorded)
+        if len(good) < len(units) or expected is None or {u["name"] for u in good} != expected or config_changed:
+            bad = sorted((expected or set()) - {u["name"] for u in good}) or \
+                (["config.json"] if config_changed else ["the manifest"])
             log.warning("rewriting what is damaged or missing in %s: %s", out, ", ".join(bad))
-            _write_json(out / PARTIAL, {**meta, "units": good})
+            with _writing(out, PARTIAL, None, len(good), where):
+                _write_json(out / PARTIAL, {**meta, "units": good})
             (out / MANIFEST).unlink()
             return False
     return True
@@ -204,8 +255,9 @@ def _clear(out: Path) -> None:
             f.unlink()
 
 
-def _split_dir(src: Path, out: Path, progress: bool, meta: dict) -> None:
-    """Write every unit of the checkpoint dir ``src`` that ``out`` lacks, then the manifest."""
+def _split_dir(src: Path, out: Path, progress: bool, meta: dict, where: str = "out") -> None:
+    """Write every unit of the checkpoint dir ``src`` that ``out`` lacks, then the manifest.
+    A write that fails (a full disk) is a StoreError; what was written stays, to resume."""
     from transformers import AutoConfig
     from tqdm.auto import tqdm
 
@@ -223,10 +275,16 @@ def _split_dir(src: Path, out: Path, progress: bool, meta: dict) -> None:
     if arch.HEAD not in done:
         done.pop(arch.EMBED, None)  # a tied head needs the embeddings loaded again
     # Sized from the model's own tensors: a tied head is written as its own copy.
-    todo_bytes = sum(t.numel() * t.element_size() for u in arch.unit_order(n) if u not in done
-                     for t in arch.unit_params(p, u).values())  # compressed shards take less: an upper bound
-    _check_disk(out, todo_bytes)
-    _copy_side_files(src, out)
+    sizes = {u: sum(t.numel() * t.element_size() for t in arch.unit_params(p, u).values())
+             for u in arch.unit_order(n)}  # compressed shards take less: an upper bound
+    todo_bytes = sum(size for u, size in sizes.items() if u not in done)
+    _check_disk(out, todo_bytes, where)
+
+    def writing(name: str):
+        return _writing(out, name, sum(size for u, size in sizes.items() if u not in done), len(done), where)
+
+    with writing("the model's side files (config, tokenizer)"):
+        _copy_side_files(src, out)
     load = _unit_loader(skeleton, ckpt)
     # The head goes right after the embeddings: a tied head shares their tensor.
     order = [arch.EMBED, arch.HEAD, *(arch.layer_unit(i) for i in range(n)), arch.NORM]
@@ -242,16 +300,21 @@ def _split_dir(src: Path, out: Path, progress: bool, meta: dict) -> None:
             if missing:
                 raise StoreError(f"{src}: no weights found for {missing[:3]} (unit {unit}): the checkpoint is incomplete")
             tensors = {k: t.detach() for k, t in tensors.items()}
-            done[unit] = _write_unit(out, unit, tensors) if meta["compression"] is None else \
-                _write_compressed_unit(out, unit, tensors, meta["compression"])
-            _write_json(out / PARTIAL, {**meta, "units": list(done.values())})
+            with writing(f"{unit}.safetensors"):
+                entry = _write_unit(out, unit, tensors) if meta["compression"] is None else \
+                    _write_compressed_unit(out, unit, tensors, meta["compression"])
+            done[unit] = entry
+            with writing(PARTIAL):
+                _write_json(out / PARTIAL, {**meta, "units": list(done.values())})
             if unit != arch.EMBED or arch.HEAD in done:
                 _free_unit(p, unit)
                 if unit == arch.HEAD:
                     _free_unit(p, arch.EMBED)
     manifest = {"format": FORMAT_VERSION, "model_type": config.model_type, "num_layers": n, **meta,
+                STORE_CONFIG_SHA: _sha256(out / "config.json") if (out / "config.json").is_file() else None,
                 "units": [done[u] for u in arch.unit_order(n)]}
-    _write_json(out / MANIFEST, manifest)
+    with writing(MANIFEST):
+        _write_json(out / MANIFEST, manifest)
     (out / PARTIAL).unlink(missing_ok=True)
 
 
@@ -343,10 +406,9 @@ def _write_shard(out: Path, unit: str, tensors: dict[str, torch.Tensor], stored:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out / fname)
-    except (OSError, RuntimeError) as e:  # safetensors reports a full disk as an I/O error
+    except (OSError, SafetensorError):  # a full disk: _writing says so; no half-written file stays
         tmp.unlink(missing_ok=True)
-        raise StoreError(f"cannot write {fname} to {out} ({e}): free some disk space (or pass another --out / "
-                         "shards_dir) and run the same split again; it resumes after the units already written") from e
+        raise
     entry = {
         "name": unit,
         "file": fname,
@@ -366,14 +428,30 @@ def compression_name(compression: str | None) -> str:
     return compression or "uncompressed"
 
 
-def compression_advice(held: str | None, want: str | None, source: str, path: Path) -> str:
-    """What to change when a store of ``held`` compression is opened as ``want``."""
+def compression_advice(held: str | None, want: str | None, source: str, path: Path,
+                       where: str = "shards_dir (--shards-dir)") -> str:
+    """What to change when a store of ``held`` compression is opened as ``want``;
+    ``where``: the caller's name for the store directory."""
     use = f"compression={held!r} (--compression {held})" if held else "no compression (leave --compression out)"
     again = f"distlayer split {shlex.quote(source)} --out {shlex.quote(str(path))}" \
         + (f" --compression {want}" if want else "") + " --force"
-    return (f"ask for {use} to use it; or, for {compression_name(want)} shards, pass another shards_dir "
-            f"(--shards-dir), leave it out to use the model's own {compression_name(want)} store, or rewrite "
+    return (f"ask for {use} to use it; or, for {compression_name(want)} shards, pass another {where}, "
+            f"leave it out to use the model's own {compression_name(want)} store, or rewrite "
             f"this one with `{again}`")
+
+
+# The manifest key of the sha256 of the store's own config.json, as the split wrote it.
+STORE_CONFIG_SHA = "store_config_sha256"
+
+
+def _store_config_changed(path: Path, manifest: dict) -> bool:
+    """Whether the store's config.json is not the one its split wrote (a store written
+    before stores recorded it: never)."""
+    want = manifest.get(STORE_CONFIG_SHA)
+    if not want:
+        return False
+    f = path / "config.json"
+    return not f.is_file() or _sha256(f) != want
 
 
 def _unit_file_ok(out: Path, unit, check_sha: bool = False) -> bool:
@@ -444,11 +522,16 @@ class LayerStore:
                              f"{compression_advice(self.compression, compression, self.source, self.path)}")
 
     def check_config(self) -> None:
-        """Refuse a manifest whose layer count is not the config's."""
+        """Refuse a manifest whose layer count is not the config's, and a config.json
+        changed since the split (the manifest records its sha256, as the store records
+        the checkpoint's)."""
         n = getattr(self.config.get_text_config(), "num_hidden_layers", self.num_layers)
         if n != self.num_layers:
             raise StoreError(f"{self.path / MANIFEST} lists {self.num_layers} layers but the model's config.json has "
                              f"num_hidden_layers={n}: the store does not match its config; {self.repair_hint()}")
+        if _store_config_changed(self.path, self.manifest):
+            raise StoreError(f"{self.path / 'config.json'} changed after the split, so the shards may not fit it: "
+                             f"restore it, or {self.repair_hint()}")
 
     @functools.cached_property
     def config(self):
@@ -516,6 +599,24 @@ class LayerStore:
             with self._lock:
                 self._verified[name] = seen
         return f
+
+    def check_shards(self, names=None) -> None:
+        """Check the shards of units ``names`` (default: all) before they are served from
+        another process (``fill.py``): each exists at the manifest's size, and one whose
+        sha256 this store verified before is hashed again if its size, time or inode changed
+        since (the stage's first load of each unit checks its sha256).
+
+        Raises:
+            StoreError: a shard is missing, truncated or corrupt, with the command that repairs it.
+        """
+        for name in self.units if names is None else names:
+            self.shard(name, sha=name in self._verified)
+
+    def note_verified(self, name: str, st: os.stat_result) -> None:
+        """Record that unit ``name``'s shard, as ``st`` describes the file, matched its
+        sha256 when it was hashed elsewhere (while ``fill.push`` sent it)."""
+        with self._lock:
+            self._verified[name] = (st.st_size, st.st_mtime_ns, st.st_ino)
 
     def load(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """Read one unit's tensors, cast floating ones to ``dtype``.
@@ -683,6 +784,7 @@ def open_store(
     compression: str | None = None,
     token: str | None = None,
     progress: bool = True,
+    prefix: str = "",
 ) -> LayerStore:
     """Opens the layer store for ``model``, splitting the checkpoint first if needed.
 
@@ -692,6 +794,8 @@ def open_store(
         compression: None, ``"8bit"`` or ``"4bit"``: the store must hold that compression.
         token: HF token for gated repos.
         progress: show a progress bar while splitting.
+        prefix: how messages name the settings, as ``config.build``'s (``"--"``: the CLI's
+            flags; a :class:`~distlayer.config.PipelineConfig` carries it as ``messages_prefix``).
 
     Returns:
         The opened :class:`LayerStore`.
@@ -705,7 +809,7 @@ def open_store(
     if shards_dir is None and path.is_dir() and (path / MANIFEST).is_file():
         store = LayerStore(path)
     else:
-        store = LayerStore(split(model, shards_dir, compression, token, progress))
+        store = LayerStore(split(model, shards_dir, compression, token, progress, prefix=prefix, out_key="shards_dir"))
     store.check_compression(compression)
     store.check_config()
     return store

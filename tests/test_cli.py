@@ -138,7 +138,7 @@ def test_flags_job_keys_and_keywords_are_the_settings_fields():
     from distlayer.cli import flag
     from distlayer.config import GenerationConfig, JobConfig, PipelineConfig
 
-    pipeline = {f.name for f in dataclasses.fields(PipelineConfig)}
+    pipeline = {f.name for f in dataclasses.fields(PipelineConfig) if not f.metadata.get("internal")}  # settings
     generation = {f.name for f in dataclasses.fields(GenerationConfig)}
     verbs = build_parser()._subparsers._group_actions[0].choices
     for verb, owners in (("generate", pipeline | generation), ("plan", pipeline)):
@@ -188,3 +188,39 @@ def test_demo_answers_paris():
     plan, stats = out.split("Plan:")[1].split("Per-stage stats:")
     assert len(plan.strip().splitlines()) == 3 and len(stats.strip().splitlines()) == 3
     assert "peak_weight_bytes" in stats and "compute_s" in stats
+
+
+@pytest.mark.parametrize("value", ["-5GiB", "-5", "-0.5GiB"])
+def test_a_negative_memory_budget_is_a_sentence(tiny_dir, capsys, value):
+    """argparse takes ``-5GiB`` for a flag ("expected one argument"); the setting's own
+    check answers instead."""
+    assert main(["plan", str(tiny_dir("llama")), "--memory-per-stage", value]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"error: pipeline.memory_per_stage: got {value!r} (str); use a positive size " \
+        "such as 2GiB" and "expected one argument" not in err
+
+
+def test_terminated_starts_on_its_own_line(tiny_dir, capsys, monkeypatch):
+    """SIGTERM right after a streamed token: "terminated" is not glued to the text."""
+    from distlayer import cli
+    from distlayer.model import DistModel
+
+    real = DistModel.generate
+
+    def term_mid_stream(self, *a, streamer, **kw):
+        put, calls = streamer.put, []
+
+        def put_then_term(ids):                          # SIGTERM arrives after the 4th token is shown
+            put(ids)
+            calls.append(ids)
+            if len(calls) == 5:
+                raise cli.Terminated()
+
+        streamer.put = put_then_term
+        return real(self, *a, streamer=streamer, **kw)
+
+    monkeypatch.setattr(DistModel, "generate", term_mid_stream)
+    assert main(["generate", str(tiny_dir("llama")), "w010 w020", "--stages", "0", "--max-new-tokens", "8"]) == 143
+    captured = capsys.readouterr()
+    assert captured.out.strip() and captured.out.endswith("\n") and captured.err.splitlines()[-1] == "terminated", \
+        captured

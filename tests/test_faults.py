@@ -60,7 +60,8 @@ def test_a_store_of_another_model_is_refused(llama, tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "holds the layer store of" in err and "another model" in err and "--shards-dir" in err
     assert main(["split", str(llama), "--out", str(other)]) == 2
-    assert "does not fit" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "--out" in err and "--shards-dir" not in err  # split's own flags
     assert LayerStore(other).manifest["model_type"] == "qwen2"  # nothing was lost
 
 
@@ -163,6 +164,35 @@ def test_a_shard_changed_under_a_loaded_model_is_caught(llama):
         (store / "layer.3.safetensors").write_bytes((store / "layer.1.safetensors").read_bytes())
         with pytest.raises(StoreError, match=r"layer\.3.*sha256.*changed"):
             m.generate(ids, max_new_tokens=4, eos_token_id=[])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["missing", "truncated", "corrupt"])
+def test_a_damaged_store_on_a_ray_stage_is_named_and_nothing_is_copied(llama, tmp_path, damage):
+    """The driver checks the store before it fills any node: no node store is written, no traceback."""
+    store = split(llama, progress=False)
+    shard = store / "layer.2.safetensors"
+    data = shard.read_bytes()
+    if damage == "missing":
+        shard.unlink()
+        words = "is missing"
+    elif damage == "truncated":
+        shard.write_bytes(data[:-100])
+        words = f"is {len(data) - 100} bytes but the manifest says {len(data)}"
+    else:  # same size: found by the stage's first load, from the driver's store in place
+        shard.write_bytes(data[:-8] + bytes(8))
+        words = "fails its sha256 check"
+    home = tmp_path / "home"
+    env = {**os.environ, "DISTLAYER_HOME": str(home)}
+    cmd = [sys.executable, "-m", "distlayer", "generate", str(store), "w010", "--stages", "1",
+           "--max-new-tokens", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=HERE)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert re.search(rf"^error: shard \S*layer.2.safetensors of unit layer.2 {words}.*`distlayer split ",
+                     done.stderr, re.M), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "from the driver's node" not in done.stderr, done.stderr[-3000:]
+    stores = home / "stores"
+    assert not stores.exists() or not any(stores.iterdir()), sorted(stores.rglob("*"))
 
 
 # --------------------------------------------------------------------------- bad input
@@ -313,3 +343,64 @@ def test_a_job_whose_disk_fills_up_stops_cleanly_and_resumes(tiny_dir, tmp_path,
     run_job(job, progress=False)
     ids = [json.loads(line)["id"] for line in (small_disk / "out.jsonl").read_text().splitlines()]
     assert sorted(ids) == list(range(40))                        # every id exactly once
+
+
+def test_a_split_whose_disk_fills_up_says_so_and_resumes(tiny_dir, tmp_path, capsys, monkeypatch):
+    """A real file system fills up during ``distlayer split`` (another writer takes the room
+    after the up-front check): one sentence naming the disk, what is needed and --out, exit
+    2; the same command finishes the store once space is freed, keeping what was written."""
+    from distlayer import store as store_mod
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        src, out, filler = tiny_dir("llama"), mnt / "store", mnt / "filler"
+        real = store_mod._check_disk
+
+        def check_then_fill(o, need, *a):
+            real(o, need, *a)                                  # the check passes: there is room now
+            filler.write_bytes(b"x" * (shutil.disk_usage(mnt).free - need // 2))  # then only half is left
+
+        monkeypatch.setattr(store_mod, "_check_disk", check_then_fill)
+        assert main(["split", str(src), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.split("\r")[-1]         # after the progress bar
+        assert re.fullmatch(r"[^\n]*\nerror: cannot write layer\.[^\n]*\n", err) and "Traceback" not in err, err
+        assert "No space left on device" in err and f"the disk at {mnt} has" in err and "more is needed" in err
+        assert "pass --out on another disk" in err and "resumes after the 3 units already written" in err
+        assert not list(out.glob("*.tmp")) and not (out / "manifest.json").exists()
+        kept = {f.name: f.stat().st_mtime_ns for f in out.glob("*.safetensors")}
+        assert set(kept) == {"embed.safetensors", "head.safetensors", "layer.0.safetensors"}
+        monkeypatch.setattr(store_mod, "_check_disk", real)
+        filler.unlink()                                        # space freed: the same command again
+        assert main(["split", str(src), "--out", str(out)]) == 2 - 2
+        assert all(out.joinpath(n).stat().st_mtime_ns == t for n, t in kept.items())  # resumed, not redone
+        clean = split(src, out=tmp_path / "clean", progress=False)
+        assert {u: v["sha256"] for u, v in LayerStore(out).units.items()} == \
+            {u: v["sha256"] for u, v in LayerStore(clean).units.items()}
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_auto_address_names_rays_own_temp_dir_in_the_callers_words(tiny_dir, tmp_path, capsys, monkeypatch):
+    """``address="auto"`` with nothing recorded names the file Ray reads (under RAY_TMPDIR),
+    and says how to leave the address out in the words of where it was set."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "raytmp"))
+    recorded = str(tmp_path / "raytmp" / "ray" / "ray_current_cluster")
+    assert main(["plan", str(tiny_dir("llama")), "--address", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert recorded in err and "--address auto but" in err and "leave out --address" in err, err
+    assert "address=None" not in err and "/tmp/ray/" not in err
+    with pytest.raises(StageError) as e:
+        AutoModel.from_pretrained(tiny_dir("llama"), stages=1, address="auto", progress=False)
+    assert recorded in str(e.value) and "address='auto' but" in str(e.value) and "pass address=None" in str(e.value)
+
+
+def test_a_failed_address_in_the_cli_uses_flag_words(tiny_dir, capsys):
+    assert main(["plan", str(tiny_dir("llama")), "--address", "127.0.0.1:1", "--connect-timeout", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing answers at the Ray cluster address 127.0.0.1:1" in err and "leave out --address" in err
+    assert "address=None" not in err

@@ -115,6 +115,78 @@ def test_stages_that_see_the_drivers_store_use_it_in_place(small_store):
     assert plans[1].store_source == ""
 
 
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_damaged_store_is_named_before_any_node_is_asked(small_store, damage):
+    from distlayer.planner import StagePlan
+
+    store, here = small_store, Here()
+    shard = store.path / "layer.2.safetensors"
+    size = shard.stat().st_size
+    if damage == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:-100])
+    asked = []
+    here.call_with = lambda actor, fn, *args: asked.append(fn.__name__)
+    plans = [StagePlan(0, 0, store.num_layers, True, "cpu", node_ip="10.0.0.2", node_id="b")]
+    words = "is missing" if damage == "missing" else f"is {size - 100} bytes but the manifest says {size}"
+    with pytest.raises(StoreError, match=f"shard .*layer.2.safetensors of unit layer.2 {words}.*distlayer split"):
+        fill.fill_stages(here, plans, store)
+    assert asked == [] and not (Path(os.environ["DISTLAYER_HOME"]) / "stores").exists()
+
+
+@pytest.mark.parametrize("fault", ["corrupt on the driver", "disk full on the node"])
+def test_a_push_that_fails_midway_leaves_no_part_file(small_store, monkeypatch, fault):
+    store, here = small_store, Here()
+    files = fill.unit_files(store, ["layer.0", "layer.1"])
+    if fault == "corrupt on the driver":  # same size, other bytes: found only by the sha256 read as it is sent
+        shard = store.path / files[1].name
+        data = bytearray(shard.read_bytes())
+        data[-8:] = bytes(8)
+        shard.write_bytes(bytes(data))
+        words = "layer.1 fails its sha256 check.*distlayer split"
+    else:
+        pwrite, writes = os.pwrite, []
+
+        def full(fd, data, offset):
+            writes.append(offset)
+            if len(writes) > 10:  # in the first file
+                raise OSError(28, "No space left on device")
+            return pwrite(fd, data, offset)
+
+        monkeypatch.setattr(fill.os, "pwrite", full)
+        words = "cannot write .*No space left on device"
+    where = fill.locate(here, "/nowhere", store.source, fill.manifest_digest(store), files)
+    with pytest.raises(StoreError, match=words):
+        fill.push(here, here, "n", store, where["path"], files, where["missing"])
+    node = Path(where["path"])
+    assert here.chunks > 10 and not list(node.parent.rglob("*.part"))
+    if fault == "corrupt on the driver":  # a file that arrived whole stays: the next push resumes after it
+        assert [f.name for f in node.iterdir()] == [files[0].name]
+    else:  # nothing arrived whole: no node store is left behind
+        assert not node.parent.exists()
+
+
+def test_a_push_cut_off_by_a_lost_stage_keeps_its_part_file(small_store):
+    from distlayer.errors import StageLost
+
+    store, here = small_store, Here()
+    files = fill.unit_files(store, ["layer.0"])
+    call_with = here.call_with
+
+    def lost_midway(actor, fn, *args):
+        if fn is fill.discard or here.chunks >= 3:
+            raise StageLost("stage 0 died")
+        return call_with(actor, fn, *args)
+
+    here.call_with = lost_midway
+    where = fill.locate(here, "/nowhere", store.source, fill.manifest_digest(store), files)
+    with pytest.raises(StageLost):
+        fill.push(here, here, "n", store, where["path"], files, where["missing"])
+    assert fill.locate(here, "/nowhere", store.source, fill.manifest_digest(store), files)["missing"] == \
+        {files[0].name: 3 * fill.CHUNK_BYTES}  # the next push resumes from what arrived
+
+
 # --------------------------------------------------------------------------- two hosts
 
 

@@ -339,7 +339,7 @@ def test_not_enough_disk_space(tmp_path, monkeypatch):
     with pytest.raises(StoreError) as e:
         split(src, out=tmp_path / "store", progress=False)
     msg = str(e.value)
-    assert str(tmp_path / "store") in msg and "free" in msg and "--out" in msg
+    assert str(tmp_path / "store") in msg and "free" in msg and "pass out on another disk" in msg
     assert not list((tmp_path / "store").glob("*.safetensors"))
 
 
@@ -348,7 +348,7 @@ def test_disk_check_counts_a_tied_head(tmp_path, monkeypatch):
     src = make_tiny("llama", tmp_path / "src", tie=True)
     asked = []
     real = store_mod._check_disk
-    monkeypatch.setattr(store_mod, "_check_disk", lambda out, need: (asked.append(need), real(out, need)))
+    monkeypatch.setattr(store_mod, "_check_disk", lambda out, need, *a: (asked.append(need), real(out, need, *a)))
     out = split(src, out=tmp_path / "store", progress=False)
     written = sum(u["weight_bytes"] for u in LayerStore(out).units.values())
     assert written > (src / "model.safetensors").stat().st_size
@@ -381,3 +381,20 @@ def test_load_casts_dtype(tmp_path):
     _, out = small_split(tmp_path)
     t = LayerStore(out).load("layer.0", dtype=torch.bfloat16)
     assert {v.dtype for v in t.values()} == {torch.bfloat16}
+
+
+def test_a_store_config_edited_after_the_split_is_refused_and_repaired(tmp_path):
+    """The store's own config.json is fingerprinted like the checkpoint's: an edit is
+    named, and the advised split restores it."""
+    from distlayer.store import open_store
+
+    src, out = small_split(tmp_path)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["rope_theta"] = cfg.get("rope_theta", 10000.0) * 2  # same layer count, another model
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(StoreError, match=r"config\.json changed after the split.*restore it, or repair it with "
+                                         r"`distlayer split"):
+        open_store(out)
+    split(src, out=out, progress=False, verify=True)           # what `distlayer split` runs
+    assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    assert open_store(out).num_layers == 4
