@@ -387,6 +387,9 @@ def test_a_split_whose_disk_fills_up_says_so_and_resumes(tiny_dir, tmp_path, cap
 def test_auto_address_names_rays_own_temp_dir_in_the_callers_words(tiny_dir, tmp_path, capsys, monkeypatch):
     """``address="auto"`` with nothing recorded names the file Ray reads (under RAY_TMPDIR),
     and says how to leave the address out in the words of where it was set."""
+    import ray
+
+    ray.shutdown()  # as in a new process: a Ray an earlier test left connected would answer "auto" itself
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "raytmp"))
     recorded = str(tmp_path / "raytmp" / "ray" / "ray_current_cluster")
