@@ -24,4 +24,4 @@ exec .venv-floor/bin/python -m pytest -q -p no:cacheprovider --durations=5 \
     tests/test_streaming.py::test_head_in_chunks_and_embeddings_by_row_match_transformers \
     tests/test_scheduler.py::test_rows_that_join_and_leave_get_what_they_get_alone \
     tests/test_serve.py::test_chat_and_completion_streamed_and_whole \
-    tests/test_bench.py::test_bench_in_process_against_transformers_and_accelerate "$@"
+    tests/test_bench.py::test_bench_one_ray_stage_streaming_cold "$@"

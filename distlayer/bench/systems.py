@@ -168,10 +168,11 @@ def load_accelerate(cfg: Config, ctx: Context) -> Loaded:
                                                      max_memory={"cpu": budget}, offload_folder=folder).eval()
     except (ValueError, RuntimeError) as e:
         raise Skip(f"accelerate cannot place the model within {budget} bytes: {e}") from None
-    on_disk = [name for name, dev in model.hf_device_map.items() if dev == "disk"]
-    per_step = sum(p.numel() * p.element_size() for name in on_disk for p in model.get_submodule(name).parameters())
+    # accelerate leaves the weights it offloads to disk on the meta device (transformers
+    # before 5.7 or so does not say where in hf_device_map when all of them are there)
+    per_step = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "meta")
     files = sorted(path.glob("*.safetensors")) + sorted(f for f in folder.rglob("*") if f.is_file())
-    notes = [] if on_disk else ["accelerate put every weight in memory: nothing offloaded"]
+    notes = [] if per_step else ["accelerate put every weight in memory: nothing offloaded"]
     return Loaded(cfg, _hf_generate(model, ctx.pad_id), close=lambda: None, files=files, file_set="checkpoint",
                   bytes_per_step=per_step, budget_bytes=budget, notes=notes)
 
