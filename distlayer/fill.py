@@ -194,11 +194,16 @@ DISCARD_TIMEOUT = 30.0
 """Seconds a failed push waits for its node to remove the ``.part`` files."""
 
 
+def unit_of_file(store: LayerStore, name: str) -> str | None:
+    """The unit whose shard is the file ``name`` of ``store`` (None for a side file)."""
+    return next((unit for unit, u in store.units.items() if u["file"] == name), None)
+
+
 def bad_source(store: LayerStore, spec: FileSpec, why: str) -> StoreError:
     """The error for a file of the driver's store that cannot be sent as the manifest says
     (``why``: ``"short"``, ``"sha256"`` or the text of the ``OSError`` that opening it raised)."""
     path = store.path / spec.name
-    unit = next((n for n, u in store.units.items() if u["file"] == spec.name), None)
+    unit = unit_of_file(store, spec.name)
     if unit is None:
         return StoreError(f"{path} changed while it was sent to a node ({why}): load the model again")
     store.check_shards([unit])  # raises the store's own sentence for a missing or truncated shard
@@ -250,7 +255,7 @@ def push(stages: Stages, actor, node: str, store: LayerStore, root: str, files: 
                         report_progress(node, sent, total, k, len(todo), False)
             if digest.hexdigest() != spec.sha256:
                 raise bad_source(store, spec, "sha256")
-            unit = next((n for n, u in store.units.items() if u["file"] == spec.name), None)
+            unit = unit_of_file(store, spec.name)
             if unit is not None:
                 store.note_verified(unit, st)
             flight.append(stages.call_with(actor, finish, root, spec))

@@ -277,11 +277,14 @@ def _split_dir(src: Path, out: Path, progress: bool, meta: dict, where: str = "o
     # Sized from the model's own tensors: a tied head is written as its own copy.
     sizes = {u: sum(t.numel() * t.element_size() for t in arch.unit_params(p, u).values())
              for u in arch.unit_order(n)}  # compressed shards take less: an upper bound
-    todo_bytes = sum(size for u, size in sizes.items() if u not in done)
-    _check_disk(out, todo_bytes, where)
+
+    def remaining() -> int:
+        return sum(size for u, size in sizes.items() if u not in done)
+
+    _check_disk(out, remaining(), where)
 
     def writing(name: str):
-        return _writing(out, name, sum(size for u, size in sizes.items() if u not in done), len(done), where)
+        return _writing(out, name, remaining(), len(done), where)
 
     with writing("the model's side files (config, tokenizer)"):
         _copy_side_files(src, out)
