@@ -77,7 +77,7 @@ class Mailbox:
                 no_delay(conn)
                 threading.Thread(target=self._read, args=(conn,), daemon=True).start()
         except Exception as e:  # a failed handshake, or closed before every sender came
-            self._fail(f"a sender to {self.owner} failed to connect ({type(e).__name__}: {e})")
+            self.fail(f"a sender to {self.owner} failed to connect ({type(e).__name__}: {e})")
         self.close()
 
     def _read(self, conn) -> None:
@@ -95,11 +95,12 @@ class Mailbox:
                         self._keyed[key] = (payload, sent_at, group)
                     self._cond.notify_all()
         except (EOFError, OSError) as e:
-            self._fail(f"{sender} died ({type(e).__name__})")
+            self.fail(f"{sender} died ({type(e).__name__})")
         except Exception as e:  # an unreadable message
-            self._fail(f"the channel from {sender} to {self.owner} failed ({type(e).__name__}: {e})")
+            self.fail(f"the channel from {sender} to {self.owner} failed ({type(e).__name__}: {e})")
 
-    def _fail(self, reason: str) -> None:
+    def fail(self, reason: str) -> None:
+        """Whoever waits on this mailbox, or comes to wait, gets ``StageLost`` with ``reason``."""
         with self._cond:
             self._gone = self._gone or reason
             self._cond.notify_all()
@@ -144,7 +145,7 @@ class Mailbox:
 
     def stop(self) -> None:
         """Deliver nothing more: whoever waits on this mailbox, or comes to wait, is told it is closed."""
-        self._fail(f"the channel to {self.owner} was closed")
+        self.fail(f"the channel to {self.owner} was closed")
 
     def close(self) -> None:
         """Stop accepting senders and remove the socket's path (connected senders stay).
@@ -362,6 +363,9 @@ class SocketTransport(Transport):
 
     def fetch(self, handle: Handle):
         return self._inbox.take(handle.key, self.timeout)[0]
+
+    def abort(self, reason: str) -> None:
+        self._inbox.fail(reason)
 
     def drop(self, cache_id: str) -> None:
         self._inbox.discard(cache_id)

@@ -196,11 +196,20 @@ class PipelineConfig:
     connect_timeout: float = setting("seconds to wait for a Ray cluster's address to answer before giving up",
                                      float, default=10.0)
     step_timeout: float = setting(
-        "seconds the driver waits for a step's result (or a stage's answer) before it takes the stage for hung "
-        "and replaces it", float, default=600.0)
+        "seconds the driver waits for one step's result (the bound on a step's work; a stopped or frozen stage is "
+        "found sooner by its heartbeat, heartbeat_timeout) before it replaces a stage that died or stopped "
+        "answering, or fails the step", float, default=600.0)
+    heartbeat_timeout: float = setting(
+        "seconds a Ray stage may leave the driver's heartbeat (about one a second, answered on a thread its work "
+        "does not block) unanswered before it is taken for hung (stopped, frozen, cut off) and replaced",
+        float, default=10.0)
     restart_timeout: float = setting(
         "seconds a replacement for a lost stage may take to start and load before the loss fails the requests "
         "in flight (a lost node's stage waits for room on another)", float, default=120.0)
+    standby: int = setting(
+        "spare stage processes kept running (libraries loaded, no weights), each in a bundle of its own with one "
+        "stage's CPUs and GPU share: a lost stage's layers load into one at once instead of a new process "
+        "starting (0: none)", int, default=0)
     max_restarts: int = setting(
         "stage replacements allowed within any 10 minutes before a lost stage fails the requests in flight "
         "(0: a lost stage fails them at once)", int, default=3)
@@ -243,13 +252,12 @@ class PipelineConfig:
             _check_int(p + key, getattr(self, key), minimum=1, optional=True)
         _check_int(p + "batch_size", self.batch_size, minimum=1)
         _check_str(p + "hf_token", self.hf_token, optional=True)
-        if not _is_number(self.connect_timeout) or not 0 < self.connect_timeout < math.inf:
-            raise _bad(p + "connect_timeout", self.connect_timeout, "use a number of seconds above 0, such as 10")
-        if not _is_number(self.step_timeout) or not 0 < self.step_timeout < math.inf:
-            raise _bad(p + "step_timeout", self.step_timeout, "use a number of seconds above 0, such as 600")
-        if not _is_number(self.restart_timeout) or not 0 < self.restart_timeout < math.inf:
-            raise _bad(p + "restart_timeout", self.restart_timeout, "use a number of seconds above 0, such as 120")
+        for key in ("connect_timeout", "step_timeout", "heartbeat_timeout", "restart_timeout"):
+            value = getattr(self, key)
+            if not _is_number(value) or not 0 < value < math.inf:
+                raise _bad(p + key, value, f"use a number of seconds above 0, such as {PipelineConfig.__dataclass_fields__[key].default:g}")
         _check_int(p + "max_restarts", self.max_restarts, minimum=0)
+        _check_int(p + "standby", self.standby, minimum=0)
         if self.gpus_per_stage is not None and (not _is_number(self.gpus_per_stage)
                                                 or not 0 < self.gpus_per_stage <= 1):
             raise _bad(p + "gpus_per_stage", self.gpus_per_stage,

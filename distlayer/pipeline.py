@@ -31,6 +31,7 @@ from .channel import SocketTransport
 from .config import PipelineConfig, leave_out, parse_address, spell
 from .errors import StageError, StageLost
 from .fill import fill_stages
+from .liveness import HEALTH, Heartbeat
 from .planner import ModelShape, Plan, Site, StagePlan, check_stages, plan_concurrency, plan_pipeline, stage_count
 from .recovery import Recovering, Restarts
 from .stage import StageActor
@@ -190,6 +191,13 @@ def _pid(actor: StageActor) -> int:
     return os.getpid()
 
 
+def _sigkill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:  # gone already
+        pass
+
+
 def _describe_in_ray(actor: StageActor) -> dict:
     import ray
 
@@ -200,15 +208,26 @@ def _describe_in_ray(actor: StageActor) -> dict:
 class RayStages:
     """Stage actors in a Ray placement group (the ``Stages`` a transport drives).
     :meth:`launch` brings them up (:meth:`connect`, :meth:`place`, then one actor per
-    bundle); :meth:`replace` starts one again after a loss."""
+    bundle); :meth:`replace` puts another in a lost one's place.
+
+    With ``standby`` spares, the group has that many bundles more, each holding a spare:
+    a started StageActor (its libraries imported, no weights) that :meth:`replace` hands
+    a lost stage's range to, so no process has to start while the requests wait. The
+    bundle the lost actor leaves becomes a spare's by :meth:`restock`.
+    """
 
     remote = True
 
-    def __init__(self, ray, pg, bundles: list[dict], envs: list[dict], args: list[tuple]):
-        """Start one StageActor per bundle, with its environment and constructor args."""
+    def __init__(self, ray, pg, bundles: list[dict], envs: list[dict], stages: int, args: tuple):
+        """Start ``stages`` StageActors and a spare in each bundle after them; ``args``:
+        ``(store_path, device, dtype, prefetch)``, the constructor's arguments less the index."""
         self.ray, self.pg = ray, pg
         self.bundles, self.envs, self.args = bundles, envs, args
-        self.actors = [self.start_one(i) for i in range(len(bundles))]
+        self.slots = list(range(stages))  # each stage's bundle
+        self.actors = [self.start_one(i, i) for i in range(stages)]
+        self.spares: list[tuple[object, int]] = []  # (actor, bundle)
+        self.free = list(range(stages, len(bundles)))  # bundles for spares, started by restock
+        self.restock()
 
     @staticmethod
     def connect(cfg: PipelineConfig):
@@ -241,15 +260,22 @@ class RayStages:
         return ray
 
     @classmethod
-    def place(cls, ray, cfg: PipelineConfig, n: int, device: str) -> tuple[object, list[dict], list[str], dict]:
-        """Reserve a placement group of ``n`` bundles; returns it, its bundles, each
-        bundle's node id and each node's cores."""
+    def place(cls, ray, cfg: PipelineConfig, n: int, device: str, spares: int = 0
+              ) -> tuple[object, list[dict], list[str], dict]:
+        """Reserve a placement group of ``n`` stage bundles and ``spares`` more; returns it,
+        its bundles, each bundle's node id and each node's cores."""
         from ray.util.placement_group import placement_group
 
         res = ray.cluster_resources()
-        cpus = cfg.cpus_per_stage or max(0.01, min(1.0, math.floor(res.get("CPU", 1) / n * 100) / 100))
+        share = math.floor(res.get("CPU", 1) / (n + spares) * 100) / 100
+        cpus = cfg.cpus_per_stage or max(0.01, min(1.0, share))
         bundles = [{"CPU": cpus, **({"GPU": cfg.gpus_per_stage or 1} if device == "cuda" else {}),
-                    **(cfg.stage_resources[i] if cfg.stage_resources else {})} for i in range(n)]
+                    **(cfg.stage_resources[i] if cfg.stage_resources and i < n else {})} for i in range(n + spares)]
+        what = f"{n} stages" + (f" and {spares} standby" if spares else "")
+        cannot = StageError(f"the Ray cluster cannot place {what} of {bundles[0]} each (it has {dict(res)}): use "
+                            "fewer stages" + (", less standby" if spares else "") + ", lower cpus_per_stage, or add nodes")
+        if any(sum(b.get(k, 0) for b in bundles) > res.get(k, 0) + 1e-6 for k in ("CPU", "GPU")):
+            raise cannot  # more than the whole cluster has: no use waiting
         pg = placement_group(bundles, strategy="SPREAD" if cfg.placement == "spread" else "PACK")
         try:
             ray.get(pg.ready(), timeout=120)
@@ -257,47 +283,72 @@ class RayStages:
             from ray.util.placement_group import remove_placement_group
 
             remove_placement_group(pg)
-            raise StageError(
-                f"the Ray cluster cannot place {n} stages of {bundles[0]} each (it has {dict(res)}): "
-                "use fewer stages, lower cpus_per_stage, or add nodes"
-            ) from e
+            raise cannot from e
         where = ray.util.placement_group_table(pg)["bundles_to_node_id"]
         cores = {node["NodeID"]: int(node["Resources"].get("CPU", 1)) for node in ray.nodes()}
-        return pg, bundles, [where[i] for i in range(n)], cores
+        return pg, bundles, [where[i] for i in range(n + spares)], cores
 
     @classmethod
-    def launch(cls, cfg: PipelineConfig, args: tuple) -> tuple["RayStages", str, tuple[int, list[int | None]]]:
-        """Join Ray, place and start the stages ``cfg`` asks for, each constructed with
-        ``(store_path, index, device, *args[1:])``; returns them, their device and
-        concurrency (no weights are loaded yet)."""
+    def launch(cls, cfg: PipelineConfig, args: tuple, spares: int = 0
+               ) -> tuple["RayStages", str, tuple[int, list[int | None]]]:
+        """Join Ray, place and start the stages ``cfg`` asks for (and ``spares`` spares),
+        each constructed with ``(store_path, index, device, *args[1:])``; returns them,
+        their device and concurrency (no weights are loaded yet)."""
         ray = cls.connect(cfg)
         gpus = ray.cluster_resources().get("GPU", 0)
         device = (cfg.device or ("cuda" if gpus else "cpu")).split(":")[0]
         n = stage_count(cfg.stage_count_given(), device, gpu_stages(gpus, cfg))
-        pg, bundles, nodes, cores = cls.place(ray, cfg, n, device)
-        concurrency = plan_concurrency(nodes, cores, device, cfg.micro_batches, cfg.threads_per_stage)
+        pg, bundles, nodes, cores = cls.place(ray, cfg, n, device, spares)
+        concurrency = plan_concurrency(nodes[:n], cores, device, cfg.micro_batches, cfg.threads_per_stage)
         envs = [stage_env(device, t == cores[node]) for t, node in zip(concurrency[1], nodes)]
-        return cls(ray, pg, bundles, envs, [(args[0], i, device, *args[1:]) for i in range(n)]), device, concurrency
+        for node in nodes[n:]:  # a spare runs as the stages of its node do
+            envs.append(next((e for e, at in zip(envs, nodes) if at == node), stage_env(device, False)))
+        return cls(ray, pg, bundles, envs, n, (args[0], device, *args[1:])), device, concurrency
 
-    def start_one(self, i: int):
-        """Start stage ``i``'s actor in its bundle of the placement group."""
+    def start_one(self, bundle: int, stage: int):
+        """Start an actor for stage ``stage`` (-1: a spare) in bundle ``bundle`` of the placement group."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        b, env = self.bundles[i], self.envs[i]
-        return self.ray.remote(StageActor).options(
+        b, env = self.bundles[bundle], self.envs[bundle]
+        store_path, *rest = self.args
+        return self.ray.remote(concurrency_groups={HEALTH: 1})(StageActor).options(
             num_cpus=b["CPU"], num_gpus=b.get("GPU", 0), max_concurrency=1,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle),
             runtime_env={"env_vars": env} if env else None,
-        ).remote(*self.args[i])
+        ).remote(store_path, stage, *rest)
+
+    def restock(self) -> None:
+        """Start a spare in every bundle that has none (its libraries load while nothing waits on it)."""
+        for bundle in self.free:
+            spare = self.start_one(bundle, -1)
+            self.spares.append((spare, bundle))
+            self.call_with(spare, _pid)  # imports the stage's modules now, not when it is needed
+        self.free = []
+
+    def ping(self, actor):
+        """An object ref that resolves to ``actor``'s pid once it answers on its health
+        thread (which its work never blocks, ``liveness.py``)."""
+        return actor.__ray_call__.options(concurrency_group=HEALTH).remote(_pid)
+
+    def answers(self, refs) -> list[bool | None]:
+        """For each ping ref: True (answered), False (its actor died) or None (no answer yet)."""
+        ready = set(self.ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
+        out = []
+        for ref in refs:
+            try:
+                out.append(None if ref not in ready else self.ray.get(ref) is not None)
+            except (self.ray.exceptions.RayActorError, self.ray.exceptions.ObjectLostError):
+                out.append(False)
+        return out
 
     def lost(self, timeout: float) -> dict[int, str]:
-        """The stages that are dead or do not answer within ``timeout`` seconds, each with why."""
-        refs = [self.call_with(a, _pid) for a in self.actors]
+        """The stages that are dead or do not answer a ping within ``timeout`` seconds, each with why."""
+        refs = [self.ping(a) for a in self.actors]
         ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=timeout)
         lost = {}
         for i, ref in enumerate(refs):
             if ref not in ready:
-                lost[i] = f"did not answer within {timeout:g}s (step_timeout): hung or stopped"
+                lost[i] = f"did not answer within {timeout:g}s (heartbeat_timeout): hung or stopped"
                 continue
             try:
                 self.ray.get(ref)
@@ -305,14 +356,33 @@ class RayStages:
                 lost[i] = f"died ({death_cause(e)})"
         return lost
 
-    def replace(self, i: int) -> None:
-        """Kill stage ``i``'s actor (a stopped process too) and start another in its bundle;
-        when its node is gone, Ray places the bundle on a node with room."""
+    def stop(self, i: int, pid: int | None, node_id: str | None) -> None:
+        """End stage ``i``'s actor, and SIGKILL its process ``pid`` on ``node_id``: Ray
+        leaves a stopped process alive for a while, holding its sockets open."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
         try:
             self.ray.kill(self.actors[i], no_restart=True)
         except Exception:  # already gone
             pass
-        self.actors[i] = self.start_one(i)
+        if pid is not None and node_id is not None:
+            self.ray.remote(_sigkill).options(
+                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(pid)
+
+    def replace(self, i: int, pid: int | None = None, node_id: str | None = None) -> None:
+        """:meth:`stop` stage ``i`` (a stopped process too) and put another in its place: a
+        spare (one on ``node_id`` first), whose bundle it keeps while its own bundle waits
+        for :meth:`restock`; else a new actor in its bundle (when its node is gone, Ray
+        places the bundle on a node with room)."""
+        self.stop(i, pid, node_id)
+        if not self.spares:
+            self.actors[i] = self.start_one(self.slots[i], i)
+            return
+        where = self.ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
+        k = next((k for k, (_, b) in enumerate(self.spares) if where.get(b) == node_id), 0)
+        spare, bundle = self.spares.pop(k)
+        self.free.append(self.slots[i])
+        self.actors[i], self.slots[i] = spare, bundle
 
     def call(self, actor, method: str, *args):
         return getattr(actor, method).remote(*args)
@@ -353,12 +423,12 @@ class RayStages:
     def close(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
-        for a in self.actors:
+        for a in self.actors + [a for a, _ in self.spares]:
             try:
                 self.ray.kill(a)
             except Exception:
                 pass
-        self.actors = []
+        self.actors, self.spares = [], []
         if self.pg is not None:
             # bounded: when Ray itself is going down (a signal to the whole process group),
             # its control store may no longer answer, and closing must not wait on it
@@ -459,6 +529,8 @@ class Pipeline:
         self.transport: Transport | None = None
         self.plan: list[StagePlan] = []
         self.restarts = Restarts(0, cfg.max_restarts)
+        self.heartbeat: Heartbeat | None = None
+        self._hung: dict[int, str] = {}  # stages the heartbeat found hung: why
         self._micro = 1
         try:
             self._start()
@@ -481,7 +553,7 @@ class Pipeline:
             concurrency = plan_concurrency(["local"] * n, {}, device, in_process=True,
                                            threads=cfg.threads_per_stage)
         else:
-            self.stages, device, concurrency = RayStages.launch(cfg, args)
+            self.stages, device, concurrency = RayStages.launch(cfg, args, cfg.standby)
         s = self.stages
         described = s.describe()
         for d in described if s.remote else ():  # each node's own libraries run its stages
@@ -496,6 +568,18 @@ class Pipeline:
         inner = self._connect()
         self.transport = Recovering(inner, self) if s.remote else inner
         s.get(loading)
+        if s.remote:
+            self.heartbeat = Heartbeat(s, cfg.heartbeat_timeout, self._on_hung)
+
+    def _on_hung(self, i: int, why: str) -> None:
+        """The heartbeat found stage ``i`` hung: kill its process and fail what waits on
+        it, so that recovery replaces it now (``heal`` gives ``why`` as the cause)."""
+        self._hung[i] = why
+        p = self.plan[i]
+        self.stages.stop(i, p.pid, p.node_id)
+        transport = self.transport
+        if transport is not None:
+            transport.abort(f"stage {i} on {p.node_ip} (pid {p.pid}) {why}")
 
     def _connect(self) -> Transport:
         """A transport over the stages as they are: sockets from stage to stage (over TCP
@@ -521,15 +605,15 @@ class Pipeline:
         replaced stages. Raises ``error`` when every stage answers (nothing to replace), and
         a ``StageError`` naming the stage, its node and the cause past ``max_restarts``."""
         s = self.stages
-        lost = s.lost(self.cfg.step_timeout)
+        lost = s.lost(self.cfg.heartbeat_timeout)  # a ping its work does not block: answered at once, if alive
         if not lost:
             raise error
         for i, why in lost.items():
             p = self.plan[i]
-            self.restarts.admit(i, f"{p.node_ip} (pid {p.pid})", why)
+            self.restarts.admit(i, f"{p.node_ip} (pid {p.pid})", self._hung.pop(i, why))
         old.close()
         for i in lost:
-            s.replace(i)
+            s.replace(i, self.plan[i].pid, self.plan[i].node_id)
         survivors = [s.call(a, "reset") for i, a in enumerate(s.actors) if i not in lost]
         for i, d in zip(lost, self._replaced(list(lost))):
             p = self.plan[i]
@@ -537,6 +621,10 @@ class Pipeline:
         fill_stages(s, self.plan, self.store, which=list(lost))  # on another node, its units go there first
         s.get(survivors + [s.call(s.actors[i], "setup", self.plan[i]) for i in lost], self.cfg.restart_timeout)
         return self._connect(), list(lost)
+
+    def recovered(self) -> None:
+        """After a recovery's replay: start spares in the bundles the lost stages left."""
+        self.stages.restock()
 
     def _replaced(self, which: list[int]) -> list[dict]:
         """What the replacements of stages ``which`` report once they run. A replacement
@@ -571,6 +659,9 @@ class Pipeline:
 
     def close(self) -> None:
         """Stop the stages (and their actors and placement group)."""
+        if self.heartbeat is not None:
+            self.heartbeat.close()
+            self.heartbeat = None
         if self.transport is not None:
             self.transport.close()
             self.transport = None

@@ -160,7 +160,8 @@ class Recovering(Transport):
     Args:
         inner: the transport over the stages as they are.
         pipeline: has ``heal(error, inner) -> (transport, replaced stage indices)``, which
-            replaces the lost stages (or raises), and ``restarts`` (:class:`Restarts`).
+            replaces the lost stages (or raises), ``recovered()``, called once the replay is
+            done, and ``restarts`` (:class:`Restarts`).
     """
 
     def __init__(self, inner: Transport, pipeline):
@@ -215,6 +216,9 @@ class Recovering(Transport):
                 self.live.pop(key, None)
             self._do(lambda: self.inner.drop(cache_id))
 
+    def abort(self, reason: str) -> None:
+        self.inner.abort(reason)
+
     def close(self) -> None:
         self.inner.close()
 
@@ -246,6 +250,7 @@ class Recovering(Transport):
             finally:
                 for i in replaced:
                     self.pipeline.restarts.seconds[i] += time.monotonic() - t0
+            self.pipeline.recovered()
             return
 
     def _replay(self) -> None:

@@ -27,7 +27,7 @@ class StageActor:
     Args:
         store_path: the layer store on this node's disk (the driver's path;
             ``fill.use_store`` may point the stage at its node's own copy before :meth:`setup`).
-        stage: stage index.
+        stage: stage index (-1: a spare, told its stage by :meth:`setup`).
         device: ``"cpu"`` or ``"cuda"``.
         dtype: compute dtype.
         prefetch: stream units on a background thread.
@@ -58,6 +58,7 @@ class StageActor:
                 f"stage {self.stage} (pid {os.getpid()}) finds no layer store at {self.store_path} on its node: "
                 "copy the shards there or run `distlayer split MODEL --out DIR` on that node"
             )
+        self.stage = plan.stage  # a spare learns which stage it is here
         self.store = LayerStore(self.store_path)
         self.runner = LayerRunner(self.store, plan, device=self.device, dtype=self.dtype, prefetch=self.prefetch)
 

@@ -133,6 +133,11 @@ class Transport:
         returns once every stage has (``drop``, ``select_rows``, ``merge_caches``)."""
         raise NotImplementedError
 
+    def abort(self, reason: str) -> None:
+        """Make what waits on the stages, now or later, raise ``StageLost(reason)`` (a stage
+        found hung). Over Ray object refs nothing is needed: killing the stage's actor
+        fails the refs that wait on it."""
+
     def close(self) -> None:
         """Release what the transport holds (sockets); the stages stay."""
 

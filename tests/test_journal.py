@@ -46,6 +46,9 @@ class Healer:
             actor.reset()
         return old, [0]
 
+    def recovered(self):
+        self.recoveries = getattr(self, "recoveries", 0) + 1
+
 
 def test_a_replay_rebuilds_every_cache_bit_for_bit(tiny_dir):
     """Half-way through a generation every stage's caches are emptied and the journal is
@@ -57,7 +60,8 @@ def test_a_replay_rebuilds_every_cache_bit_for_bit(tiny_dir):
         want = model.generate(ids, attention_mask=mask, max_new_tokens=10, output_logits=True,
                               return_dict_in_generate=True)
         pipe = model.pipeline
-        wrapped = pipe.transport = Recovering(pipe.transport, Healer(model))
+        healer = Healer(model)
+        wrapped = pipe.transport = Recovering(pipe.transport, healer)
         inner_fetch, calls = wrapped.inner.fetch, []
 
         def fetch(handle):  # the 6th fetch finds its stages emptied: recover, then fetch again
@@ -73,4 +77,5 @@ def test_a_replay_rebuilds_every_cache_bit_for_bit(tiny_dir):
         for a, b in zip(got.logits, want.logits):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert len(calls) == 10 + 1 + 5          # every step, the failed fetch, and the 5 steps replayed
+        assert healer.recoveries == 1            # told once the replay was done
         assert wrapped.journal.entries == [] and wrapped.live == {}  # dropped with the request

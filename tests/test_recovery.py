@@ -30,6 +30,7 @@ class KillAt:
         if self.seen == self.at:
             self.pid = self.model.plan[self.stage].pid
             os.kill(self.pid, self.sig)
+            self.at_time = time.monotonic()
 
     def end(self):
         pass
@@ -119,6 +120,76 @@ def test_a_stopped_stage_is_caught_by_the_deadline(tiny_dir):
                 pass
         assert time.monotonic() - t0 < 120
         assert model.plan[1].pid != kill.pid and model.stats()[1]["restarts"] == 1
+
+
+def test_a_stopped_stage_is_found_by_the_heartbeat_with_default_settings(smollm_dir):
+    """SIGSTOP on SmolLM2's second stage, every setting at its default (step_timeout 600 s):
+    the heartbeat finds it, its process is killed and replaced, and generate() returns the
+    clean run's tokens within 60 s of the stop."""
+    import psutil
+
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    with AutoModel.from_pretrained(smollm_dir, stages=2, progress=False) as model:
+        assert model.pipeline.cfg.step_timeout == 600
+        clean = model.generate(ids, max_new_tokens=24, do_sample=False, min_new_tokens=24)
+        stop = KillAt(model, 1, 8, signal.SIGSTOP)
+        try:
+            out = model.generate(ids, max_new_tokens=24, do_sample=False, min_new_tokens=24, streamer=stop)
+            took = time.monotonic() - stop.at_time
+            gone = not psutil.pid_exists(stop.pid) or psutil.Process(stop.pid).status() == psutil.STATUS_ZOMBIE
+        finally:
+            try:
+                os.kill(stop.pid, signal.SIGKILL)  # never leave a stopped process behind
+            except ProcessLookupError:
+                pass
+        assert out.tolist() == clean.tolist()
+        assert took < 60, f"{took:.1f}s from the stop to the answer"
+        assert model.plan[1].pid != stop.pid and model.stats()[1]["restarts"] == 1
+        assert gone, "the stopped process was left behind"
+
+
+def test_a_long_step_is_not_a_hung_stage(tiny_dir):
+    """A stage whose work thread is busy for 4x heartbeat_timeout (a long step) still
+    answers the heartbeat on its own thread: nothing is replaced, and the output is the
+    clean run's."""
+    ids, mask = prompts(1)
+    with AutoModel.from_pretrained(tiny_dir("llama"), stages=2, transport="ray", heartbeat_timeout=1,
+                                   progress=False) as model:
+        clean = greedy(model, ids, mask)
+        s = model.pipeline.stages
+        busy = s.call_with(s.actors[1], lambda actor: time.sleep(4))  # queued before the steps, like a long step
+        t0 = time.monotonic()
+        assert greedy(model, ids, mask).tolist() == clean.tolist()
+        assert time.monotonic() - t0 >= 3.5
+        s.get(busy)
+        assert [st["restarts"] for st in model.stats()] == [0, 0]
+
+
+def test_a_standby_spare_takes_a_killed_stages_place(tiny_dir):
+    """standby=1: each killed stage's range loads into the spare process that was already
+    running (no process starts while the requests wait), a new spare is started in the
+    bundle the lost stage left, and the output is the clean run's."""
+    ids, mask = prompts(1)
+    with AutoModel.from_pretrained(tiny_dir("llama"), stages=2, standby=1, progress=False) as model:
+        s = model.pipeline.stages
+        clean = greedy(model, ids, mask)
+        for stage in (1, 0):
+            deadline = time.monotonic() + 120
+            while not s.spares:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            spare_pid = s.get(s.call_with(s.spares[0][0], lambda actor: os.getpid()), 60)
+            kill = KillAt(model, stage, 24)
+            assert greedy(model, ids, mask, kill).tolist() == clean.tolist(), f"stage {stage} killed"
+            assert model.plan[stage].pid == spare_pid != kill.pid
+        assert [st["restarts"] for st in model.stats()] == [1, 1]
+        assert len(s.spares) == 1 and s.get(s.call_with(s.spares[0][0], lambda actor: os.getpid()), 60) not in (
+            model.plan[0].pid, model.plan[1].pid)
+
+
+def test_standby_the_cluster_cannot_hold_is_refused_before_any_weight_loads(tiny_dir):
+    with pytest.raises(StageError, match=r"cannot place 2 stages and 3 standby .* less standby"):
+        AutoModel.from_pretrained(tiny_dir("llama"), stages=2, standby=3, cpus_per_stage=1, progress=False)
 
 
 def test_past_max_restarts_the_error_names_stage_node_and_cause(tiny_dir):
