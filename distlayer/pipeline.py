@@ -623,7 +623,8 @@ class Pipeline:
         return self._connect(), list(lost)
 
     def recovered(self) -> None:
-        """After a recovery's replay: start spares in the bundles the lost stages left."""
+        """After a recovery, once nothing is in flight: start spares in the bundles the lost
+        stages left (their start would slow the requests it overlapped)."""
         self.stages.restock()
 
     def _replaced(self, which: list[int]) -> list[dict]:

@@ -160,8 +160,8 @@ class Recovering(Transport):
     Args:
         inner: the transport over the stages as they are.
         pipeline: has ``heal(error, inner) -> (transport, replaced stage indices)``, which
-            replaces the lost stages (or raises), ``recovered()``, called once the replay is
-            done, and ``restarts`` (:class:`Restarts`).
+            replaces the lost stages (or raises), ``recovered()``, called when nothing is in
+            flight any more after a recovery, and ``restarts`` (:class:`Restarts`).
     """
 
     def __init__(self, inner: Transport, pipeline):
@@ -172,6 +172,7 @@ class Recovering(Transport):
         # the handles and recovery are changed under this lock; a fetch waits outside it
         self._lock = threading.RLock()
         self._epoch = 0  # recoveries so far: a thread that saw an older transport fail retries on the new one
+        self._restock = False  # a recovery happened: tell the pipeline once nothing is in flight
 
     @property
     def name(self) -> str:
@@ -215,6 +216,9 @@ class Recovering(Transport):
             for key in self.journal.forget(cache_id):
                 self.live.pop(key, None)
             self._do(lambda: self.inner.drop(cache_id))
+            if self._restock and not self.journal.entries:
+                self._restock = False
+                self.pipeline.recovered()
 
     def abort(self, reason: str) -> None:
         self.inner.abort(reason)
@@ -250,7 +254,7 @@ class Recovering(Transport):
             finally:
                 for i in replaced:
                     self.pipeline.restarts.seconds[i] += time.monotonic() - t0
-            self.pipeline.recovered()
+            self._restock = True
             return
 
     def _replay(self) -> None:
