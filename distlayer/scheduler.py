@@ -319,6 +319,11 @@ class Scheduler:
         with self._cond:
             return len(self._active)
 
+    def waiting(self) -> int:
+        """Sequences queued, not yet admitted to a batch (:meth:`in_flight` counts them too)."""
+        with self._cond:
+            return len(self._waiting)
+
     @property
     def running(self) -> bool:
         """Whether the loop still takes requests (not closed, not failed)."""

@@ -6,9 +6,9 @@ client go away (a write to a closed connection fails), which is what cancels a r
 
 Endpoints: ``POST /v1/chat/completions`` (the chat template applied), ``POST
 /v1/completions``, each with ``stream`` true or false; ``GET /v1/models``; ``GET /health``
-(every stage answers). Errors are OpenAI-style JSON: 400 (a bad request), 401 (no or a
-wrong API key), 404 (unknown model or path), 413 (longer than the context), 503 (a stage
-died, named).
+(every stage answers); ``GET /metrics`` (Prometheus' text format: see ``metrics.py``).
+Errors are OpenAI-style JSON: 400 (a bad request), 401 (no or a wrong API key), 404
+(unknown model or path), 413 (longer than the context), 503 (a stage died, named).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import time
 
 from aiohttp import web
 
-from .config import GenerationConfig
+from .config import GenerationConfig, temperature_settings
 from .errors import ConfigError, DistlayerError, StageError
 from .generate import cut_at_stop
+from .metrics import render, server_registry
 
 CHUNK_TYPES = {"chat": "chat.completion.chunk", "text": "text_completion"}
 
@@ -75,7 +76,7 @@ def generation_settings(body: dict, model) -> GenerationConfig:
         raise BadRequest(400, "n: only n=1 is supported", "n")
     kw = dict(max_new_tokens=max_tokens or 256, top_p=top_p, seed=seed, stop=stop or [])
     if temperature is not None:
-        kw.update(do_sample=temperature > 0, temperature=temperature if temperature > 0 else None)
+        kw.update(temperature_settings(temperature))
     try:
         return model.generation_settings(**kw)
     except ConfigError as e:
@@ -138,18 +139,23 @@ class Server:
         model: a started ``DistModel``.
         scheduler: its :class:`~distlayer.scheduler.Scheduler`.
         name: the model name clients pass (``GET /v1/models`` lists it).
-        api_key: when set, every request needs ``Authorization: Bearer <api_key>``.
+        api_key: when set, every request needs ``Authorization: Bearer <api_key>`` (but
+            ``/health`` and ``/metrics``, which a load balancer and Prometheus read, as vLLM's).
     """
+
+    OPEN_PATHS = ("/health", "/metrics")  # no API key needed
 
     def __init__(self, model, scheduler, name: str, api_key: str | None = None):
         self.model, self.scheduler, self.name, self.api_key = model, scheduler, name, api_key
         self.created = int(time.time())
+        self.registry, self.requests = server_registry(model, scheduler, name)
 
     def app(self) -> web.Application:
         """The aiohttp application."""
         app = web.Application(middlewares=[self._errors])
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/v1/chat/completions", lambda r: self.complete(r, "chat"))
         app.router.add_post("/v1/completions", lambda r: self.complete(r, "text"))
         return app
@@ -157,7 +163,7 @@ class Server:
     @web.middleware
     async def _errors(self, request: web.Request, handler):
         try:
-            if self.api_key and request.path != "/health" and \
+            if self.api_key and request.path not in self.OPEN_PATHS and \
                     request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
                 raise BadRequest(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
                                  code="invalid_api_key")
@@ -192,6 +198,12 @@ class Server:
              "restarts": s.get("restarts", 0)}
             for p, s in zip(self.model.plan, stats)]})
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus' text format: the request series, rows running and waiting, and each
+        stage's stats as they are now (read off this loop: the stages may take a moment)."""
+        body, content_type = await asyncio.to_thread(render, self.registry)
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
     async def _body(self, request: web.Request) -> dict:
         try:
             body = await request.json()
@@ -209,6 +221,7 @@ class Server:
 
     async def complete(self, request: web.Request, kind: str) -> web.StreamResponse:
         """A chat or text completion, streamed or whole."""
+        arrived = time.monotonic()
         body = await self._body(request)
         settings = generation_settings(body, self.model)
         ids = prompt_ids(body, kind, self.model.tokenizer)
@@ -221,7 +234,13 @@ class Server:
         stream = _field(body, "stream", bool, None, "write true or false", False)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        req = self.scheduler.submit(ids, settings, lambda k, v: loop.call_soon_threadsafe(events.put_nowait, (k, v)))
+        timer = self.requests.track(len(ids), arrived)
+
+        def listener(event, value):  # on the scheduler's thread
+            timer(event, value)
+            loop.call_soon_threadsafe(events.put_nowait, (event, value))
+
+        req = self.scheduler.submit(ids, settings, listener)
         try:
             if stream:
                 return await self._stream(request, kind, body, req, events)

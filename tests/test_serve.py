@@ -214,6 +214,9 @@ def test_api_key_and_a_lost_stage(tiny_dir):
                 assert status == 200 and data["choices"][0]["text"] == ok.choices[0].text, data
                 health = s.http("/health")[1]["stages"][1]
                 assert health["pid"] != pid and health["restarts"] == 1, health
+                _, samples = scrape(s)  # /metrics needs no key, as /health; it counts the restart
+                assert value(samples, "distlayer:stage_restarts_total", stage="1") == 1
+                assert value(samples, "distlayer:stage_restarts_total", stage="0") == 0
             else:             # one restart allowed in ten minutes: the next loss is an error
                 assert status == 503 and "stage 1" in data["error"]["message"], data
                 assert "max_restarts=1" in data["error"]["message"], data
@@ -231,3 +234,199 @@ def test_a_taken_port_is_named_before_the_model_loads(tiny_dir):
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "--port" in r.stderr, r.stderr
     assert "serving" not in r.stderr
+
+
+# --------------------------------------------------------------------------- /metrics
+
+DASHBOARD = HERE.parent / "examples" / "grafana-dashboard.json"
+STAGE_SERIES = ("distlayer:stage_load_seconds_total", "distlayer:stage_stall_seconds_total",
+                "distlayer:stage_compute_seconds_total", "distlayer:stage_transfer_seconds_total",
+                "distlayer:stage_streamed_bytes_per_step", "distlayer:stage_restarts_total")
+
+
+def scrape(server: Server, headers=None) -> tuple[str, dict]:
+    """``GET /metrics``: its content type, and each sample as ``{(name, labels): value}``
+    (labels a sorted tuple of pairs), read with prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    req = urllib.request.Request(server.url + "/metrics", headers=headers or {})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        kind, text = r.headers["Content-Type"], r.read().decode()
+    return kind, {(s.name, tuple(sorted(s.labels.items()))): s.value
+                  for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels`` (0 if none)."""
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
+
+
+def test_metrics_collector_without_a_server():
+    """The registry a server makes, fed a request's events and two stages' stats, without a
+    model: its text parses, and says what it was fed."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from distlayer.metrics import LiveCollector, render, server_registry
+
+    class Model:
+        delay = 0.0
+
+        def stats(self):
+            time.sleep(self.delay)
+            return [{"load_s": 1.5, "stall_s": 0.25, "compute_s": 2.0, "transfer_s": 0.0, "streamed_bytes": 100,
+                     "kv_bytes": 7, "restarts": 0, "recovery_s": 0.0},
+                    {"load_s": 3.0, "stall_s": 0.5, "compute_s": 4.0, "transfer_s": 0.125, "streamed_bytes": 0,
+                     "kv_bytes": 7, "restarts": 2, "recovery_s": 1.25, "h2d_bytes": 4096}]
+
+    class Scheduler:
+        def in_flight(self):
+            return 5
+
+        def waiting(self):
+            return 2
+
+    model = Model()
+    registry, requests = server_registry(model, Scheduler(), "m")
+    t0 = time.monotonic()
+    timer = requests.track(11, t0 - 1.0)  # arrived a second ago
+    for token in (4, 5, 6):
+        timer("token", token)
+    timer("end", "length")
+    requests.track(3, t0)("error", RuntimeError("lost"))  # failed before its first token: no prompt tokens counted
+
+    def samples():
+        body, kind = render(registry)
+        assert kind.startswith("text/plain")
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+
+    got = samples()
+    assert value(got, "distlayer:prompt_tokens_total") == 11
+    assert value(got, "distlayer:generation_tokens_total") == 3
+    assert value(got, "distlayer:request_success_total", finished_reason="length") == 1
+    assert value(got, "distlayer:request_success_total", finished_reason="error") == 1
+    assert value(got, "distlayer:request_success_total", finished_reason="stop") == 0
+    assert value(got, "distlayer:time_to_first_token_seconds_count") == 1
+    assert value(got, "distlayer:time_to_first_token_seconds_sum") >= 1.0
+    assert value(got, "distlayer:time_per_output_token_seconds_count") == 1
+    assert value(got, "distlayer:e2e_request_latency_seconds_count") == 1
+    assert value(got, "distlayer:num_requests_running", model_name="m") == 3
+    assert value(got, "distlayer:num_requests_waiting", model_name="m") == 2
+    assert value(got, "distlayer:stages_up") == 1
+    assert value(got, "distlayer:stage_load_seconds_total", stage="1", model_name="m") == 3.0
+    assert value(got, "distlayer:stage_transfer_seconds_total", stage="1") == 0.125
+    assert value(got, "distlayer:stage_restarts_total", stage="1") == 2
+    assert value(got, "distlayer:stage_recovery_seconds_total", stage="1") == 1.25
+    assert value(got, "distlayer:stage_streamed_bytes_per_step", stage="0") == 100
+    assert ("distlayer:stage_h2d_bytes_total", (("model_name", "m"), ("stage", "1"))) in got
+    assert ("distlayer:stage_h2d_bytes_total", (("model_name", "m"), ("stage", "0"))) not in got  # not a GPU stage
+    # a second server's registry is its own: nothing of the first shows in it
+    other, _ = server_registry(model, Scheduler(), "m2")
+    assert b'model_name="m"' not in render(other)[0]
+    # stages that do not answer in time leave their series out, and stages_up at 0
+    model.delay = 0.5
+    slow = {s.name: s.value for f in LiveCollector(model, "m", timeout=0.05).collect() for s in f.samples}
+    assert slow == {"distlayer:stages_up": 0}
+
+
+def test_stage_series_exported_through_ray_metrics(monkeypatch):
+    """export_stage_metrics sets one ray.util.metrics gauge per stage figure, tagged with
+    the stage, under names Ray accepts; an in-process pipeline exports nothing."""
+    import re
+
+    import ray.util.metrics
+
+    from distlayer import metrics
+
+    made: dict[str, list] = {}
+
+    class Gauge:
+        def __init__(self, name, description="", tag_keys=()):
+            assert re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", name), name  # Ray takes no colon
+            self.name, self.tag_keys = name, tag_keys
+            made[name] = []
+
+        def set(self, v, tags=None):
+            assert set(tags) == set(self.tag_keys)
+            made[self.name].append((tags["stage"], v))
+
+    class Model:
+        class pipeline:
+            remote = True
+
+        def stats(self):
+            return [{"load_s": 1.0, "restarts": 0}, {"load_s": 2.0, "restarts": 1}]
+
+    monkeypatch.setattr(ray.util.metrics, "Gauge", Gauge)
+    monkeypatch.setattr(metrics, "_ray_gauges", {})
+    assert metrics.export_stage_metrics(Model(), "m")
+    assert made["distlayer_stage_load_seconds"] == [("0", 1.0), ("1", 2.0)]
+    assert made["distlayer_stage_restarts"] == [("0", 0.0), ("1", 1.0)]
+    Model.pipeline.remote = False
+    made.clear()
+    assert not metrics.export_stage_metrics(Model(), "m") and not made
+
+
+@pytest.mark.slow
+def test_metrics_count_what_was_sent(server):
+    """After a few requests, /metrics' counters grew by what the responses' usage says, and
+    every stage has its series."""
+    idle(server)
+    kind, before = scrape(server)
+    assert kind.startswith("text/plain; version="), kind  # Prometheus' text format
+    c = server.client()
+    usages, reasons = [], []
+    chat = c.chat.completions.create(model="smol", messages=FRANCE, temperature=0, max_tokens=30)
+    usages.append(chat.usage)
+    reasons.append(chat.choices[0].finish_reason)
+    for n in (3, 7):
+        done = c.completions.create(model="smol", prompt="The capital of France is", temperature=0, max_tokens=n)
+        usages.append(done.usage)
+        reasons.append(done.choices[0].finish_reason)
+    streamed = list(c.completions.create(model="smol", prompt="Count: 1, 2,", temperature=0, max_tokens=6,
+                                         stream=True, stream_options={"include_usage": True}))
+    usages.append(streamed[-1].usage)
+    reasons.append(next(ch.choices[0].finish_reason for ch in streamed if ch.choices and ch.choices[0].finish_reason))
+    idle(server)
+    _, after = scrape(server)
+
+    def grew(name, **labels):
+        return value(after, name, model_name="smol", **labels) - value(before, name, model_name="smol", **labels)
+
+    assert grew("distlayer:prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
+    assert grew("distlayer:generation_tokens_total") == sum(u.completion_tokens for u in usages)
+    for reason in ("stop", "length"):
+        assert grew("distlayer:request_success_total", finished_reason=reason) == reasons.count(reason), reasons
+    assert grew("distlayer:time_to_first_token_seconds_count") == len(usages)
+    assert grew("distlayer:e2e_request_latency_seconds_count") == len(usages)
+    assert grew("distlayer:time_per_output_token_seconds_count") == sum(u.completion_tokens > 1 for u in usages)
+    assert grew("distlayer:e2e_request_latency_seconds_sum") > 0
+    assert value(after, "distlayer:num_requests_running") == 0 and value(after, "distlayer:num_requests_waiting") == 0
+    assert value(after, "distlayer:stages_up") == 1
+    for name in STAGE_SERIES:  # the stages as they are now: both of them
+        assert {dict(ls)["stage"] for n, ls in after if n == name} == {"0", "1"}, name
+    assert grew("distlayer:stage_compute_seconds_total", stage="0") > 0
+    assert grew("distlayer:stage_compute_seconds_total", stage="1") > 0
+
+
+@pytest.mark.slow
+def test_grafana_dashboard_names_only_exported_series(server):
+    """examples/grafana-dashboard.json is JSON Grafana imports, and every series its queries
+    name is one /metrics exports (read from a real scrape); it shows each series the
+    server is for."""
+    import re
+
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["title"] and dash["panels"] and dash["__inputs"][0]["pluginId"] == "prometheus"
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    assert exprs and all(re.search(r"distlayer:\w+", e) for e in exprs), exprs
+    named = set(re.findall(r"distlayer:[A-Za-z0-9_:]+", DASHBOARD.read_text()))  # templating too
+    server.client().completions.create(model="smol", prompt="Hi", max_tokens=2, temperature=0)  # every series sampled
+    _, samples = scrape(server)
+    exported = {n for n, _ in samples}
+    assert named <= exported, sorted(named - exported)
+    families = {re.sub(r"_(bucket|sum|count|total)$", "", n) for n in named}
+    for needed in ("request_success", "prompt_tokens", "generation_tokens", "time_to_first_token_seconds",
+                   "time_per_output_token_seconds", "e2e_request_latency_seconds", "num_requests_running",
+                   "num_requests_waiting", *(s.split(":")[1].removesuffix("_total") for s in STAGE_SERIES)):
+        assert "distlayer:" + needed in families, needed
