@@ -314,6 +314,14 @@ class PipelineConfig:
         return [self.memory_per_stage] * stages
 
 
+
+def temperature_settings(temperature) -> dict:
+    """Generation settings for an OpenAI-style ``temperature``: 0 is greedy, any other
+    value samples at that temperature (as OpenAI and vLLM read it)."""
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature == 0:
+        return {"do_sample": False, "temperature": None}
+    return {"do_sample": True, "temperature": temperature}
+
 @dataclass
 class GenerationConfig:
     """How each completion is generated: ``generate()``'s keywords, the job file's

@@ -34,6 +34,7 @@ import torch
 
 from .config import JobConfig, load_job_config
 from .errors import ConfigError
+from .metrics import RayExport
 from .scheduler import Scheduler
 
 SEGMENT_BATCHES = 8  # batches of prompts per segment: a partly written segment runs again whole
@@ -90,21 +91,36 @@ def _check_fields(obj) -> tuple[Any, str | None, list | None, str | None]:
     if isinstance(id_, bool) or not isinstance(id_, (str, int)) or id_ == "":
         bad = "missing id" if id_ is None else f"id {id_!r} must be a non-empty string or a whole number"
         return None, None, None, f"{bad}: give every record an \"id\""
-    prompt, messages = obj.get("prompt"), obj.get("messages")
+    return (id_, *check_prompt(obj.get("prompt"), obj.get("messages")))
+
+
+def check_prompt(prompt, messages) -> tuple[str | None, list | None, str | None]:
+    """``(prompt, messages, None)`` for a record's prompt text or chat messages (exactly one
+    given), else ``(None, None, why it cannot run)``."""
     if (prompt is None) == (messages is None):
-        return id_, None, None, 'give exactly one of "prompt" or "messages"'
+        return None, None, 'give exactly one of "prompt" or "messages"'
     if prompt is not None:
         if not isinstance(prompt, str) or not prompt.strip():
-            return id_, None, None, f"empty prompt ({prompt!r}): write the prompt text"
-        return id_, prompt, None, None
+            return None, None, f"empty prompt ({prompt!r}): write the prompt text"
+        return prompt, None, None
     ok = isinstance(messages, list) and messages and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
         for m in messages)
     if not ok:
-        return id_, None, None, 'messages must be a non-empty list of {"role": ..., "content": "..."}'
+        return None, None, 'messages must be a non-empty list of {"role": ..., "content": "..."}'
     if not any(m["content"].strip() for m in messages):
-        return id_, None, None, "empty prompt: every message content is empty"
-    return id_, None, messages, None
+        return None, None, "empty prompt: every message content is empty"
+    return None, messages, None
+
+
+def context_error(prompt_tokens: int, max_new_tokens: int, context: int | None, flag: str) -> str | None:
+    """Why a prompt of ``prompt_tokens`` and ``max_new_tokens`` more (the setting ``flag``)
+    do not fit the model's ``context``, or None when they do."""
+    need = prompt_tokens + max_new_tokens
+    if context and need > context:
+        return (f"prompt is {prompt_tokens} tokens and {flag} is {max_new_tokens}, {need} in all, but the model's "
+                f"context is {context}: shorten the prompt or lower max_new_tokens")
+    return None
 
 
 def parse_line(raw: bytes, line: int) -> Record:
@@ -279,11 +295,12 @@ def _progress_mode(progress: bool | str | None) -> str:
 # --------------------------------------------------------------------------- running
 
 
-def tokenize(record: Record, tokenizer, chat_template: bool) -> list[int]:
-    """Token ids of a record's prompt; ``messages`` (or any prompt with ``chat_template``) get the template."""
-    messages = record.messages or ([{"role": "user", "content": record.prompt}] if chat_template else None)
+def tokenize(prompt: str | None, messages: list | None, tokenizer, chat_template: bool) -> list[int]:
+    """Token ids of a prompt text or chat ``messages``; messages (or a prompt with
+    ``chat_template``) get the template."""
+    messages = messages or ([{"role": "user", "content": prompt}] if chat_template else None)
     if messages is None:
-        return list(tokenizer(record.prompt).input_ids)
+        return list(tokenizer(prompt).input_ids)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the model's tokenizer has no chat template: send \"prompt\" records with "
                          "generation.chat_template: false")
@@ -344,6 +361,13 @@ def _load_model(cfg: JobConfig, store, batch_size: int, context: int):
     return DistModel.load(store.path, pipe, progress=False)
 
 
+def job_model_name(model: str) -> str:
+    """The ``model_name`` a job's metrics carry: as ``distlayer serve`` names a model."""
+    from .smollm import DEFAULT_MODEL_NAME
+
+    return DEFAULT_MODEL_NAME if model == "default" else Path(str(model)).name or str(model)
+
+
 def _error(r: Record) -> dict:
     return {"id": r.id, "line": r.line, "error": r.error}
 
@@ -402,6 +426,7 @@ def run_job(path_or_config: str | os.PathLike | JobConfig | dict, progress: bool
         settings = model.generation_settings(**dataclasses.asdict(cfg.generation))
         bar = Progress(sum(r.key not in writer.done for r in valid), mode)
         bar.say(f"{bar.total} prompts to run, {rows} at a time")
+        exported = RayExport(model, job_model_name(cfg.model))  # the stage series, on Ray's metrics endpoint
         for segment in plan_segments(valid, cfg.batch_size):
             if all(r.key in writer.done for r in segment):
                 continue
@@ -412,6 +437,8 @@ def run_job(path_or_config: str | os.PathLike | JobConfig | dict, progress: bool
                 summary.completed += 1
                 summary.completion_tokens += res["completion_tokens"]
                 bar.update(1, res["completion_tokens"])
+                exported.tick()
+        exported.now()
         if mode == "log":
             bar.say("done: " + bar.line())
         return summary
@@ -436,14 +463,13 @@ def _tokenize_all(records: list[Record], tokenizer, config, cfg: JobConfig, writ
     valid = []
     for r in records:
         try:
-            r.tokens = tokenize(r, tokenizer, cfg.generation.chat_template)
+            r.tokens = tokenize(r.prompt, r.messages, tokenizer, cfg.generation.chat_template)
             if not r.tokens:
                 raise ValueError("the prompt has no tokens: write the prompt text")
-            need = len(r.tokens) + cfg.generation.max_new_tokens
-            if context and need > context:
-                raise ValueError(f"prompt is {len(r.tokens)} tokens and generation.max_new_tokens is "
-                                 f"{cfg.generation.max_new_tokens}, {need} in all, but the model's context is "
-                                 f"{context}: shorten the prompt or lower max_new_tokens")
+            too_long = context_error(len(r.tokens), cfg.generation.max_new_tokens, context,
+                                     "generation.max_new_tokens")
+            if too_long:
+                raise ValueError(too_long)
         except (ValueError, TypeError) as e:
             r.error = str(e)
             if r.key not in writer.done:

@@ -1,0 +1,105 @@
+"""``distlayer.data``: a real Ray Data pipeline (a private local Ray cluster) over real
+distlayer pipelines of SmolLM2, checked row by row against the model alone."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from ray import cloudpickle
+
+from distlayer import AutoModel, ConfigError
+from distlayer.data import ProcessorConfig, build_processor
+from distlayer.jobs import tokenize
+
+pytestmark = [pytest.mark.usefixtures("ray_per_module")]
+NEW = 8
+BAD = {7: "empty prompt", 23: "context is"}  # row id -> words of its error
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
+
+
+def rows(n: int = 40) -> list[dict]:
+    """``n`` rows: a question, an id and a column of their own; two cannot run."""
+    out = [{"id": i, "q": f"What is {i} times {i + 3}?", "tag": f"tag-{i}"} for i in range(n)]
+    for r in out[7:8]:
+        r["q"] = "   "
+    return out
+
+
+def preprocess(row: dict) -> dict:
+    too_long = row["id"] == 23  # more new tokens than the model's context
+    return {"messages": [{"role": "user", "content": row["q"]}],
+            "sampling_params": {"max_new_tokens": 10 ** 6 if too_long else NEW, "temperature": 0}}
+
+
+@pytest.fixture(scope="module")
+def alone(smollm_dir):
+    """Each good row's completion when the model runs it alone, greedy, in this process."""
+    with AutoModel.from_pretrained(smollm_dir, stages=0, progress=False) as model:
+        settings = model.generation_settings(max_new_tokens=NEW, do_sample=False)
+        return {r["id"]: model.scheduler.submit(tokenize(None, preprocess(r)["messages"], model.tokenizer, True),
+                                                settings).result().text
+                for r in rows() if r["id"] not in BAD}
+
+
+def run(smollm_dir, **kw) -> list[dict]:
+    import ray
+
+    config = ProcessorConfig(model_source=str(smollm_dir), batch_size=8, should_continue_on_error=True, **kw)
+    processor = build_processor(config, preprocess=preprocess,
+                                postprocess=lambda row: {**row, "answer": row["generated_text"]})
+    return sorted(processor(ray.data.from_items(rows())).take_all(), key=lambda r: r["id"])
+
+
+def check(out: list[dict], alone: dict) -> None:
+    assert [r["id"] for r in out] == list(range(40))
+    for r in out:
+        assert r["tag"] == f"tag-{r['id']}" and r["q"] == rows()[r["id"]]["q"]  # every input column kept
+        if r["id"] in BAD:
+            assert BAD[r["id"]] in r["error"] and r["generated_text"] is None, r
+            continue
+        assert r["error"] is None, r
+        assert r["generated_text"] == r["answer"] == alone[r["id"]], r["id"]
+        assert r["num_input_tokens"] > 0 and 1 <= r["num_generated_tokens"] <= NEW
+        assert r["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.slow
+def test_forty_rows_through_a_two_stage_pipeline(smollm_dir, alone):
+    check(run(smollm_dir, pipeline={"stages": 2}), alone)
+
+
+@pytest.mark.slow
+def test_two_replicas_of_one_stage_give_the_same_rows(smollm_dir, alone):
+    check(run(smollm_dir, pipeline={"stages": 1}, concurrency=2), alone)
+
+
+@pytest.mark.slow
+def test_without_continue_on_error_a_bad_row_fails_the_dataset_with_its_sentence(smollm_dir):
+    import ray
+
+    config = ProcessorConfig(model_source=str(smollm_dir), pipeline={"stages": 1}, batch_size=8)
+    processor = build_processor(config, preprocess=preprocess)
+    with pytest.raises(Exception, match="empty prompt: every message content is empty") as e:
+        processor(ray.data.from_items(rows(10))).take_all()
+    assert "should_continue_on_error" in str(e.value)
+
+
+def test_pipelines_the_cluster_cannot_hold_are_refused_before_anything_starts(smollm_dir):
+    import ray
+
+    config = ProcessorConfig(model_source=str(smollm_dir), pipeline={"stages": 2}, concurrency=40)
+    with pytest.raises(ConfigError, match=r"40 pipelines of 2 stages do not fit .*80 stages need 0.1 CPUs each.*0.61 GiB of weights.* lower concurrency"):
+        build_processor(config)(ray.data.from_items(rows(2)))
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(model_source=""), "model_source"),
+    (dict(batch_size=0), "batch_size: got 0"),
+    (dict(concurrency="2"), "concurrency"),
+    (dict(pipeline={"stagez": 2}), "stagez"),
+    (dict(generation={"temperature": -1}), "temperature"),
+])
+def test_bad_settings_get_a_sentence(kw, words):
+    with pytest.raises(ConfigError, match=words):
+        ProcessorConfig(**{"model_source": "m", **kw})
