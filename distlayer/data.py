@@ -17,7 +17,8 @@ scheduler at once, so rows join and leave the running batch as they finish, as i
 ``distlayer run``; the rows it holds are bounded by those two batches, so memory stays flat
 however long the dataset is.
 
-Rows in: ``prompt`` (text) or ``messages`` (chat; the tokenizer's template is applied),
+Rows in: ``prompt`` (text) or ``messages`` (chat; the tokenizer's template is applied; a
+row with both, such as a prompt column a ``preprocess`` turned into messages, is chat),
 and optionally ``sampling_params``, a mapping of ``GenerationConfig`` fields for that row
 (``temperature`` 0 is greedy). Every column is kept. Rows out add ``generated_text``,
 ``num_generated_tokens``, ``num_input_tokens``, ``finish_reason`` and ``error`` (a
@@ -233,7 +234,9 @@ class Replica:
         error sentence)`` for a row that cannot run (raised without continue_on_error)."""
         n_input = 0
         try:
-            prompt, messages, error = check_prompt(plain(row.get("prompt")), plain(row.get("messages")))
+            messages = plain(row.get("messages"))  # a preprocess that writes messages beside a prompt column: chat
+            prompt = plain(row.get("prompt")) if messages is None else None
+            prompt, messages, error = check_prompt(prompt, messages)
             if error:
                 raise ConfigError(error)
             sampling = plain(row.get("sampling_params")) or {}

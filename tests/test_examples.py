@@ -94,6 +94,15 @@ def test_client_against_distlayer_serve(smollm_store, tmp_path):
     assert len(haiku.split()) >= 5, out
 
 
+def test_ray_data_answers_every_prompt(smollm_store, tmp_path):
+    out = run([sys.executable, EXAMPLES / "ray_data.py", "--out", tmp_path / "answers"], cwd=tmp_path)
+    ids = [json.loads(ln)["id"] for ln in (EXAMPLES / "prompts.jsonl").read_text().splitlines() if ln.strip()]
+    answers = dict(ln.split(": ", 1) for ln in out.splitlines() if ": " in ln and ln.split(": ", 1)[0] in ids)
+    assert sorted(answers) == sorted(ids), out
+    assert all(a and not a.startswith("error") for a in answers.values()), out
+    assert "Paris" in answers["capital-fr"], out
+
+
 def test_job_file_through_distlayer_run(smollm_store, tmp_path):
     for name in ("job.yaml", "prompts.jsonl"):  # the job writes beside its file: keep it out of the repo
         shutil.copy(EXAMPLES / name, tmp_path / name)
