@@ -103,3 +103,34 @@ def test_pipelines_the_cluster_cannot_hold_are_refused_before_anything_starts(sm
 def test_bad_settings_get_a_sentence(kw, words):
     with pytest.raises(ConfigError, match=words):
         ProcessorConfig(**{"model_source": "m", **kw})
+
+
+@pytest.mark.slow
+def test_two_thousand_rows_hold_memory_flat(tiny_dir):
+    """2,000 short rows through one one-stage replica, read as they come: the driver's and
+    the replica's resident memory after the first quarter and at the end (printed), and
+    every row answered once."""
+    import psutil
+    import ray
+
+    config = ProcessorConfig(model_source=str(tiny_dir("llama")), pipeline={"stages": 1}, batch_size=16,
+                             generation={"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False})
+    processor = build_processor(config, preprocess=lambda row: {"prompt": f"w{row['id'] % 300:03d} w011"})
+    driver = psutil.Process()
+
+    def replica_rss() -> int:
+        found = [p for p in driver.children(recursive=True) if "Replica" in " ".join(p.cmdline()[:1])]
+        return sum(p.memory_info().rss for p in found)
+
+    seen, samples = set(), []
+    for i, row in enumerate(processor(ray.data.range(2000)).iter_rows()):
+        assert row["error"] is None and row["num_generated_tokens"] == 4, row
+        seen.add(row["id"])
+        if i in (499, 1999):
+            samples.append((driver.memory_info().rss, replica_rss()))
+    assert seen == set(range(2000))
+    (d0, r0), (d1, r1) = samples
+    print(f"\n2000 rows: driver RSS {d0 / 2**20:.0f} -> {d1 / 2**20:.0f} MiB, "
+          f"replica RSS {r0 / 2**20:.0f} -> {r1 / 2**20:.0f} MiB (after 500 rows -> after 2000)")
+    assert r0 > 0, "no replica process found"
+    assert d1 - d0 < 200 * 2**20 and r1 - r0 < 200 * 2**20  # flat: what grows with rows would be 4x here
