@@ -322,7 +322,7 @@ class RayStages:
         for bundle in self.free:
             spare = self.start_one(bundle, -1)
             self.spares.append((spare, bundle))
-            self.call_with(spare, _pid)  # imports the stage's modules now, not when it is needed
+            self.call(spare, "warm")  # imports the stage's modules now, not when it is needed
         self.free = []
 
     def ping(self, actor):

@@ -256,10 +256,12 @@ class LayerRunner:
             attention_mask: ``[B, past + T]``, 1 for real tokens, 0 for padding; or None.
             position_ids: ``[B, T]`` positions of the new tokens.
             cache_id: which sequence group's KV cache to extend.
-            logits_to_keep: on the last stage, how many final positions get logits (0: all).
+            logits_to_keep: on the last stage, how many final positions get logits (0: all;
+                None: none, only the KV cache is extended).
 
         Returns:
-            Hidden states ``[B, T, H]``, or logits ``[B, logits_to_keep or T, V]`` on the last stage.
+            Hidden states ``[B, T, H]``, or logits ``[B, logits_to_keep or T, V]`` on the last
+            stage (``[B, 0, H]`` there with ``logits_to_keep`` None).
         """
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             begun = self.memory.begin_forward()
@@ -276,8 +278,10 @@ class LayerRunner:
             else:
                 kw["inputs_embeds"] = x.to(self.dtype)
             try:
-                if self.range.last:
+                if self.range.last and logits_to_keep is not None:
                     out = self.model(**kw, logits_to_keep=logits_to_keep).logits
+                elif self.range.last:  # no head: a replayed step whose output nobody reads
+                    out = self.model.model(**kw).last_hidden_state[:, :0]
                 else:
                     out = self.model.model(**kw).last_hidden_state
             except BaseException:

@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import hardware, versions
+from . import arch, hardware, versions
 from .errors import StoreError
 from .planner import StagePlan
 from .runner import LayerRunner
@@ -61,6 +61,12 @@ class StageActor:
         self.stage = plan.stage  # a spare learns which stage it is here
         self.store = LayerStore(self.store_path)
         self.runner = LayerRunner(self.store, plan, device=self.device, dtype=self.dtype, prefetch=self.prefetch)
+
+    def warm(self) -> None:
+        """Import what :meth:`setup` will need for this store's architecture (a spare does
+        it while nothing waits on it); nothing when its node has no store yet."""
+        if (Path(self.store_path) / "manifest.json").is_file():
+            arch.build_skeleton(LayerStore(self.store_path).config)  # parameters on the meta device: no memory
 
     def attach(self, name: str, obj):
         """Keep a transport's object (closed with the stage, or when another takes its name); returns it."""

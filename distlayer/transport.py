@@ -31,7 +31,8 @@ class Work:
         cache_id: the KV cache the stages extend (``request:k`` for micro-batch k).
         mask: ``[B, past + T]`` attention mask, or None (no padding).
         pos: ``[B, T]`` positions of the new tokens.
-        logits_to_keep: how many final positions get logits on the last stage.
+        logits_to_keep: how many final positions get logits on the last stage (None: none,
+            for a step sent only to rebuild KV caches).
         pick: the last stage returns the greedy next token of each row (``[B]``)
             instead of logits.
         feed: the key of an earlier step whose picked tokens are this step's input (set
@@ -42,7 +43,7 @@ class Work:
     cache_id: str
     mask: Any
     pos: Any
-    logits_to_keep: int = 1
+    logits_to_keep: int | None = 1
     pick: bool = False
     feed: str | None = None
 
