@@ -188,6 +188,7 @@ class Recovering(Transport):
     def submit(self, work: Work, x) -> Handle:
         with self._lock:
             step = self.journal.step(work, x.key if isinstance(x, Handle) else x)
+            self.live[work.key] = None  # in flight from now: a send that fails is replayed as live, not spent
             self._do(lambda: self._send(step, self.live))  # when it fails, the replay sends it
         return Handle(work.key, picked=work.pick)
 

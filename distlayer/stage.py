@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from . import arch, hardware, versions
-from .errors import StoreError
+from .errors import StageError, StoreError
 from .planner import StagePlan
 from .runner import LayerRunner
 from .store import LayerStore
@@ -122,6 +122,9 @@ class StageActor:
 
     def stats(self) -> dict:
         """The runner's stats plus peak RSS and hand-off seconds."""
+        if self.runner is None:
+            raise StageError(f"stage {self.stage} (pid {os.getpid()}) is not set up yet: it is starting, or "
+                             "replacing a lost stage; ask again in a moment")
         return {**self.runner.stats(), "transfer_s": round(self.transfer_s, 4)}
 
     def close(self) -> None:
