@@ -119,8 +119,14 @@ def test_two_thousand_rows_hold_memory_flat(tiny_dir):
     driver = psutil.Process()
 
     def replica_rss() -> int:
-        found = [p for p in driver.children(recursive=True) if "Replica" in " ".join(p.cmdline()[:1])]
-        return sum(p.memory_info().rss for p in found)
+        total = 0
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if "Replica" in " ".join((p.info["cmdline"] or [])[:1]):
+                    total += p.memory_info().rss
+            except psutil.Error:  # gone, or a zombie, since it was listed
+                pass
+        return total
 
     seen, samples = set(), []
     for i, row in enumerate(processor(ray.data.range(2000)).iter_rows()):
