@@ -341,7 +341,7 @@ def cmd_serve(args) -> int:
 
     from .model import DistModel
     from .serve import listen, serve
-    from .smollm import DEFAULT_MODEL_NAME, resolve_model
+    from .smollm import model_name, resolve_model
     from .store import open_store
 
     cfg = settings_from(args, PipelineConfig)
@@ -351,7 +351,7 @@ def cmd_serve(args) -> int:
     longest = getattr(store.config.get_text_config(), "max_position_embeddings", None) or 4096
     cfg = dataclasses.replace(cfg, batch_size=SERVE_ROWS if args.batch_size is None else cfg.batch_size,
                               context=cfg.context or min(longest, SERVE_CONTEXT))
-    name = args.served_model_name or (DEFAULT_MODEL_NAME if args.model == "default" else Path(args.model).name)
+    name = args.served_model_name or model_name(args.model)
     api_key = args.api_key or os.environ.get("DISTLAYER_API_KEY") or None
     with sock, DistModel.start(store, cfg) as model:
         serve(model, model.scheduler, name, sock, api_key,

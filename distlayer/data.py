@@ -34,8 +34,9 @@ from typing import Any, Callable
 
 from .config import GenerationConfig, PipelineConfig, build, temperature_settings
 from .errors import ConfigError, DistlayerError
-from .jobs import check_prompt, context_error, job_model_name, tokenize
+from .jobs import check_prompt, context_error, tokenize
 from .metrics import RayExport
+from .smollm import model_name
 
 CALLS_PER_REPLICA = 2  # batches a replica works on at once: the next one joins while the last rows finish
 DATA_CPUS = 1.0        # CPUs per cluster left to Ray Data's own tasks (reading, preprocess, postprocess, writing)
@@ -208,7 +209,7 @@ class Replica:
         self.model = AutoModel.from_pretrained(model_source, progress=False, **pipeline)
         self.defaults, self.continue_on_error = generation, continue_on_error
         self.context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
-        self.exported = RayExport(self.model, job_model_name(model_source))  # stage series on Ray's metrics
+        self.exported = RayExport(self.model, model_name(model_source))  # stage series on Ray's metrics
 
     def __call__(self, batch):
         rows = batch.to_dict("records")

@@ -36,6 +36,7 @@ from .config import JobConfig, load_job_config
 from .errors import ConfigError
 from .metrics import RayExport
 from .scheduler import Scheduler
+from .smollm import model_name
 
 SEGMENT_BATCHES = 8  # batches of prompts per segment: a partly written segment runs again whole
 
@@ -361,13 +362,6 @@ def _load_model(cfg: JobConfig, store, batch_size: int, context: int):
     return DistModel.load(store.path, pipe, progress=False)
 
 
-def job_model_name(model: str) -> str:
-    """The ``model_name`` a job's metrics carry: as ``distlayer serve`` names a model."""
-    from .smollm import DEFAULT_MODEL_NAME
-
-    return DEFAULT_MODEL_NAME if model == "default" else Path(str(model)).name or str(model)
-
-
 def _error(r: Record) -> dict:
     return {"id": r.id, "line": r.line, "error": r.error}
 
@@ -426,7 +420,7 @@ def run_job(path_or_config: str | os.PathLike | JobConfig | dict, progress: bool
         settings = model.generation_settings(**dataclasses.asdict(cfg.generation))
         bar = Progress(sum(r.key not in writer.done for r in valid), mode)
         bar.say(f"{bar.total} prompts to run, {rows} at a time")
-        exported = RayExport(model, job_model_name(cfg.model))  # the stage series, on Ray's metrics endpoint
+        exported = RayExport(model, model_name(cfg.model))  # the stage series, on Ray's metrics endpoint
         for segment in plan_segments(valid, cfg.batch_size):
             if all(r.key in writer.done for r in segment):
                 continue

@@ -86,6 +86,12 @@ def default_dir() -> pathlib.Path:
     return home_dir() / "models" / DEFAULT_MODEL_NAME
 
 
+def model_name(model) -> str:
+    """The name a model is shown and served by: the embedded default's name for
+    ``"default"``, else the last part of its path or repo id."""
+    return DEFAULT_MODEL_NAME if str(model) == "default" else pathlib.Path(str(model)).name or str(model)
+
+
 def is_default(name: str) -> bool:
     """Whether ``name`` asks for the embedded default (``"default"`` or its model name,
     unless a path of that name exists)."""
