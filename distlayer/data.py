@@ -100,18 +100,19 @@ class Processor:
         c = self.config
         dataset = dataset.map_batches(
             Replica, batch_size=c.batch_size, batch_format="pandas", num_cpus=0, num_gpus=0,
-            **replicas(c.concurrency), fn_constructor_kwargs=dict(model_source=store, pipeline=pipeline, generation=c.generation,
+            **replicas(c.concurrency),
+            fn_constructor_kwargs=dict(model_source=store, pipeline=pipeline, generation=c.generation,
                                        continue_on_error=c.should_continue_on_error))
         if self.postprocess is not None:
             dataset = dataset.map(self.postprocess)
         return dataset
 
-    def _fit(self) -> dict:
-        """The pipeline settings each replica loads with: ``concurrency`` pipelines and Ray
+    def _fit(self) -> tuple[dict, str]:
+        """The pipeline settings each replica loads with, and the layer store's path: ``concurrency`` pipelines and Ray
         Data's own tasks fit the cluster's CPUs, GPUs and memory, or a ``ConfigError`` says
         what to change before anything starts. The model is split here, once, if it has no
         layer store yet (replicas only read it)."""
-        from .pipeline import RayStages, gpu_stages
+        from .pipeline import RayStages, cluster_device, gpu_stages
         from .planner import stage_count
         from .smollm import resolve_model
         from .store import open_store
@@ -125,12 +126,14 @@ class Processor:
         ray = RayStages.connect(cfg)
         res = ray.cluster_resources()
         gpus, cpus, memory = res.get("GPU", 0), res.get("CPU", 0), res.get("memory", 0)
-        device = (cfg.device or ("cuda" if gpus else "cpu")).split(":")[0]
+        device = cluster_device(cfg, gpus)
         n = stage_count(cfg.stage_count_given(), device, gpu_stages(gpus / c.concurrency, cfg))
         stages = n * c.concurrency
         share = cfg.cpus_per_stage or min(1.0, math.floor(max(0.0, cpus - DATA_CPUS) / stages * 100) / 100)
         budgets = cfg.budgets(n)
-        held = sum(budgets) if all(budgets) and device == "cpu" else store_bytes(store.path) if device == "cpu" else 0
+        held = 0  # weights in host memory per pipeline (a GPU pipeline's are on its GPUs)
+        if device == "cpu":
+            held = sum(budgets) if all(budgets) else store_bytes(store.path)
         short = []
         if share < MIN_STAGE_CPUS or stages * share > cpus - DATA_CPUS + 1e-6:
             short.append(f"{stages} stages need {max(share, MIN_STAGE_CPUS):g} CPUs each and {DATA_CPUS:g} is left to "

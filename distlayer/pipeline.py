@@ -296,7 +296,7 @@ class RayStages:
         their device and concurrency (no weights are loaded yet)."""
         ray = cls.connect(cfg)
         gpus = ray.cluster_resources().get("GPU", 0)
-        device = (cfg.device or ("cuda" if gpus else "cpu")).split(":")[0]
+        device = cluster_device(cfg, gpus)
         n = stage_count(cfg.stage_count_given(), device, gpu_stages(gpus, cfg))
         pg, bundles, nodes, cores = cls.place(ray, cfg, n, device, spares)
         concurrency = plan_concurrency(nodes[:n], cores, device, cfg.micro_batches, cfg.threads_per_stage)
@@ -456,6 +456,11 @@ def plan_for(store: LayerStore, cfg: PipelineConfig, dtype: torch.dtype, describ
 def local_device(cfg: PipelineConfig) -> str:
     """The device of stages on this machine: the configured one, else CUDA when there is a GPU."""
     return (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
+
+
+def cluster_device(cfg: PipelineConfig, gpus: float) -> str:
+    """The device of Ray stages on a cluster with ``gpus`` GPUs: the configured one, else CUDA when it has GPUs."""
+    return (cfg.device or ("cuda" if gpus else "cpu")).split(":")[0]
 
 
 def gpu_stages(gpus: float, cfg: PipelineConfig) -> int:
