@@ -82,8 +82,12 @@ class ProcessorConfig:
         self.pipeline_config()  # every field checked now, before anything starts
         build(GenerationConfig, dict(self.generation), "generation.", "key")
 
-    def pipeline_config(self, **extra) -> PipelineConfig:
-        return build(PipelineConfig, {**self.pipeline, "batch_size": self.batch_size, **extra}, "pipeline.", "key")
+    def pipeline_fields(self) -> dict:
+        """The ``PipelineConfig`` fields given, with ``batch_size``: a replica's pipeline runs a batch's rows at once."""
+        return {**self.pipeline, "batch_size": self.batch_size}
+
+    def pipeline_config(self) -> PipelineConfig:
+        return build(PipelineConfig, self.pipeline_fields(), "pipeline.", "key")
 
 
 class Processor:
@@ -93,7 +97,7 @@ class Processor:
         self.config, self.preprocess, self.postprocess = config, preprocess, postprocess
 
     def __call__(self, dataset):
-        pipeline, store = self._fit()
+        replica = self.replica_args()
         if self.preprocess is not None:
             pre = self.preprocess
             dataset = dataset.map(lambda row: {**row, **pre(row)})
@@ -101,17 +105,17 @@ class Processor:
         dataset = dataset.map_batches(
             Replica, batch_size=c.batch_size, batch_format="pandas", num_cpus=0, num_gpus=0,
             **replicas(c.concurrency),
-            fn_constructor_kwargs=dict(model_source=store, pipeline=pipeline, generation=c.generation,
-                                       continue_on_error=c.should_continue_on_error))
+            fn_constructor_kwargs=replica)
         if self.postprocess is not None:
             dataset = dataset.map(self.postprocess)
         return dataset
 
-    def _fit(self) -> tuple[dict, str]:
-        """The pipeline settings each replica loads with, and the layer store's path: ``concurrency`` pipelines and Ray
-        Data's own tasks fit the cluster's CPUs, GPUs and memory, or a ``ConfigError`` says
-        what to change before anything starts. The model is split here, once, if it has no
-        layer store yet (replicas only read it)."""
+    def replica_args(self) -> dict:
+        """The :class:`Replica` arguments each replica is built with: the layer store's path
+        and its pipeline's settings, which run ``batch_size`` rows at once. ``concurrency``
+        pipelines and Ray Data's own tasks fit the cluster's CPUs, GPUs and memory, or a
+        ``ConfigError`` says what to change before anything starts. The model is split here,
+        once, if it has no layer store yet (replicas only read it)."""
         from .pipeline import RayStages, cluster_device, gpu_stages
         from .planner import stage_count
         from .smollm import resolve_model
@@ -146,7 +150,10 @@ class Processor:
         if short:
             raise ConfigError(f"{c.concurrency} pipelines of {n} stages do not fit this Ray cluster ({'; '.join(short)}): "
                               "lower concurrency or pipeline.stages, give pipeline.memory_per_stage, or add nodes")
-        return {**c.pipeline, "stages": n, "cpus_per_stage": share, "address": None, "shards_dir": None}, str(store.path)
+        pipeline = {**c.pipeline_fields(), "stages": n, "cpus_per_stage": share, "address": None,
+                    "shards_dir": None}
+        return dict(model_source=str(store.path), pipeline=pipeline, generation=c.generation,
+                    continue_on_error=c.should_continue_on_error)
 
 
 def store_bytes(path) -> int:
@@ -215,10 +222,11 @@ class Replica:
         self.exported = RayExport(self.model, model_name(model_source))  # stage series on Ray's metrics
 
     def __call__(self, batch):
-        rows = batch.to_dict("records")
-        started = [self._start(row) for row in rows]
+        prepared = [self._prepare(row) for row in batch.to_dict("records")]
+        requests = iter(self.model.scheduler.submit_many([p[0] for p in prepared if p[0] is not None]))
         out = {key: [] for key in OUTPUTS}
-        for request, n_input, error in started:
+        for work, n_input, error in prepared:
+            request = next(requests) if work is not None else None
             if request is not None:
                 try:
                     request.result()
@@ -233,9 +241,11 @@ class Replica:
         self.exported.tick()
         return batch.assign(**out)
 
-    def _start(self, row: dict):
-        """Submit one row: ``(request, input tokens, None)``, or ``(None, input tokens, the
-        error sentence)`` for a row that cannot run (raised without continue_on_error)."""
+    def _prepare(self, row: dict):
+        """One row's ``((tokens, settings), input tokens, None)``, or ``(None, input tokens,
+        the error sentence)`` for a row that cannot run (raised without continue_on_error).
+        The batch's rows are then queued at once, so the scheduler admits them as one
+        batch rather than one prefill per row as they trickle in."""
         n_input = 0
         try:
             messages = plain(row.get("messages"))  # a preprocess that writes messages beside a prompt column: chat
@@ -255,7 +265,7 @@ class Replica:
             error = context_error(n_input, settings.max_new_tokens, self.context, "sampling_params.max_new_tokens")
             if error:
                 raise ConfigError(error)
-            return self.model.scheduler.submit(tokens, settings), n_input, None
+            return (tokens, settings), n_input, None
         except (ConfigError, ValueError, TypeError) as e:
             if not self.continue_on_error:
                 raise ConfigError(f"{e} (set should_continue_on_error to keep going past bad rows)") from None

@@ -105,6 +105,24 @@ def test_bad_settings_get_a_sentence(kw, words):
         ProcessorConfig(**{"model_source": "m", **kw})
 
 
+def test_a_replica_runs_its_batch_rows_together(tiny_dir):
+    """A replica's pipeline admits ``batch_size`` rows at once (it once ran them one at a
+    time, because the pipeline it was built with had the default batch of 1)."""
+    import pandas as pd
+
+    from distlayer.data import Replica
+
+    config = ProcessorConfig(model_source=str(tiny_dir("llama")), pipeline={"stages": 1}, batch_size=6,
+                             generation={"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False})
+    replica = Replica(**build_processor(config).replica_args())
+    try:
+        assert replica.model.scheduler.max_rows == 6
+        out = replica(pd.DataFrame({"prompt": [f"w{i:03d} w011" for i in range(6)]}))
+        assert list(out["num_generated_tokens"]) == [3] * 6 and out["error"].isna().all()
+    finally:
+        replica.model.close()
+
+
 @pytest.mark.slow
 def test_two_thousand_rows_hold_memory_flat(tiny_dir):
     """2,000 short rows through one one-stage replica, read as they come: the driver's and
