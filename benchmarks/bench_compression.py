@@ -9,46 +9,27 @@ same budget, ``--share`` of the uncompressed weights in the compute dtype, so ev
 streams the same units, and times greedy decoding of ``--new`` tokens at batch 1.
 
 - **warm**: the shards stay in the page cache between runs.
-- **cold**: before every decode step, every shard file of the store is dropped from the
-  page cache (``posix_fadvise(POSIX_FADV_DONTNEED)``), so each step reads the units it
-  streams from disk again, except those the loader thread had already read ahead.
+- **cold**: before the run and at every token, every shard file of the store is dropped
+  from the page cache (``posix_fadvise(POSIX_FADV_DONTNEED)``), so each step reads the
+  units it streams from disk again, except those the loader thread had already read
+  ahead; the time the drops take is counted in the run's. This is ``distlayer bench``'s
+  cold run (``distlayer.bench.measure.timed_run``).
 
-Runs alternate between the stores and between warm and cold, so drift in the machine's
-speed hits all alike; ``ratio`` is a compressed store's tokens/s over the uncompressed
-store's, best run of each (the median ratio in brackets).
+Runs alternate between the stores and between warm and cold
+(``distlayer.bench.measure.take_turns``), so drift in the machine's speed hits all
+alike; ``ratio`` is a compressed store's tokens/s over the uncompressed store's, best
+run of each (the median ratio in brackets).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from pathlib import Path
 
 import torch
 
-from distlayer.bench.measure import drop_page_cache as drop_files
-
-COMPRESSIONS = (None, "8bit", "4bit")
-
-
-def drop_page_cache(store_dir: Path) -> None:
-    """Ask the kernel to drop every shard file of a store from the page cache."""
-    drop_files(store_dir.glob("*.safetensors"))
-
-
-class DropEachStep:
-    """A generate streamer that drops the store's shards from the page cache at every token."""
-
-    def __init__(self, store_dir: Path):
-        self.store_dir = store_dir
-
-    def put(self, value) -> None:
-        drop_page_cache(self.store_dir)
-
-    def end(self) -> None:
-        pass
+from distlayer.bench import measure
+from distlayer.config import COMPRESSIONS
 
 
 def store_bytes(store) -> dict:
@@ -102,30 +83,25 @@ def main(argv=None):
                           "streamed_units": len(m.plan[0].streamed_units),
                           "streamed_bytes_per_step": m.plan[0].streamed_bytes}), flush=True)
 
+    files = {c: measure.store_files(store.path) for c, store in stores.items()}
+
     def run(c, cold: bool) -> float:
-        kw = dict(max_new_tokens=a.new, do_sample=False, eos_token_id=[])
-        if cold:
-            drop_page_cache(stores[c].path)
-            kw["streamer"] = DropEachStep(stores[c].path)
-        t = time.perf_counter()
-        models[c].generate(ids, **kw)
-        return a.new / (time.perf_counter() - t)
+        """Seconds of one greedy generation; cold, the store's files dropped first and at every token."""
+        return measure.timed_run(lambda s: models[c].generate(ids, max_new_tokens=a.new, do_sample=False,
+                                                              eos_token_id=[], streamer=s),
+                                 a.new, files[c] if cold else None).total_s
 
     for c in COMPRESSIONS:
         run(c, False)  # warm-up
-    speeds = {(c, cold): [] for c in COMPRESSIONS for cold in (False, True)}
-    for _ in range(a.repeat):
-        for cold in (False, True):
-            for c in COMPRESSIONS:
-                speeds[(c, cold)].append(run(c, cold))
+    seconds = measure.take_turns({(c, cold): lambda c=c, cold=cold: run(c, cold)
+                                  for cold in (False, True) for c in COMPRESSIONS}, a.repeat, warmup=False)
     results = []
     for cold in (False, True):
-        base = speeds[(None, cold)]
+        base = seconds[(None, cold)]
         for c in COMPRESSIONS:
-            s = speeds[(c, cold)]
-            row = {"cache": "cold" if cold else "warm", "compression": c or "none", "tok_s": round(max(s), 2),
-                   "median_tok_s": round(statistics.median(s), 2), "ratio": round(max(s) / max(base), 3),
-                   "median_ratio": round(statistics.median(s) / statistics.median(base), 3)}
+            tok_s, ratio = measure.per_second(a.new, seconds[(c, cold)]), measure.speedup(seconds[(c, cold)], base)
+            row = {"cache": "cold" if cold else "warm", "compression": c or "none", "tok_s": round(tok_s[0], 2),
+                   "median_tok_s": round(tok_s[1], 2), "ratio": round(ratio[0], 3), "median_ratio": round(ratio[1], 3)}
             results.append(row)
             print(json.dumps(row), flush=True)
     for c, m in models.items():

@@ -9,16 +9,17 @@ Same run, same model, same pipeline (``--stages`` Ray stages), same greedy setti
 - data: ``build_processor(...)`` on ``ray.data.from_items`` of the same prompts, every row
   read back (the replica loads its pipeline as part of the dataset's run).
 
-Each side's wall time covers loading its pipeline. Reports generated tokens per second,
-the best of ``--repeats`` each, and their ratio (data / run).
+Each side's wall time covers loading its pipeline (runs taking turns with
+``distlayer.bench.measure.take_turns``, no warm-up run). Reports generated tokens per
+second, the best of ``--repeats`` each, and their ratio (data / run).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
-import time
 from pathlib import Path
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child.",
@@ -39,6 +40,7 @@ def main() -> None:
 
     import ray
 
+    from distlayer.bench import measure
     from distlayer.data import ProcessorConfig, build_processor
     from distlayer.jobs import run_job
     from distlayer.smollm import resolve_model
@@ -49,28 +51,31 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-data-"))
     (tmp / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ray.init(include_dashboard=False, logging_level="WARNING")  # one cluster for both sides
-    times: dict[str, list[float]] = {"run": [], "data": []}
     texts: dict[str, dict] = {}
-    for k in range(args.repeats):
-        out = tmp / f"out{k}.jsonl"
-        t = time.perf_counter()
-        run_job({"model": model, "input": str(tmp / "in.jsonl"), "output": str(out), "batch_size": args.batch_size,
-                 "pipeline": {"stages": args.stages}, "generation": generation}, progress=False)
-        times["run"].append(time.perf_counter() - t)
-        texts["run"] = {r["id"]: r["text"] for r in map(json.loads, out.read_text().splitlines())}
+    outputs = (tmp / f"out{k}.jsonl" for k in itertools.count())   # a fresh one a run: a job resumes its output
+    config = ProcessorConfig(model_source=model, pipeline={"stages": args.stages}, batch_size=args.batch_size,
+                             generation={**generation, "do_sample": False})
 
-        config = ProcessorConfig(model_source=model, pipeline={"stages": args.stages}, batch_size=args.batch_size,
-                                 generation={**generation, "do_sample": False})
-        t = time.perf_counter()
-        got = build_processor(config)(ray.data.from_items(rows)).take_all()
-        times["data"].append(time.perf_counter() - t)
+    def job() -> float:
+        out = next(outputs)
+        seconds = measure.wall_time(lambda: run_job({
+            "model": model, "input": str(tmp / "in.jsonl"), "output": str(out), "batch_size": args.batch_size,
+            "pipeline": {"stages": args.stages}, "generation": generation}, progress=False))
+        texts["run"] = {r["id"]: r["text"] for r in map(json.loads, out.read_text().splitlines())}
+        return seconds
+
+    def dataset() -> float:
+        got = []
+        seconds = measure.wall_time(lambda: got.extend(build_processor(config)(ray.data.from_items(rows)).take_all()))
         texts["data"] = {r["id"]: r["generated_text"] for r in got}
+        return seconds
+
+    times = measure.take_turns({"run": job, "data": dataset}, args.repeats, warmup=False)
     tokens = args.prompts * args.new
-    best = {k: min(v) for k, v in times.items()}
     result = {"prompts": args.prompts, "new_tokens": args.new, "stages": args.stages, "batch_size": args.batch_size,
               "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
-              "tokens_per_s": {k: round(tokens / s, 1) for k, s in best.items()},
-              "ratio_data_vs_run": round(best["run"] / best["data"], 3),
+              "tokens_per_s": {k: round(measure.per_second(tokens, v)[0], 1) for k, v in times.items()},
+              "ratio_data_vs_run": round(measure.speedup(times["data"], times["run"])[0], 3),
               "same_texts": texts["run"] == texts["data"]}
     print(json.dumps(result, indent=1))
     if args.json:

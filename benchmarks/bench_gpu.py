@@ -13,8 +13,9 @@ On one GPU, in one run:
 - distlayer, ``--stages`` stages sharing the GPU, each streaming half of its range: Ray
   actors with ``gpus_per_stage = 1 / stages`` with ``--ray``, else in this process.
 
-The model is a random Llama (``--layers``, ``--hidden``: about 1.1B parameters by
-default) written to ``--work`` first; its end-of-sequence id is unset, so every run
+The model is a random Llama (``--layers``, ``--hidden``: about 0.85B parameters by
+default, an untied head, the shape rule of ``distlayer bench --synthetic``) written to
+``--work`` first; its end-of-sequence id is unset, so every run
 generates exactly ``--new`` tokens. Each configuration runs once to warm up, then is
 timed. Results go to ``DIR/bench.json`` and ``DIR/bench.md``.
 """
@@ -33,10 +34,12 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from distlayer import AutoModel, LayerStore, split  # noqa: E402
-from distlayer.pipeline import model_shape  # noqa: E402
+from distlayer.bench.synthetic import llama_shape, write_random_llama  # noqa: E402
+from distlayer.planner import ModelShape  # noqa: E402
 
 GB = 1e9
 PROMPT = 64  # prompt tokens per row
+VOCAB = 32000
 DEVICE = "cuda"
 
 
@@ -58,24 +61,14 @@ def copy_bandwidth(nbytes: int = 2**29, reps: int = 8) -> dict:
     return out
 
 
-def make_model(path: pathlib.Path, layers: int, hidden: int, dtype: torch.dtype) -> pathlib.Path:
-    """A random Llama checkpoint with no end-of-sequence token, written to ``path``."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
+def make_model(path: pathlib.Path, layers: int, hidden: int, dtype: torch.dtype, device: str = DEVICE) -> pathlib.Path:
+    """A random Llama checkpoint (untied head, no end-of-sequence token), written to
+    ``path`` unless it is there already (``distlayer.bench.synthetic``, its numbers drawn
+    on ``device``)."""
     if (path / "config.json").is_file():
         return path
-    heads = hidden // 64
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 256 * 256,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 8),
-                         vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=None, pad_token_id=0)
-    with torch.device(DEVICE):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.generation_config.eos_token_id = None
-    model.save_pretrained(path)
-    del model
-    torch.cuda.empty_cache()
-    return path
+    return write_random_llama(path, llama_shape(hidden, layers), vocab=VOCAB, dtype=str(dtype).removeprefix("torch."),
+                              tied=False, token_ids={"bos_token_id": 1, "pad_token_id": 0}, device=device)
 
 
 def timed(fn) -> float:
@@ -89,7 +82,7 @@ def timed(fn) -> float:
 
 
 def prompt(batch: int) -> torch.Tensor:
-    return torch.randint(3, 32000, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
+    return torch.randint(3, VOCAB, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
 
 
 def bench_transformers(path, dtype, batches, new) -> list[dict]:
@@ -178,7 +171,7 @@ def main(argv=None) -> int:
     path = make_model(work / f"llama-{args.layers}x{args.hidden}", args.layers, args.hidden, dtype)
     store = LayerStore(split(path, progress=False))
     made_s = time.perf_counter() - t
-    shape = model_shape(store, dtype)
+    shape = ModelShape.from_store(store, dtype)
     weights = sum(store.unit_bytes(u, dtype) for u in store.units)
     batch, context = max(args.batches), PROMPT + args.new
     reserve = shape.kv_bytes_per_layer(batch, context) * store.num_layers + shape.activation_bytes(batch, context)

@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 DRIVER = textwrap.dedent("""
-    import json, statistics, sys, time
+    import json, sys
     from distlayer import AutoModel
+    from distlayer.bench import measure
     from distlayer.smollm import ensure_smollm2
 
     model_dir, address, new, repeat = sys.argv[1] or None, sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -50,21 +51,22 @@ DRIVER = textwrap.dedent("""
                                    tokenize=False, add_generation_prompt=True)
     ids = tok([text], return_tensors="pt")["input_ids"]
     gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
-    walls, hops = {n: [] for n in runs}, {n: [] for n in runs}
-    for m in models.values():
-        m.generate(ids, **gen)
-    for _ in range(repeat):  # the configurations take turns, so the machine's drift hits all alike
-        for name, m in models.items():
-            before = m.stats()[1]["transfer_s"]
-            t = time.perf_counter()
-            m.generate(ids, **gen)
-            walls[name].append(time.perf_counter() - t)
-            hops[name].append((m.stats()[1]["transfer_s"] - before) / new)
-    out = {name: {"nodes": [p.node_ip for p in m.plan], "transport": m.pipeline.transport.name,
-                  "fetched": [len(p.fetched) for p in m.plan], "tok_s_best": round(new / min(walls[name]), 2),
-                  "tok_s_median": round(new / statistics.median(walls[name]), 2),
-                  "hop_ms_median": round(1000 * statistics.median(hops[name]), 3)}
-           for name, m in models.items()}
+
+    def timed(m):  # a run's wall seconds, and stage 1's transfer seconds per forward in it
+        before = m.stats()[1]["transfer_s"]
+        wall = measure.wall_time(lambda: m.generate(ids, **gen))
+        return wall, (m.stats()[1]["transfer_s"] - before) / new
+
+    # a warm-up each, then the configurations take turns, so the machine's drift hits all alike
+    got = measure.take_turns({name: lambda m=m: timed(m) for name, m in models.items()}, repeat)
+    out = {}
+    for name, m in models.items():
+        walls, hops = zip(*got[name])
+        tok_s = measure.per_second(new, walls)
+        out[name] = {"nodes": [p.node_ip for p in m.plan], "transport": m.pipeline.transport.name,
+                     "fetched": [len(p.fetched) for p in m.plan], "tok_s_best": round(tok_s[0], 2),
+                     "tok_s_median": round(tok_s[1], 2),
+                     "hop_ms_median": round(1000 * measure.best_and_median(hops)[1], 3)}
     for m in models.values():
         m.close()
     print("RESULT " + json.dumps(out))

@@ -6,19 +6,19 @@
 Default model: the embedded SmolLM2-135M-Instruct. Everything resident unless
 ``--memory-per-stage`` makes the stages stream.
 Each configuration runs once to warm up, then ``--repeat`` timed runs, alternating
-between transformers and distlayer (one pipeline per ``--transports`` entry), so
-drift in the machine's speed (about ±10% on a shared 2-core VM) hits all alike. ``ratio`` compares the best run of each,
-``median_ratio`` the medians.
+between transformers and distlayer (one pipeline per ``--transports`` entry;
+``distlayer.bench.measure.take_turns``), so drift in the machine's speed hits all alike.
+``ratio`` compares the best run of each, ``median_ratio`` the medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
+
+from distlayer.bench import measure
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child.",
            "List three prime numbers.", "Who wrote Hamlet?", "Translate 'good morning' into Spanish.",
@@ -30,20 +30,6 @@ def batch(tok, n: int):
                                      add_generation_prompt=True) for i in range(n)]
     enc = tok(texts, return_tensors="pt", padding=True)
     return enc["input_ids"], enc["attention_mask"]
-
-
-def wall_times(fns: dict, repeat: int) -> dict:
-    """``repeat`` wall times of each function, after one warm-up run each; the runs
-    alternate between the functions."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return times
 
 
 def main(argv=None):
@@ -79,17 +65,17 @@ def main(argv=None):
         ids, mask = batch(tok, b)
         kw = dict(max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False, pad_token_id=tok.pad_token_id)
         ours = dict(max_new_tokens=a.new, do_sample=False, eos_token_id=[])
-        fns = {"hf": lambda: hf.generate(ids, attention_mask=mask, **kw)}
+        fns = {"hf": lambda: measure.wall_time(lambda: hf.generate(ids, attention_mask=mask, **kw))}
         for tr, m in dls.items():
-            fns[tr] = lambda m=m: m.generate(ids, attention_mask=mask, **ours)
+            fns[tr] = lambda m=m: measure.wall_time(lambda: m.generate(ids, attention_mask=mask, **ours))
         with torch.inference_mode():
-            times = wall_times(fns, a.repeat)
-        t_hf, m_hf = min(times["hf"]), statistics.median(times["hf"])
+            times = measure.take_turns(fns, a.repeat)
+        hf_tok_s = measure.per_second(b * a.new, times["hf"])[0]
         for tr, m in dls.items():
-            t_dl, m_dl = min(times[tr]), statistics.median(times[tr])
+            dl_tok_s, ratio = measure.per_second(b * a.new, times[tr])[0], measure.speedup(times[tr], times["hf"])
             row = {"batch": b, "new_tokens": a.new, "transport": m.pipeline.transport.name,
-                   "hf_tok_s": round(b * a.new / t_hf, 2), "distlayer_tok_s": round(b * a.new / t_dl, 2),
-                   "ratio": round(t_hf / t_dl, 3), "median_ratio": round(m_hf / m_dl, 3)}
+                   "hf_tok_s": round(hf_tok_s, 2), "distlayer_tok_s": round(dl_tok_s, 2),
+                   "ratio": round(ratio[0], 3), "median_ratio": round(ratio[1], 3)}
             results.append(row)
             print(json.dumps(row), flush=True)
     print("plan:", [p.as_dict() for p in dl.plan])

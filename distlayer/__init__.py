@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .errors import ConfigError, DistlayerError, PlanError, StageError, StoreError, UnsupportedModelError, VersionError
+from .errors import (ConfigError, DistlayerError, OutputError, PlanError, StageError, StoreError,
+                     UnsupportedModelError, VersionError)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
     from .jobs import run_job
@@ -18,7 +19,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
     from .store import LayerStore, split
 
 __all__ = ["AutoModel", "DistModel", "LayerStore", "split", "run_job", "DistlayerError", "StoreError", "PlanError",
-           "ConfigError", "StageError", "UnsupportedModelError", "VersionError"]
+           "ConfigError", "OutputError", "StageError", "UnsupportedModelError", "VersionError"]
 __version__ = "0.1.0"
 
 _LAZY = {

@@ -54,6 +54,12 @@ class StageCache(DynamicCache):
                     total += t.numel() * t.element_size()
         return total
 
+    @classmethod
+    def rows_can_join(cls, config) -> bool:
+        """Whether a model's batches can take in rows of other batches: no layer of its
+        cache drops old positions (a sliding window)."""
+        return cls(config, range(config.get_text_config().num_hidden_layers)).mergeable
+
     @property
     def mergeable(self) -> bool:
         """Whether rows of another cache can join this one: every owned layer keeps all its

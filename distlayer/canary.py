@@ -219,12 +219,12 @@ def streaming_settings(path: Path) -> dict:
     (its layer store split once): a weight budget of 1.5 times the largest unit, so at
     most one streamed unit fits beside the rest, plus the KV cache and activations of
     the canary's batch and context, which a GPU stage reserves."""
-    from .pipeline import model_shape
+    from .planner import ModelShape
     from .store import LayerStore, split
 
     with allow_untested():
         store = LayerStore(split(path, progress=False))
-    shape, context = model_shape(store, torch.float32), PROMPT_TOKENS + NEW_TOKENS
+    shape, context = ModelShape.from_store(store, torch.float32), PROMPT_TOKENS + NEW_TOKENS
     weights = int(1.5 * max(store.unit_bytes(u) for u in store.units))
     reserve = shape.kv_bytes_per_layer(BATCH, context) * store.num_layers + shape.activation_bytes(BATCH, context)
     return {"memory_per_stage": weights + reserve, "batch_size": BATCH, "context": context}

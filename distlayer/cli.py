@@ -14,8 +14,9 @@ import signal
 import sys
 import threading
 
-from .config import GenerationConfig, PipelineConfig, build
+from .config import COMPRESSED, GenerationConfig, PipelineConfig, build
 from .errors import ConfigError, DistlayerError
+from .prompts import NoChatTemplate, context_error, model_context, tokenize
 
 DEMO_QUESTION = "What is the capital of France?"
 SERVE_ROWS = 8         # requests a server runs at once unless --batch-size says otherwise
@@ -89,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "resumed; a store of another model is refused unless --force.")
     p.add_argument("model", help='HF repo id, local model dir, .gguf file, or "default" (SmolLM2-135M-Instruct)')
     p.add_argument("--out", default=None, metavar="DIR", help="store directory (default: next to the model)")
-    p.add_argument("--compression", choices=["8bit", "4bit"], default=None, help="block-wise compressed shards")
+    p.add_argument("--compression", choices=COMPRESSED, default=None,
+                   help="block-wise compressed shards")
     p.add_argument("--force", action="store_true", help="split again even if a finished store exists")
     p.set_defaults(func=cmd_split)
 
@@ -288,6 +290,7 @@ def cmd_plan(args) -> int:
 def cmd_generate(args) -> int:
     """``distlayer generate``: stream one completion to stdout. The prompt and settings are
     checked against the model before any stage starts."""
+    import torch
     from transformers import TextStreamer
 
     from .model import DistModel, load_tokenizer
@@ -303,13 +306,13 @@ def cmd_generate(args) -> int:
     tok = load_tokenizer(store.path)
     if tok is None:
         raise ConfigError(f"{args.model} has no tokenizer files: generate needs a model with a tokenizer")
-    enc = encode_prompt(tok, args.prompt, gen.chat_template, args.model)
-    context = getattr(store.config.get_text_config(), "max_position_embeddings", None)
-    need = enc.input_ids.shape[1] + gen.max_new_tokens
-    if context and need > context:
-        raise ConfigError(f"the prompt is {enc.input_ids.shape[1]} tokens and --max-new-tokens {gen.max_new_tokens}, "
-                          f"{need} in all, but the model's context is {context}: shorten the prompt or lower "
-                          "--max-new-tokens")
+    try:
+        ids = torch.tensor([tokenize(args.prompt, None, tok, gen.chat_template)])
+    except NoChatTemplate as e:
+        raise ConfigError(f"{e}: run without --chat") from None
+    too_long = context_error(ids.shape[1], gen.max_new_tokens, model_context(store.config), "--max-new-tokens")
+    if too_long:
+        raise ConfigError(too_long)
     class LineStreamer(TextStreamer):
         """TextStreamer that notes whether stdout was left mid-line (for "terminated")."""
 
@@ -320,18 +323,8 @@ def cmd_generate(args) -> int:
 
     with DistModel.start(store, cfg) as model:
         streamer = LineStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        model.generate(enc.input_ids, attention_mask=enc.attention_mask, streamer=streamer, **dataclasses.asdict(gen))
+        model.generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer, **dataclasses.asdict(gen))
     return 0
-
-
-def encode_prompt(tok, prompt: str, chat: bool, model: str):
-    """The prompt's token ids and mask, through the chat template with ``chat``."""
-    if not chat:
-        return tok(prompt, return_tensors="pt")
-    if not getattr(tok, "chat_template", None):
-        raise ConfigError(f"{model}'s tokenizer has no chat template: run without --chat")
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-    return tok(text, add_special_tokens=False, return_tensors="pt")
 
 
 def cmd_serve(args) -> int:
@@ -348,7 +341,7 @@ def cmd_serve(args) -> int:
     sock = listen(args.host, args.port)
     store = open_store(resolve_model(args.model), cfg.shards_dir, cfg.compression, cfg.hf_token,
                        prefix=cfg.messages_prefix)
-    longest = getattr(store.config.get_text_config(), "max_position_embeddings", None) or 4096
+    longest = model_context(store.config) or 4096
     cfg = dataclasses.replace(cfg, batch_size=SERVE_ROWS if args.batch_size is None else cfg.batch_size,
                               context=cfg.context or min(longest, SERVE_CONTEXT))
     name = args.served_model_name or model_name(args.model)
@@ -372,6 +365,8 @@ def cmd_run(args) -> int:
 
 def cmd_demo(args) -> int:
     """``distlayer demo``: SmolLM2 on 2 stages answers one question; plan and stats tables."""
+    import torch
+
     from .model import AutoModel
     from .report import format_plan, stats_table
     from .smollm import ensure_smollm2
@@ -383,12 +378,9 @@ def cmd_demo(args) -> int:
     _err(f"Starting a 2-stage pipeline on {path.name} ...")
     with AutoModel.from_pretrained(path, stages=2) as model:
         tok = model.tokenizer
-        text = tok.apply_chat_template([{"role": "user", "content": DEMO_QUESTION}], add_generation_prompt=True,
-                                       tokenize=False)
-        enc = tok(text, add_special_tokens=False, return_tensors="pt")
-        out = model.generate(enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=40,
-                             return_dict_in_generate=True)
-        answer = tok.decode(out.sequences[0, enc.input_ids.shape[1]:], skip_special_tokens=True).strip()
+        ids = torch.tensor([tokenize(DEMO_QUESTION, None, tok, True)])
+        out = model.generate(ids, max_new_tokens=40, return_dict_in_generate=True)
+        answer = tok.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True).strip()
         print(f"Q: {DEMO_QUESTION}\nA: {answer}\n")
         print("Plan:")
         print(format_plan(model.plan))

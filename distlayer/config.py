@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .transport import NAMES as TRANSPORTS
 
-COMPRESSIONS = (None, "8bit", "4bit")
+COMPRESSED = ("8bit", "4bit")      # the block-wise compressions a store can have
+COMPRESSIONS = (None, *COMPRESSED)  # the compression setting's values (None: none)
 # Accepted dtype names and the torch dtype each means.
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 PLACEMENTS = ("pack", "spread")
-TRANSPORTS = ("auto", "ray")
 DEVICES = ("cpu", "cuda")
 
 
@@ -190,8 +191,9 @@ class PipelineConfig:
     context: int | None = setting(
         "tokens per sequence (prompt + new) the budgets reserve KV cache and activations for", int)
     transport: str = setting(
-        "hand-offs between stages: auto (stage-to-stage sockets: Unix sockets when the driver and every stage "
-        "share a node, else TCP between the nodes' IPs) or ray (always object refs)", str, default="auto")
+        "hand-offs between stages: auto (socket between Ray actors, ray in one process), socket (stage-to-stage "
+        "sockets: Unix sockets when the driver and every stage share a node, else TCP between the nodes' IPs) or "
+        "ray (always Ray calls: object refs)", str, default="auto")
     hf_token: str | None = setting("token for gated Hugging Face repos")
     connect_timeout: float = setting("seconds to wait for a Ray cluster's address to answer before giving up",
                                      float, default=10.0)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .store import READ_ALIGN
+from .store.format import READ_ALIGN, align_up
 
 # Staging buffers in pinned host memory: one filled from disk while the other is copied.
 STAGING_BUFFERS = 2
@@ -41,11 +41,6 @@ STAGING_BUFFERS = 2
 def pinned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor in pinned (page-locked) host memory."""
     return torch.empty(shape, dtype=dtype, pin_memory=True)
-
-
-def align_up(n: int, align: int = READ_ALIGN) -> int:
-    """``n`` rounded up to a multiple of ``align``."""
-    return -(-n // align) * align
 
 
 class Ring:

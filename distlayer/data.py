@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from .config import GenerationConfig, PipelineConfig, build, temperature_settings
 from .errors import ConfigError, DistlayerError
-from .jobs import check_prompt, context_error, tokenize
+from .prompts import NoChatTemplate, check_prompt, context_error, model_context, tokenize
 from .metrics import RayExport
 from .smollm import model_name
 
@@ -116,8 +116,7 @@ class Processor:
         pipelines and Ray Data's own tasks fit the cluster's CPUs, GPUs and memory, or a
         ``ConfigError`` says what to change before anything starts. The model is split here,
         once, if it has no layer store yet (replicas only read it)."""
-        from .pipeline import RayStages, cluster_device, gpu_stages
-        from .planner import stage_count
+        from .pipeline import RayStages, layout_for
         from .smollm import resolve_model
         from .store import open_store
 
@@ -130,8 +129,8 @@ class Processor:
         ray = RayStages.connect(cfg)
         res = ray.cluster_resources()
         gpus, cpus, memory = res.get("GPU", 0), res.get("CPU", 0), res.get("memory", 0)
-        device = cluster_device(cfg, gpus)
-        n = stage_count(cfg.stage_count_given(), device, gpu_stages(gpus / c.concurrency, cfg))
+        layout = layout_for(cfg, gpus / c.concurrency)  # each pipeline's share of the GPUs
+        device, n = layout.device, layout.stages
         stages = n * c.concurrency
         share = cfg.cpus_per_stage or min(1.0, math.floor(max(0.0, cpus - DATA_CPUS) / stages * 100) / 100)
         budgets = cfg.budgets(n)
@@ -218,7 +217,7 @@ class Replica:
 
         self.model = AutoModel.from_pretrained(model_source, progress=False, **pipeline)
         self.defaults, self.continue_on_error = generation, continue_on_error
-        self.context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        self.context = model_context(self.model.config)
         self.exported = RayExport(self.model, model_name(model_source))  # stage series on Ray's metrics
 
     def __call__(self, batch):
@@ -260,7 +259,10 @@ class Replica:
             if "temperature" in sampling:
                 sampling.update(temperature_settings(sampling.pop("temperature")))
             settings = self.model.generation_settings(**sampling)
-            tokens = tokenize(prompt, messages, self.model.tokenizer, settings.chat_template)
+            try:
+                tokens = tokenize(prompt, messages, self.model.tokenizer, settings.chat_template)
+            except NoChatTemplate as e:
+                raise ConfigError(f'{e}: give rows a "prompt", and chat_template False in generation') from None
             n_input = len(tokens)
             error = context_error(n_input, settings.max_new_tokens, self.context, "sampling_params.max_new_tokens")
             if error:

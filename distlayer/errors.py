@@ -21,6 +21,10 @@ class ConfigError(DistlayerError):
     """A setting (API argument, CLI flag or job-file key) has a bad value."""
 
 
+class OutputError(DistlayerError):
+    """An output cannot be written: its disk is full, or it failed part way."""
+
+
 class VersionError(DistlayerError):
     """transformers, torch or Ray is outside the range distlayer is tested with."""
 

@@ -25,7 +25,7 @@ hashed on the driver as it is read, and checked against the manifest before the 
 
 Only the units of the node's own stages travel, plus the store's small side files
 (config, tokenizer, manifest last). The driver prints one progress line per node while
-it pushes; :func:`fill_stages` records on each stage's plan where its store is and which
+it pushes; :func:`fill_stages` records in each stage's placement where its store is and which
 of its units were pushed. Nothing here imports Ray: the driver's ``Stages`` runs these
 functions in the stage processes (``call_with``).
 """
@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import StoreError
+from .files import file_sha256, fsync_replace
 from .sources import MANIFEST, UNIT_FILE_RE, home_dir
 from .store import LayerStore
 from .transport import Stages
@@ -64,12 +65,6 @@ class FileSpec:
     name: str
     size: int
     sha256: str
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file, read in chunks."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def manifest_digest(store: LayerStore) -> str:
@@ -156,13 +151,11 @@ def receive(actor, root: str, name: str, offset: int, data: bytes) -> None:
 def finish(actor, root: str, spec: FileSpec) -> None:
     """Run in a stage's process: check a received file's sha256 and give it its name."""
     part = Path(root) / (spec.name + PART)
-    with open(part, "rb+") as f:
-        os.fsync(f.fileno())
     if file_sha256(part) != spec.sha256:
         part.unlink()
         raise StoreError(f"{spec.name} arrived at {root} with another sha256 than the driver's manifest: it was "
                          "deleted; load the model again to fetch it anew")
-    os.replace(part, Path(root) / spec.name)
+    fsync_replace(part, Path(root) / spec.name)
 
 
 def discard(actor, root: str, names: list[str]) -> None:
@@ -272,13 +265,14 @@ def push(stages: Stages, actor, node: str, store: LayerStore, root: str, files: 
 def fill_stages(stages: Stages, plans: list, store: LayerStore, which: list[int] | None = None) -> None:
     """Make each stage's units available on its node, then point the stage at them.
 
-    ``plans[i]`` is the plan of ``stages.actors[i]``; ``which`` names the stages to fill
+    ``plans[i]`` is the plan of ``stages.actors[i]`` with its placement (a
+    ``placement.PlacedStage``); ``which`` names the stages to fill
     (default all; a stage started again after a failure alone, say). One stage per node
     (the first there) is asked and receives the units of all that node's stages.
 
-    Sets on each plan ``store_path``, ``store_source`` (``"node store"``, ``"driver
-    path"`` or ``"push"``), ``fetched`` (its units that were pushed) and ``fetched_bytes``
-    (their bytes sent now: less than their size when a push resumed).
+    Sets on each stage's placement ``store_path``, ``store_source`` (``"node store"``,
+    ``"driver path"`` or ``"push"``), ``fetched`` (its units that were pushed) and
+    ``fetched_bytes`` (their bytes sent now: less than their size when a push resumed).
     """
     nodes: dict[str, list[int]] = {}
     for i in range(len(plans)) if which is None else which:
@@ -299,9 +293,9 @@ def fill_stages(stages: Stages, plans: list, store: LayerStore, which: list[int]
             sent = push(stages, stages.actors[idx[0]], plans[idx[0]].node_ip, store, where["path"], wanted[node],
                         where["missing"])
         for i in idx:
-            p = plans[i]
+            units_of, p = plans[i].layer_range.units(), plans[i].placement
             p.store_path, p.store_source = where["path"], where["source"]
-            p.fetched = [u for u in p.layer_range.units() if store.units[u]["file"] in sent]
+            p.fetched = [u for u in units_of if store.units[u]["file"] in sent]
             p.fetched_bytes = sum(sent[store.units[u]["file"]] for u in p.fetched)
     stages.get([stages.call_with(stages.actors[i], use_store, plans[i].store_path) for idx in nodes.values()
                 for i in idx])

@@ -26,15 +26,16 @@ import os
 import queue
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import JobConfig, load_job_config
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 from .metrics import RayExport
+from .prompts import NoChatTemplate, check_prompt, context_error, model_context, tokenize
 from .scheduler import Scheduler
 from .smollm import model_name
 
@@ -71,9 +72,6 @@ class JobSummary:
     seconds: float
     repaired: bool = False     # a half-written last line was cut off
 
-    def as_dict(self) -> dict:
-        """The summary as a plain dict."""
-        return asdict(self)
 
 
 def record_key(id_, line: int) -> str:
@@ -93,35 +91,6 @@ def _check_fields(obj) -> tuple[Any, str | None, list | None, str | None]:
         bad = "missing id" if id_ is None else f"id {id_!r} must be a non-empty string or a whole number"
         return None, None, None, f"{bad}: give every record an \"id\""
     return (id_, *check_prompt(obj.get("prompt"), obj.get("messages")))
-
-
-def check_prompt(prompt, messages) -> tuple[str | None, list | None, str | None]:
-    """``(prompt, messages, None)`` for a record's prompt text or chat messages (exactly one
-    given), else ``(None, None, why it cannot run)``."""
-    if (prompt is None) == (messages is None):
-        return None, None, 'give exactly one of "prompt" or "messages"'
-    if prompt is not None:
-        if not isinstance(prompt, str) or not prompt.strip():
-            return None, None, f"empty prompt ({prompt!r}): write the prompt text"
-        return prompt, None, None
-    ok = isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in messages)
-    if not ok:
-        return None, None, 'messages must be a non-empty list of {"role": ..., "content": "..."}'
-    if not any(m["content"].strip() for m in messages):
-        return None, None, "empty prompt: every message content is empty"
-    return None, messages, None
-
-
-def context_error(prompt_tokens: int, max_new_tokens: int, context: int | None, flag: str) -> str | None:
-    """Why a prompt of ``prompt_tokens`` and ``max_new_tokens`` more (the setting ``flag``)
-    do not fit the model's ``context``, or None when they do."""
-    need = prompt_tokens + max_new_tokens
-    if context and need > context:
-        return (f"prompt is {prompt_tokens} tokens and {flag} is {max_new_tokens}, {need} in all, but the model's "
-                f"context is {context}: shorten the prompt or lower max_new_tokens")
-    return None
 
 
 def parse_line(raw: bytes, line: int) -> Record:
@@ -171,7 +140,8 @@ class ResultWriter:
     """Append-only JSONL output: knows which ids are done, repairs a torn last line.
 
     Raises:
-        ConfigError: the output cannot be created or written, or an earlier line is damaged.
+        ConfigError: the output cannot be created, or an earlier line is damaged.
+        OutputError: a write fails (the disk is full); the torn line is taken back.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -220,7 +190,7 @@ class ResultWriter:
             os.fsync(self.fd)
         except OSError as e:  # the disk filled up: take back the part line, so nothing is torn
             os.ftruncate(self.fd, start)
-            raise ConfigError(f"cannot write to output {self.path} ({e.strerror}): free some disk space (or choose "
+            raise OutputError(f"cannot write to output {self.path} ({e.strerror}): free some disk space (or choose "
                               "another `output:`) and run the job again; it resumes after the last full line, and "
                               "every record already written stays") from None
         self.done.add(record_key(rec.get("id"), rec.get("line", 0)))
@@ -296,22 +266,6 @@ def _progress_mode(progress: bool | str | None) -> str:
 # --------------------------------------------------------------------------- running
 
 
-def tokenize(prompt: str | None, messages: list | None, tokenizer, chat_template: bool) -> list[int]:
-    """Token ids of a prompt text or chat ``messages``; messages (or a prompt with
-    ``chat_template``) get the template."""
-    messages = messages or ([{"role": "user", "content": prompt}] if chat_template else None)
-    if messages is None:
-        return list(tokenizer(prompt).input_ids)
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the model's tokenizer has no chat template: send \"prompt\" records with "
-                         "generation.chat_template: false")
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception as e:  # jinja errors: a message the template does not accept
-        raise ValueError(f"the chat template rejects these messages ({e})") from None
-    return list(tokenizer(text, add_special_tokens=False).input_ids)
-
-
 def plan_segments(records: list[Record], batch_size: int) -> list[list[Record]]:
     """Sort by token length (stable, so rows that share steps need little padding) and cut
     into segments of ``SEGMENT_BATCHES * batch_size`` prompts."""
@@ -382,6 +336,7 @@ def run_job(path_or_config: str | os.PathLike | JobConfig | dict, progress: bool
 
     Raises:
         ConfigError: bad job file, unreadable input, duplicate ids, unwritable output.
+        OutputError: the output's disk filled up; run the job again once there is room.
     """
     if isinstance(path_or_config, JobConfig):
         cfg = path_or_config
@@ -453,7 +408,7 @@ def _tokenize_all(records: list[Record], tokenizer, config, cfg: JobConfig, writ
     """
     if tokenizer is None:
         raise ConfigError(f"model {cfg.model} has no tokenizer files: a job needs a model with a tokenizer")
-    context = getattr(config, "max_position_embeddings", None)
+    context = model_context(config)
     valid = []
     for r in records:
         try:
@@ -465,7 +420,8 @@ def _tokenize_all(records: list[Record], tokenizer, config, cfg: JobConfig, writ
             if too_long:
                 raise ValueError(too_long)
         except (ValueError, TypeError) as e:
-            r.error = str(e)
+            r.error = f'{e}: send "prompt" records with generation.chat_template: false' \
+                if isinstance(e, NoChatTemplate) else str(e)
             if r.key not in writer.done:
                 writer.write(_error(r))
                 summary.errors += 1

@@ -84,8 +84,10 @@ class DistModel:
 
     @property
     def plan(self):
-        """One ``planner.StagePlan`` per stage: node_ip, pid, device, start, end, budget_bytes,
-        budget_source, resident and streamed units and bytes, threads."""
+        """One entry per stage (``placement.PlacedStage``, read-only): its frozen plan
+        (``planner.StagePlan``: device, start, end, budget_bytes, budget_source, resident
+        and streamed units and bytes, threads) and where it runs (``placement.Placement``:
+        node_ip, node_id, pid, store_path, store_source, fetched, fetched_bytes)."""
         return self.pipeline.plan
 
     def stats(self) -> list[dict]:

@@ -3,9 +3,9 @@ starts one StageActor per stage, and hands work to a transport.
 
 With Ray, each stage is an actor on its own device (a GPU or ``gpus_per_stage`` of
 one, or a share of a node's CPUs), placed with a placement group; hidden states go from actor to actor, never
-through the driver (``channel.SocketTransport``: Unix sockets when the driver and every
-stage share a node, else TCP; ``transport.RefTransport`` over object refs with
-``transport="ray"``), and several micro-batches are
+through the driver (``transport.sockets.SocketTransport``: Unix sockets when the driver and
+every stage share a node, else TCP; ``transport.refs.RefTransport`` over object refs with
+``transport="ray"``; the ``transport`` package's registry picks), and several micro-batches are
 in flight so every stage works at once. ``in_process=True`` (or ``stages=0``) runs the
 same StageActor objects in this process, one after another, without Ray. This is the
 only module that imports ``ray``. Before the stages load, ``fill.fill_stages`` makes
@@ -27,17 +27,16 @@ from pathlib import Path
 import torch
 
 from . import arch, hardware, versions
-from .channel import SocketTransport
 from .config import PipelineConfig, leave_out, parse_address, spell
-from .errors import StageError, StageLost
+from .errors import ConfigError, StageError, StageLost
 from .fill import fill_stages
 from .liveness import HEALTH, Heartbeat
-from .planner import ModelShape, Plan, Site, StagePlan, check_stages, plan_concurrency, plan_pipeline, stage_count
+from .placement import PlacedPlan, PlacedStage, Placement
+from .planner import Layout, ModelShape, Site, check_stages, pipeline_layout, plan_pipeline
 from .recovery import Recovering, Restarts
 from .stage import StageActor
 from .store import LayerStore, open_store
-from .transport import RefTransport, Transport
-from .units import EMBED, HEAD, NORM, layer_unit, unit_order
+from .transport import Transport, make
 
 # libgomp's spin before an idle OpenMP thread sleeps. CPU stages on one node take
 # turns on its cores, so a stage that just finished must not spin on the cores the
@@ -45,22 +44,6 @@ from .units import EMBED, HEAD, NORM, layer_unit, unit_order
 # (measurements: benchmarks/README.md).
 GOMP_SPINCOUNT = "50000"
 CLOSE_TIMEOUT = 10  # seconds closing waits for Ray to release a placement group
-
-
-def model_shape(store: LayerStore, dtype: torch.dtype) -> ModelShape:
-    """What the planner needs of ``store``'s model in ``dtype``: unit bytes from the
-    manifest, KV bytes per token and layer, hidden and vocabulary sizes from the config."""
-    text = store.config.get_text_config()
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return ModelShape(
-        layer_bytes=tuple(store.unit_bytes(layer_unit(i), dtype) for i in range(store.num_layers)),
-        embed=store.unit_bytes(EMBED, dtype), norm=store.unit_bytes(NORM, dtype), head=store.unit_bytes(HEAD, dtype),
-        kv_bytes_per_token=2 * heads * head_dim * dtype.itemsize, hidden=text.hidden_size,
-        vocab=text.vocab_size, itemsize=dtype.itemsize,
-        read_bytes=tuple(store.read_bytes(u, dtype) for u in unit_order(store.num_layers)),
-        in_place=store.maps_in_place(dtype),
-    )
 
 
 def stage_env(device: str, all_cores: bool, environ=None) -> dict[str, str]:
@@ -136,17 +119,17 @@ def probe_address(address: str, timeout: float, prefix: str = "") -> None:
         recorded = ray_address_file()
         address = os.environ.get("RAY_ADDRESS") or (recorded.read_text().strip() if recorded.is_file() else "")
         if not address:
-            raise StageError(f"{spell(prefix, 'address', 'auto')} but no `ray start` cluster is recorded on this "
-                             f"machine (no RAY_ADDRESS, no {recorded}): start one with `ray start --head`, or {local}")
+            raise ConfigError(f"{spell(prefix, 'address', 'auto')} but no `ray start` cluster is recorded on this "
+                              f"machine (no RAY_ADDRESS, no {recorded}): start one with `ray start --head`, or {local}")
     host, port = parse_address(address) or (None, None)
     if host is None:
-        raise StageError(f"Ray address {address!r} is not host:port: check RAY_ADDRESS")
+        raise ConfigError(f"Ray address {address!r} is not host:port: check RAY_ADDRESS")
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
-        raise StageError(f"nothing answers at the Ray cluster address {host}:{port} within {timeout:g}s "
-                         f"({e.strerror or type(e).__name__}): start the cluster with `ray start --head --port "
-                         f"{port}` on {host}, check the address, or {local}") from e
+        raise ConfigError(f"nothing answers at the Ray cluster address {host}:{port} within {timeout:g}s "
+                          f"({e.strerror or type(e).__name__}): start the cluster with `ray start --head --port "
+                          f"{port}` on {host}, check the address, or {local}") from e
 
 
 def cluster_nodes(cfg: PipelineConfig) -> list[dict]:
@@ -289,21 +272,20 @@ class RayStages:
         return pg, bundles, [where[i] for i in range(n + spares)], cores
 
     @classmethod
-    def launch(cls, cfg: PipelineConfig, args: tuple, spares: int = 0
-               ) -> tuple["RayStages", str, tuple[int, list[int | None]]]:
+    def launch(cls, cfg: PipelineConfig, args: tuple, spares: int = 0) -> tuple["RayStages", Layout]:
         """Join Ray, place and start the stages ``cfg`` asks for (and ``spares`` spares),
-        each constructed with ``(store_path, index, device, *args[1:])``; returns them,
-        their device and concurrency (no weights are loaded yet)."""
+        each constructed with ``(store_path, index, device, *args[1:])``; returns them and
+        their layout: device, number and concurrency (no weights are loaded yet)."""
         ray = cls.connect(cfg)
         gpus = ray.cluster_resources().get("GPU", 0)
-        device = cluster_device(cfg, gpus)
-        n = stage_count(cfg.stage_count_given(), device, gpu_stages(gpus, cfg))
+        first = layout_for(cfg, gpus)
+        device, n = first.device, first.stages
         pg, bundles, nodes, cores = cls.place(ray, cfg, n, device, spares)
-        concurrency = plan_concurrency(nodes[:n], cores, device, cfg.micro_batches, cfg.threads_per_stage)
-        envs = [stage_env(device, t == cores[node]) for t, node in zip(concurrency[1], nodes)]
+        placed = layout_for(cfg, gpus, nodes[:n], cores)  # the same device and number, now with the concurrency
+        envs = [stage_env(device, t == cores[node]) for t, node in zip(placed.threads, nodes)]
         for node in nodes[n:]:  # a spare runs as the stages of its node do
             envs.append(next((e for e, at in zip(envs, nodes) if at == node), stage_env(device, False)))
-        return cls(ray, pg, bundles, envs, n, (args[0], device, *args[1:])), device, concurrency
+        return cls(ray, pg, bundles, envs, n, (args[0], device, *args[1:])), placed
 
     def start_one(self, bundle: int, stage: int):
         """Start an actor for stage ``stage`` (-1: a spare) in bundle ``bundle`` of the placement group."""
@@ -408,7 +390,7 @@ class RayStages:
         which = range(len(self.actors)) if which is None else which
         return self.get([self.call_with(self.actors[i], _describe_in_ray) for i in which], timeout)
 
-    def no_room(self, which: list[int], plans: list[StagePlan], waited: float) -> StageError:
+    def no_room(self, which: list[int], plans: list[PlacedStage], waited: float) -> StageError:
         """The error for replacements of stages ``which`` that did not start within ``waited``
         seconds: what each needs, and what the nodes still alive have free."""
         alive = [n for n in self.ray.nodes() if n.get("Alive")]
@@ -441,31 +423,27 @@ class RayStages:
 # --------------------------------------------------------------------------- planning
 
 
-def plan_for(store: LayerStore, cfg: PipelineConfig, dtype: torch.dtype, described: list[dict], device: str,
-             concurrency: tuple[int, list[int | None]]) -> Plan:
+def plan_for(store: LayerStore, cfg: PipelineConfig, dtype: torch.dtype, described: list[dict],
+             layout: Layout) -> PlacedPlan:
     """The plan for stages that reported ``described`` (``StageActor.describe`` plus a
-    node id): the one planning call that ``distlayer plan`` and :class:`Pipeline` share."""
-    sites = [Site(d["node_id"], d["node_ip"], d["free_bytes"], d["cores"], d.get("gpu", "")) for d in described]
-    plan = plan_pipeline(model_shape(store, dtype), sites, cfg.budgets(len(sites)), device, concurrency,
-                         cfg.batch_size, cfg.context)
-    for p, d in zip(plan.stages, described):
-        p.pid, p.device = d.get("pid"), d["device"]
-    return plan
+    node id), with where each runs: the one planning call that ``distlayer plan`` and
+    :class:`Pipeline` share."""
+    sites = [Site(d["node_id"], d["node_ip"], d["free_bytes"], d["cores"], d.get("gpu", ""), d["device"])
+             for d in described]
+    plan = plan_pipeline(ModelShape.from_store(store, dtype), sites, cfg.budgets(len(sites)), layout.device,
+                         layout.concurrency, cfg.batch_size, cfg.context)
+    return PlacedPlan(plan, tuple(PlacedStage(p, Placement(d["node_ip"], d["node_id"], d.get("pid")))
+                                  for p, d in zip(plan.stages, described)))
 
 
-def local_device(cfg: PipelineConfig) -> str:
-    """The device of stages on this machine: the configured one, else CUDA when there is a GPU."""
-    return (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
-
-
-def cluster_device(cfg: PipelineConfig, gpus: float) -> str:
-    """The device of Ray stages on a cluster with ``gpus`` GPUs: the configured one, else CUDA when it has GPUs."""
-    return (cfg.device or ("cuda" if gpus else "cpu")).split(":")[0]
-
-
-def gpu_stages(gpus: float, cfg: PipelineConfig) -> int:
-    """How many stages ``gpus`` GPUs hold, ``cfg.gpus_per_stage`` each (default one GPU each)."""
-    return int(gpus / (cfg.gpus_per_stage or 1) + 1e-6)
+def layout_for(cfg: PipelineConfig, gpus: float, stage_nodes: list[str] | None = None,
+               node_cores: dict[str, int] | None = None) -> Layout:
+    """The pipeline's device, number of stages and concurrency for ``cfg`` with ``gpus``
+    GPUs (``planner.pipeline_layout``, the one rule, with ``cfg``'s settings); its
+    concurrency once ``stage_nodes`` and ``node_cores`` say where the stages were placed
+    (in one process, at once)."""
+    return pipeline_layout(gpus, cfg.device, cfg.stage_count_given(), cfg.gpus_per_stage, cfg.micro_batches,
+                           cfg.threads_per_stage, cfg.runs_in_process, stage_nodes, node_cores)
 
 
 def local_gpu(stage: int, cfg: PipelineConfig) -> str:
@@ -476,7 +454,7 @@ def local_gpu(stage: int, cfg: PipelineConfig) -> str:
     return f"cuda:{int(stage * (cfg.gpus_per_stage or 1) + 1e-6) % max(1, torch.cuda.device_count())}"
 
 
-def plan_model(model, cfg: PipelineConfig, progress: bool = True) -> tuple[Plan, LayerStore, torch.dtype]:
+def plan_model(model, cfg: PipelineConfig, progress: bool = True) -> tuple[PlacedPlan, LayerStore, torch.dtype]:
     """The plan ``from_pretrained(model, **cfg)`` runs with when its stages are on this
     machine, without loading weights or starting Ray. Splits the checkpoint first if it
     has no layer store yet (that reads weights once).
@@ -486,18 +464,18 @@ def plan_model(model, cfg: PipelineConfig, progress: bool = True) -> tuple[Plan,
     """
     store = open_store(model, cfg.shards_dir, cfg.compression, cfg.hf_token, progress, prefix=cfg.messages_prefix)
     dtype = arch.compute_dtype(cfg.dtype, store.config)
-    device = local_device(cfg)
-    n = stage_count(cfg.stage_count_given(), device, gpu_stages(torch.cuda.device_count(), cfg))
+    gpus = torch.cuda.device_count()
+    first = layout_for(cfg, gpus)
+    device, n = first.device, first.stages
     devices = [local_gpu(i, cfg) for i in range(n)] if device == "cuda" else [device] * n
     measured = {d: hardware.where(d) for d in set(devices)}  # each stage sees its own GPU as cuda:0
     described = [{**measured[d], "node_id": "local", "device": "cuda:0" if device == "cuda" else device}
                  for d in devices]
-    concurrency = plan_concurrency(["local"] * n, {"local": described[0]["cores"]}, device, cfg.micro_batches,
-                                   cfg.threads_per_stage, cfg.runs_in_process)
-    return plan_for(store, cfg, dtype, described, device, concurrency), store, dtype
+    placed = layout_for(cfg, gpus, ["local"] * n, {"local": described[0]["cores"]})
+    return plan_for(store, cfg, dtype, described, placed), store, dtype
 
 
-def plan_on_cluster(model, cfg: PipelineConfig, progress: bool = True) -> tuple[Plan, LayerStore, torch.dtype]:
+def plan_on_cluster(model, cfg: PipelineConfig, progress: bool = True) -> tuple[PlacedPlan, LayerStore, torch.dtype]:
     """The plan ``from_pretrained(model, **cfg)`` runs with on the Ray cluster at
     ``cfg.address``: its stages are placed and asked where they run, as a pipeline's are,
     then stopped; no weights are loaded and nothing is sent to the nodes.
@@ -509,8 +487,8 @@ def plan_on_cluster(model, cfg: PipelineConfig, progress: bool = True) -> tuple[
     dtype = arch.compute_dtype(cfg.dtype, store.config)
     stages = None
     try:
-        stages, device, concurrency = RayStages.launch(cfg, (str(store.path), dtype, cfg.prefetch))
-        return plan_for(store, cfg, dtype, stages.describe(), device, concurrency), store, dtype
+        stages, placed = RayStages.launch(cfg, (str(store.path), dtype, cfg.prefetch))
+        return plan_for(store, cfg, dtype, stages.describe(), placed), store, dtype
     finally:
         if stages is not None:
             stages.close()
@@ -532,7 +510,7 @@ class Pipeline:
         self.store, self.cfg, self.dtype = store, cfg, dtype
         self.stages: LocalStages | RayStages | None = None
         self.transport: Transport | None = None
-        self.plan: list[StagePlan] = []
+        self.plan: list[PlacedStage] = []  # model.plan: each stage's frozen plan and its placement
         self.restarts = Restarts(0, cfg.max_restarts)
         self.heartbeat: Heartbeat | None = None
         self._hung: dict[int, str] = {}  # stages the heartbeat found hung: why
@@ -548,27 +526,24 @@ class Pipeline:
         versions.guard(names=versions.LOCAL if cfg.runs_in_process else versions.GUARDED)
         n = cfg.stage_count_given()
         if n is not None:  # what can be checked before any stage starts or any weight is read
-            check_stages(model_shape(self.store, self.dtype), cfg.budgets(n), cfg.device or "cpu", cfg.batch_size,
-                         cfg.context)
+            check_stages(ModelShape.from_store(self.store, self.dtype), cfg.budgets(n), cfg.device or "cpu",
+                         cfg.batch_size, cfg.context)
         args = (str(self.store.path), self.dtype, cfg.prefetch)
         if cfg.runs_in_process:
-            device = local_device(cfg)
-            n = cfg.stage_count_given() or 1
-            self.stages = LocalStages([StageActor(args[0], i, device, *args[1:]) for i in range(n)])
-            concurrency = plan_concurrency(["local"] * n, {}, device, in_process=True,
-                                           threads=cfg.threads_per_stage)
+            placed = layout_for(cfg, torch.cuda.device_count())
+            self.stages = LocalStages([StageActor(args[0], i, placed.device, *args[1:]) for i in range(placed.stages)])
         else:
-            self.stages, device, concurrency = RayStages.launch(cfg, args, cfg.standby)
+            self.stages, placed = RayStages.launch(cfg, args, cfg.standby)
         s = self.stages
         described = s.describe()
         for d in described if s.remote else ():  # each node's own libraries run its stages
             versions.guard(d["versions"], versions.LOCAL, where=f"node {d['node_ip']} (stage {d['stage']})")
-        plan = plan_for(self.store, cfg, self.dtype, described, device, concurrency)
-        self.plan, self._micro = plan.stages, plan.micro_batches
+        plan = plan_for(self.store, cfg, self.dtype, described, placed)
+        self.plan, self._micro = list(plan.stages), plan.micro_batches
         if s.remote:
             fill_stages(s, self.plan, self.store)  # each node gets its stages' units before they load
         self.restarts = Restarts(len(self.plan), cfg.max_restarts)
-        loading = [s.call(a, "setup", p) for a, p in zip(s.actors, plan.stages)]  # waited for below
+        loading = [s.call(a, "setup", p.plan) for a, p in zip(s.actors, plan.stages)]  # waited for below
         # the transport's first round of calls queues behind the loading, so both take one wait
         inner = self._connect()
         self.transport = Recovering(inner, self) if s.remote else inner
@@ -587,22 +562,17 @@ class Pipeline:
             transport.abort(f"stage {i} on {p.node_ip} (pid {p.pid}) {why}")
 
     def _connect(self) -> Transport:
-        """A transport over the stages as they are: sockets from stage to stage (over TCP
-        between nodes, each end on its node's address) unless ``transport="ray"``, else
-        Ray object refs."""
+        """A transport over the stages as they are: the registry's ``cfg.transport``
+        (``transport.make``; "auto": sockets from stage to stage between Ray actors, calls
+        in one process). Listening ends listen on their nodes' addresses (TCP) when the
+        stages or this driver are on several nodes."""
         s = self.stages
         if not s.remote:
-            return RefTransport(s)
-        if self.cfg.transport != "auto":
-            return self._timed(RefTransport(s))
+            return make(self.cfg.transport, s)
         here = s.ray.get_runtime_context().get_node_id()
         same_node = {p.node_id for p in self.plan} == {here}
         hosts = None if same_node else ([p.node_ip for p in self.plan], s.ray.util.get_node_ip_address())
-        return self._timed(SocketTransport(s, hosts))
-
-    def _timed(self, transport: Transport) -> Transport:
-        transport.timeout = self.cfg.step_timeout
-        return transport
+        return make(self.cfg.transport, s, hosts, timeout=self.cfg.step_timeout)
 
     def heal(self, error: StageLost, old: Transport) -> tuple[Transport, list[int]]:
         """Replace the stages that died or hung (each counted against ``max_restarts``),
@@ -621,10 +591,10 @@ class Pipeline:
             s.replace(i, self.plan[i].pid, self.plan[i].node_id)
         survivors = [s.call(a, "reset") for i, a in enumerate(s.actors) if i not in lost]
         for i, d in zip(lost, self._replaced(list(lost))):
-            p = self.plan[i]
+            p = self.plan[i].placement
             p.pid, p.node_ip, p.node_id = d.get("pid"), d["node_ip"], d["node_id"]
         fill_stages(s, self.plan, self.store, which=list(lost))  # on another node, its units go there first
-        s.get(survivors + [s.call(s.actors[i], "setup", self.plan[i]) for i in lost], self.cfg.restart_timeout)
+        s.get(survivors + [s.call(s.actors[i], "setup", self.plan[i].plan) for i in lost], self.cfg.restart_timeout)
         return self._connect(), list(lost)
 
     def recovered(self) -> None:

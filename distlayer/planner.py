@@ -1,14 +1,16 @@
 """Pure planning: which layers each stage owns, what its budget is and where that number
 came from, which units it keeps resident and which it streams, and how many micro-batches
 and threads the stages run with. No torch, no Ray, no I/O: the driver measures (unit
-bytes from the manifest, each stage's node, free memory and cores) and
-:func:`plan_pipeline` decides. ``distlayer plan`` and ``from_pretrained`` both call it, so
-the plan printed is the plan run.
+bytes from the manifest, each stage's node, free memory and cores), :func:`pipeline_layout`
+decides the device, the number of stages and their concurrency, and :func:`plan_pipeline`
+the rest. ``distlayer plan`` and ``from_pretrained`` both call them, so the plan printed
+is the plan run. A :class:`StagePlan` is frozen: where a started stage runs (its node,
+pid and store) is the driver's record, ``placement.Placement``.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from .errors import PlanError
 from .units import EMBED, HEAD, NORM, LayerRange, layer_unit, unit_order
@@ -144,6 +146,23 @@ class ModelShape:
     itemsize: int = 4
     read_bytes: tuple[int, ...] | None = None
     in_place: bool = False
+
+    @classmethod
+    def from_store(cls, store, dtype) -> "ModelShape":
+        """What the planner needs of ``store``'s model in ``dtype`` (a ``LayerStore`` and a
+        ``torch.dtype``, passed in: this module imports neither): unit bytes from the
+        manifest, KV bytes per token and layer, hidden and vocabulary sizes from the config."""
+        text = store.config.get_text_config()
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        return cls(
+            layer_bytes=tuple(store.unit_bytes(layer_unit(i), dtype) for i in range(store.num_layers)),
+            embed=store.unit_bytes(EMBED, dtype), norm=store.unit_bytes(NORM, dtype), head=store.unit_bytes(HEAD, dtype),
+            kv_bytes_per_token=2 * heads * head_dim * dtype.itemsize, hidden=text.hidden_size,
+            vocab=text.vocab_size, itemsize=dtype.itemsize,
+            read_bytes=tuple(store.read_bytes(u, dtype) for u in unit_order(store.num_layers)),
+            in_place=store.maps_in_place(dtype),
+        )
 
     def unit_bytes(self, r: LayerRange) -> dict[str, int]:
         """Weight bytes of each unit of ``r`` in memory, in forward order."""
@@ -337,11 +356,61 @@ def plan_concurrency(stage_nodes: list[str], node_cores: dict[str, int], device:
     return m, out
 
 
-def stage_count(given: int | None, device: str, gpus: int) -> int:
-    """How many stages to run: what the settings fix, else one per GPU on a GPU cluster, else 1."""
-    if given is not None:
-        return given
-    return gpus if device.startswith("cuda") and gpus else 1
+@dataclass(frozen=True)
+class Layout:
+    """How a pipeline runs, as :func:`pipeline_layout` decides it.
+
+    Attributes:
+        device: the stages' device type, ``"cpu"`` or ``"cuda"``.
+        stages: how many stages there are.
+        micro_batches: how many micro-batches a batch runs as; None until the stages are placed.
+        threads: torch threads of each stage (None: torch's default); None until the stages are placed.
+    """
+
+    device: str
+    stages: int
+    micro_batches: int | None = None
+    threads: tuple[int | None, ...] | None = None
+
+    @property
+    def concurrency(self) -> tuple[int, list[int | None]]:
+        """``(micro_batches, threads per stage)``, as :func:`plan_pipeline` takes it."""
+        if self.micro_batches is None or self.threads is None:
+            raise ValueError("the concurrency of Ray stages is decided once they are placed: "
+                             "call pipeline_layout again with their stage_nodes and node_cores")
+        return self.micro_batches, list(self.threads)
+
+
+def pipeline_layout(gpus: float, device: str | None = None, stages: int | None = None,
+                    gpus_per_stage: float | None = None, micro_batches: int | None = None,
+                    threads: int | None = None, in_process: bool = False,
+                    stage_nodes: list[str] | None = None, node_cores: dict[str, int] | None = None) -> Layout:
+    """The one rule for a pipeline's device, number of stages and concurrency.
+
+    - Device: the given one (its type: ``"cuda:1"`` is ``"cuda"``), else CUDA when there
+      are GPUs, else CPU.
+    - Stages: the given number, else on CUDA one per ``gpus_per_stage`` GPUs (at least one
+      GPU), else 1.
+    - Concurrency (:func:`plan_concurrency`): in one process, one micro-batch and the
+      given threads. Ray stages are placed on nodes after their device and number are
+      known, so their concurrency is decided by a second call, with ``stage_nodes`` and
+      ``node_cores``; until then the layout leaves it None.
+
+    Args:
+        gpus: GPUs the pipeline may use: a Ray cluster's, a share of them, or this machine's.
+        device, stages, gpus_per_stage, micro_batches, threads: the settings; None: decided here.
+        in_process: the stages run one after another in this process.
+        stage_nodes, node_cores: where each stage was placed, and each node's CPU cores.
+    """
+    device = (device or ("cuda" if gpus else "cpu")).split(":")[0]
+    per_gpu = int(gpus / (gpus_per_stage or 1) + 1e-6)
+    n = stages if stages is not None else per_gpu if device == "cuda" and per_gpu else 1
+    if in_process:
+        stage_nodes, node_cores = ["local"] * n, {}
+    elif stage_nodes is None:
+        return Layout(device, n)
+    micro, per_stage = plan_concurrency(stage_nodes, node_cores, device, micro_batches, threads, in_process)
+    return Layout(device, n, micro, tuple(per_stage))
 
 
 @dataclass(frozen=True)
@@ -362,34 +431,34 @@ class Site:
     free_bytes: int
     cores: int
     gpu: str = ""
+    device: str = ""  # the stage's device as it names it (``"cuda:0"``: its own GPU); "": the pipeline's
 
 
-@dataclass
+@dataclass(frozen=True)
 class StagePlan:
-    """One stage's plan (``model.plan`` entries). ``pid`` is set once its actor runs."""
+    """One stage's plan, as the planner decided it; frozen. Where the stage runs once
+    started (node, pid, store) is the driver's record, ``placement.Placement``, and
+    ``model.plan`` shows both (``placement.PlacedStage``)."""
 
     stage: int
     start: int                      # first decoder layer (inclusive)
     end: int                        # last decoder layer (exclusive)
     last: bool                      # holds the final norm and head
     device: str
-    node_ip: str = "-"
-    node_id: str = ""
-    pid: int | None = None
     threads: int | None = None      # torch threads the stage computes with (None: torch's default)
     budget_bytes: int | None = None  # weights + KV cache + activations; None: unlimited
     budget_source: str = "unlimited"
     reserve_bytes: int = 0          # of the budget, kept for KV cache and activations
-    resident_units: list[str] = field(default_factory=list)
-    streamed_units: list[str] = field(default_factory=list)
+    resident_units: tuple[str, ...] = ()
+    streamed_units: tuple[str, ...] = ()
     resident_bytes: int = 0         # weight bytes of the resident units in memory
     streamed_bytes: int = 0         # bytes a step reads of the streamed units (compressed, in a compressed store)
     maps_shards: bool = False       # streams by mapping its shards' pages in and out (a CPU stage, no copy)
     head_chunks: int = 1            # vocabulary chunks a streamed head runs in
-    store_path: str = ""            # where the stage's node reads its units (set by fill.fill_stages)
-    store_source: str = ""          # "node store", "driver path" or "push"
-    fetched: list[str] = field(default_factory=list)  # its units pushed from the driver's node at start
-    fetched_bytes: int = 0          # bytes of those sent at start (less than their size when a push resumed)
+
+    def __post_init__(self):
+        for name in ("resident_units", "streamed_units"):  # a list given is kept as a tuple
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
     def layer_range(self) -> LayerRange:
@@ -406,12 +475,12 @@ class StagePlan:
         return asdict(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
     """The whole pipeline's plan: one :class:`StagePlan` per stage, and how many
     micro-batches a batch runs as."""
 
-    stages: list[StagePlan]
+    stages: tuple[StagePlan, ...]
     micro_batches: int
 
 
@@ -461,8 +530,9 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
         sites: where each stage runs (one per stage).
         budgets: bytes per stage from the settings; None: a share of the free memory.
         device: ``"cpu"`` or ``"cuda"``/``"cuda:0"``.
-        concurrency: ``(micro_batches, threads per stage)`` from :func:`plan_concurrency`,
-            decided once, before the stages start (their environment depends on it).
+        concurrency: ``(micro_batches, threads per stage)``: ``Layout.concurrency`` from
+            :func:`pipeline_layout`, decided once, before the stages start (their
+            environment depends on it).
         batch_size, context: the largest batch and sequence to reserve KV cache and
             activations for; without a context a CPU budget bounds weights alone, and a
             GPU budget reserves for ``GPU_CONTEXT`` tokens (:func:`reserved_context`).
@@ -479,13 +549,14 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
     micro, stage_threads = concurrency
     plans = []
     for i, ((a, b), (budget, source), site) in enumerate(zip(cuts, budgeted, sites)):
-        p = StagePlan(i, a, b, i == len(cuts) - 1, device, site.node_ip, site.node_id, threads=stage_threads[i],
-                      budget_bytes=budget, budget_source=source, reserve_bytes=kv * (b - a) + act if budget else 0)
-        sizes = shape.unit_bytes(p.layer_range)
-        p.resident_units, p.head_chunks = stage_units(shape, p.layer_range, p.weight_budget_bytes, maps, i)
-        p.maps_shards = maps
-        p.streamed_units = [u for u in sizes if u not in p.resident_units]
-        p.resident_bytes = sum(sizes[u] for u in p.resident_units)
-        p.streamed_bytes = shape.streamed_bytes(p.streamed_units)
-        plans.append(p)
-    return Plan(plans, micro)
+        r = LayerRange(a, b, i == 0, i == len(cuts) - 1)
+        reserve = kv * (b - a) + act if budget else 0
+        sizes = shape.unit_bytes(r)
+        resident, chunks = stage_units(shape, r, None if budget is None else budget - reserve, maps, i)
+        streamed = [u for u in sizes if u not in resident]
+        plans.append(StagePlan(
+            i, a, b, r.last, site.device or device, threads=stage_threads[i], budget_bytes=budget,
+            budget_source=source, reserve_bytes=reserve, resident_units=tuple(resident),
+            streamed_units=tuple(streamed), resident_bytes=sum(sizes[u] for u in resident),
+            streamed_bytes=shape.streamed_bytes(streamed), maps_shards=maps, head_chunks=chunks))
+    return Plan(tuple(plans), micro)

@@ -30,7 +30,7 @@ import torch
 from . import config
 from .units import EMBED, HEAD
 
-COMPRESSIONS = tuple(c for c in config.COMPRESSIONS if c)  # the settings' list, less "none"
+COMPRESSIONS = config.COMPRESSED
 INT8_BLOCK = 64
 INT4_BLOCK = 32
 INT4_SUPER = 16  # int4 blocks per super-block of float16 scale factors

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .errors import StageError, StageLost
-from .transport import Handle, Transport, Work, in_request
+from .transport.base import Handle, Transport, Work, in_request
 
 RESTART_WINDOW = 600.0  # seconds over which max_restarts counts a stage's replacements
 
@@ -184,6 +184,10 @@ class Recovering(Transport):
     @property
     def timeout(self) -> float | None:
         return self.inner.timeout
+
+    @property
+    def feeds(self) -> bool:
+        return self.inner.feeds
 
     def submit(self, work: Work, x) -> Handle:
         with self._lock:

@@ -28,7 +28,8 @@ def table(rows: list[dict]) -> str:
 
 
 def format_plan(plans) -> str:
-    """The stage plan (``StagePlan`` objects) as a table: node, pid, device, threads, layers, bytes."""
+    """The stage plan (``model.plan``'s ``placement.PlacedStage`` entries) as a table:
+    node, pid, device, threads, layers, bytes."""
     return table([{"stage": p.stage, "node": p.node_ip, "pid": p.pid, "device": p.device, "threads": p.threads,
                    "layers": f"{p.start}-{p.end - 1}",
                    "budget": fmt_bytes(p.budget_bytes) if p.budget_bytes is not None else "unlimited",
@@ -41,7 +42,7 @@ def plan_notes(plan, cfg, dtype) -> str:
     """Where each number of ``plan`` came from, and the flag that sets it.
 
     Args:
-        plan: a ``planner.Plan``.
+        plan: a ``planner.Plan`` (or ``placement.PlacedPlan``).
         cfg: the ``PipelineConfig`` it was planned with.
         dtype: the compute dtype.
     """

@@ -24,7 +24,7 @@ from .hardware import peak_rss_bytes
 from .planner import StagePlan
 from .store import LayerStore
 from .streaming import HostMemory, MappedMemory, Streamer
-from .units import chunk_unit
+from .units import chunk_unit, layer_index
 
 class _Streamed(nn.Module):
     """Wraps a streamed unit's module: its weights arrive just before it runs and
@@ -196,7 +196,7 @@ class LayerRunner:
     def _module(self, unit: str) -> nn.Module:
         p = self.parts
         mod = {arch.EMBED: lambda: p.base.embed_tokens, arch.NORM: lambda: p.base.norm,
-               arch.HEAD: lambda: p.model.lm_head}.get(unit, lambda: p.layers[int(unit.split(".")[1])])()
+               arch.HEAD: lambda: p.model.lm_head}.get(unit, lambda: p.layers[layer_index(unit)])()
         return mod.inner if isinstance(mod, _Streamed) else mod
 
     def _assign(self, unit: str, tensors: dict[str, torch.Tensor], module: nn.Module | None = None) -> None:

@@ -20,7 +20,8 @@ fetches any, so all stages work at once:
   (a ``generate()`` call) are admitted together, and a group larger than ``max_rows``
   runs when nothing else does, as one batch always could;
 - when every row of a batch is greedy and the stages are Ray actors, the last stage picks
-  the tokens and ``AHEAD`` steps stay in flight, each fed the tokens of the step before
+  the tokens and, where the transport feeds them back itself (``Transport.feeds``),
+  ``AHEAD`` steps stay in flight, each fed the tokens of the step before
   straight from the last stage, so no stage waits on this process. No step is sent past
   a row's last token (its ``max_new_tokens`` or the context), so a row that ends there
   leaves with nothing in flight; one that stops earlier (end-of-sequence, a stop text),
@@ -47,9 +48,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cache import StageCache
 from .config import GenerationConfig
 from .errors import ConfigError, DistlayerError
 from .generate import cut_at_stop, pick_next, positions_from_mask, process_logits
+from .prompts import context_error
 from .transport import Handle, Work
 
 AHEAD = 3  # steps in flight per batch when the last stage picks the tokens on Ray actors
@@ -250,9 +253,7 @@ class Scheduler:
     def __init__(self, model, max_rows: int, context: int | None):
         self.model, self.max_rows, self.context = model, max_rows, context
         self.pipeline = model.pipeline
-        text = model.config.get_text_config()
-        self.mergeable = not (getattr(text, "sliding_window", None) and "sliding_attention" in
-                              (getattr(text, "layer_types", None) or ["sliding_attention"]))
+        self.mergeable = StageCache.rows_can_join(model.config)
         self.prefix = uuid.uuid4().hex[:8]
         self._waiting: list[Request] = []
         self._batches: list[_Batch] = []
@@ -295,10 +296,9 @@ class Scheduler:
             if settings.stop and self.model.tokenizer is None:
                 raise ConfigError("stop texts need the model's tokenizer, and this model has none: put its "
                                   "tokenizer files in the model dir, or leave out stop")
-            if self.context is not None and len(prompt) + settings.max_new_tokens > self.context:
-                raise ConfigError(f"the prompt is {len(prompt)} tokens and max_new_tokens is "
-                                  f"{settings.max_new_tokens}, {len(prompt) + settings.max_new_tokens} in all, over "
-                                  f"the context of {self.context}: shorten the prompt or lower max_new_tokens")
+            too_long = context_error(len(prompt), settings.max_new_tokens, self.context, "max_new_tokens")
+            if too_long:
+                raise ConfigError(too_long)
             made.append(Request(list(prompt), settings, group=group))
             if listener is not None:
                 made[-1].listeners.append(listener)
@@ -393,7 +393,7 @@ class Scheduler:
             admitted = []
         batches = self._batches + admitted
         for b in batches:
-            depth = AHEAD if b.picked and self.pipeline.remote else 1
+            depth = AHEAD if b.picked and self.transport.feeds else 1
             while len(b.sent) < depth and (not b.sent or b.steps_left(self.context) > 0):
                 self._submit(b)
         for b in batches:

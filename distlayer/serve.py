@@ -24,6 +24,7 @@ from .config import GenerationConfig, temperature_settings
 from .errors import ConfigError, DistlayerError, StageError
 from .generate import cut_at_stop
 from .metrics import render, server_registry
+from .prompts import NoChatTemplate, context_error, messages_error, tokenize
 
 CHUNK_TYPES = {"chat": "chat.completion.chunk", "text": "text_completion"}
 
@@ -66,15 +67,12 @@ def generation_settings(body: dict, model) -> GenerationConfig:
     temperature = _field(body, "temperature", (int, float), lambda v: 0 <= v <= 2, "use a number from 0 to 2")
     top_p = _field(body, "top_p", (int, float), lambda v: 0 < v <= 1, "use a number in (0, 1]")
     seed = _field(body, "seed", int, None, "use a whole number")
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and not (isinstance(stop, list) and all(isinstance(x, str) and x for x in stop)
-                                 and len(stop) <= 4):
-        raise BadRequest(400, f"stop: got {stop!r}; use a non-empty text or a list of up to 4", "stop")
+    stop = body.get("stop")  # a text or a list of texts, checked as GenerationConfig.stop is
+    if isinstance(stop, list) and len(stop) > 4:
+        raise BadRequest(400, f"stop: got {len(stop)} texts; use up to 4", "stop")
     if _field(body, "n", int, None, "only n=1 is supported", 1) != 1:
         raise BadRequest(400, "n: only n=1 is supported", "n")
-    kw = dict(max_new_tokens=max_tokens or 256, top_p=top_p, seed=seed, stop=stop or [])
+    kw = dict(max_new_tokens=max_tokens or 256, top_p=top_p, seed=seed, stop=stop)
     if temperature is not None:
         kw.update(temperature_settings(temperature))
     try:
@@ -88,24 +86,21 @@ def prompt_ids(body: dict, kind: str, tokenizer) -> list[int]:
     completion request's ``prompt``."""
     if kind == "chat":
         messages = body.get("messages")
-        ok = isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages)
-        if not ok:
-            raise BadRequest(400, 'messages: use a non-empty list of {"role": ..., "content": "..."}', "messages")
-        if not getattr(tokenizer, "chat_template", None):
-            raise BadRequest(400, "this model's tokenizer has no chat template: use /v1/completions", "messages")
+        error = messages_error(messages)
+        if error:
+            raise BadRequest(400, f"messages: {error.removeprefix('messages ')}", "messages")
         try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as e:  # jinja errors: messages the template does not accept
-            raise BadRequest(400, f"the chat template rejects these messages ({e})", "messages") from None
-        return list(tokenizer(text, add_special_tokens=False).input_ids)
+            return tokenize(None, messages, tokenizer, True)
+        except NoChatTemplate as e:
+            raise BadRequest(400, f"{e}: use /v1/completions", "messages") from None
+        except ValueError as e:
+            raise BadRequest(400, str(e), "messages") from None
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt.strip():
         raise BadRequest(400, f"prompt: got {prompt!r}; write the prompt text", "prompt")
-    return list(tokenizer(prompt).input_ids)
+    return tokenize(prompt, None, tokenizer, False)
 
 
 class TextStream:
@@ -226,11 +221,9 @@ class Server:
         settings = generation_settings(body, self.model)
         ids = prompt_ids(body, kind, self.model.tokenizer)
         context = self.scheduler.context
-        if len(ids) + settings.max_new_tokens > context:
-            raise BadRequest(413, f"the prompt is {len(ids)} tokens and max_tokens is {settings.max_new_tokens}, "
-                                  f"{len(ids) + settings.max_new_tokens} in all, over this model's context of "
-                                  f"{context} tokens: shorten the prompt or lower max_tokens",
-                             "messages" if kind == "chat" else "prompt", "context_length_exceeded")
+        too_long = context_error(len(ids), settings.max_new_tokens, context, "max_tokens")
+        if too_long:
+            raise BadRequest(413, too_long, "messages" if kind == "chat" else "prompt", "context_length_exceeded")
         stream = _field(body, "stream", bool, None, "write true or false", False)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()

@@ -261,11 +261,6 @@ class Checkpoint:
         except Exception as e:
             raise StoreError(f"cannot read tensor {key} from {f} ({e}): the file is corrupt; download it again") from e
 
-    def nbytes(self) -> int:
-        """Total size on disk of the checkpoint's weight files."""
-        return sum({f: f.stat().st_size for f in self.files.values()}.values())
-
-
 def is_checkpoint(path: Path) -> bool:
     """Tells whether ``path`` holds a config.json and safetensors weights.
 

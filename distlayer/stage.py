@@ -1,6 +1,6 @@
 """StageActor: a plain class around one LayerRunner. The driver applies ``ray.remote``
 (with its resources) from outside, so this class also runs in-process in tests. How
-work reaches it (Ray calls, or a transport's serving loop attached to it) is the
+work reaches it (Ray calls, or a transport's serving loop: :meth:`StageActor.serve`) is the
 transport's business; the stage sets up, runs, drops and reports."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from .errors import StageError, StoreError
 from .planner import StagePlan
 from .runner import LayerRunner
 from .store import LayerStore
-from .transport import Payload, Work, in_request
+from .transport.base import Payload, Work, in_request
 
 
 class StageActor:
@@ -41,7 +41,7 @@ class StageActor:
         self.dtype, self.prefetch = dtype, prefetch
         self.runner: LayerRunner | None = None
         self.transfer_s = 0.0
-        self.attached: dict[str, object] = {}  # what transports keep here (a serving loop)
+        self.server = None  # the loop a transport serves this stage from (see serve), or None: Ray calls
         self._lock = threading.Lock()  # a transport's loop against calls from the driver
 
     def describe(self) -> dict:
@@ -68,19 +68,24 @@ class StageActor:
         if (Path(self.store_path) / "manifest.json").is_file():
             arch.build_skeleton(LayerStore(self.store_path).config)  # parameters on the meta device: no memory
 
-    def attach(self, name: str, obj):
-        """Keep a transport's object (closed with the stage, or when another takes its name); returns it."""
-        old = self.attached.pop(name, None)
-        if old is not None:
-            old.close()
-        self.attached[name] = obj
-        return obj
+    def serve(self, server):
+        """Take work from ``server``, a transport's loop in this process that calls
+        :meth:`run` and the cache operations (``transport.sockets.StageServer``), in place of
+        the one served before; it is closed with the stage, or on :meth:`reset`. Returns it."""
+        self.stop_serving()
+        self.server = server
+        return server
+
+    def stop_serving(self) -> None:
+        """Close the transport's loop that serves this stage, if any: work comes as calls again."""
+        server, self.server = self.server, None
+        if server is not None:
+            server.close()
 
     def reset(self) -> None:
-        """Close what transports attached and free every KV cache: the state of a stage
+        """Stop serving (:meth:`stop_serving`) and free every KV cache: the state of a stage
         that has just been set up, from which the driver replays what it had sent."""
-        for name in list(self.attached):
-            self.attached.pop(name).close()
+        self.stop_serving()
         with self._lock:
             for key in list(self.runner.caches):
                 self.runner.drop(key)
@@ -128,8 +133,7 @@ class StageActor:
         return {**self.runner.stats(), "transfer_s": round(self.transfer_s, 4)}
 
     def close(self) -> None:
-        """Close what transports attached and stop streaming."""
-        for obj in self.attached.values():
-            obj.close()
+        """Stop serving (:meth:`stop_serving`) and streaming."""
+        self.stop_serving()
         if self.runner is not None:
             self.runner.close()

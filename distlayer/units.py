@@ -16,6 +16,16 @@ def layer_unit(index: int) -> str:
     return f"layer.{index}"
 
 
+def layer_index(unit: str) -> int | None:
+    """The decoder layer that unit ``unit`` holds (``"layer.3"``: 3); None for any other
+    name (``embed``, ``norm``, ``head``, a chunk such as ``head:0``). The inverse of
+    :func:`layer_unit`."""
+    kind, dot, index = unit.partition(".")
+    if kind != "layer" or not dot or not index.isdecimal() or layer_unit(int(index)) != unit:
+        return None
+    return int(index)
+
+
 def unit_order(num_layers: int) -> list[str]:
     """All unit names in forward order: embed, layer.0 … layer.N-1, norm, head."""
     return [EMBED, *(layer_unit(i) for i in range(num_layers)), NORM, HEAD]

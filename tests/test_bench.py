@@ -1,14 +1,19 @@
 """``distlayer bench`` end to end on a tiny synthetic Llama (7M parameters: 4 layers of
-hidden size 128 and SmolLM2's 49152-token vocabulary), and its flags refused with a
-message that says what to write."""
+hidden size 128 and SmolLM2's 49152-token vocabulary), its flags refused with a message
+that says what to write, and the parts of ``distlayer.bench`` the scripts in
+``benchmarks/`` share: the timing loop and the random-Llama writer."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
-from distlayer.bench.synthetic import count_params, parse_size, shape_for
+from distlayer.bench.measure import (best_and_median, per_second, read_all, speedup, store_files, take_turns,
+                                     timed_run, wall_time)
+from distlayer.bench.synthetic import (count_params, llama_shape, parse_size, shape_for, tensor_shapes,
+                                       write_random_llama)
 from distlayer.cli import build_parser, main
 
 pytestmark = pytest.mark.usefixtures("ray_per_module")
@@ -114,3 +119,69 @@ def test_synthetic_shape_is_about_the_size_asked(size):
     shape = shape_for(n)
     assert abs(count_params(shape) - n) / n < 0.1, shape
     assert shape["num_attention_heads"] % shape["num_key_value_heads"] == 0
+
+
+def test_runs_take_turns_after_one_warm_up_each():
+    calls, rounds = [], []
+    fns = {"a": lambda: calls.append("a") or len(calls), "b": lambda: calls.append("b") or len(calls)}
+    got = take_turns(fns, 2, after_round=rounds.append)
+    assert calls == ["a", "b", "a", "b", "a", "b"] and rounds == [0, 1]
+    assert got == {"a": [3, 5], "b": [4, 6]}   # the warm-up's results are not kept
+    calls.clear()
+    assert take_turns(fns, 1, warmup=False) == {"a": [1], "b": [2]}
+
+
+def test_best_run_and_median_speeds_and_speedups():
+    assert best_and_median([3.0, 1.0, 2.0]) == (1.0, 2.0)
+    assert per_second(12, [3.0, 1.0, 2.0]) == (12.0, 6.0)
+    # the same work in a third of the base's best time and half its median
+    assert speedup([1.0, 3.0, 2.0], [3.0, 4.0, 5.0]) == (3.0, 2.0)
+    assert wall_time(lambda: time.sleep(0.01)) >= 0.01
+
+
+def test_a_cold_run_drops_the_store_files_before_the_run_and_at_every_token(tmp_path):
+    for name in ("layer.1.safetensors", "embed.safetensors", "manifest.json"):
+        (tmp_path / name).write_bytes(b"\0" * 2**20)
+    files = store_files(tmp_path)
+    assert files == [tmp_path / "embed.safetensors", tmp_path / "layer.1.safetensors"]
+
+    def generate(streamer):   # the prompt, then 3 tokens, each read from the files
+        for _ in range(4):
+            read_all(files, bytearray(2**16))
+            streamer.put(None)
+
+    warm, cold = timed_run(generate, 3), timed_run(generate, 3, files)
+    assert warm.tokens == cold.tokens == 3 and warm.drop_s == 0 < cold.drop_s
+    assert cold.total_s >= cold.ttft_s > 0 and cold.step_s > 0
+    excluded = timed_run(generate, 3, files, exclude_drops=True)
+    assert excluded.drop_s > 0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_random_llama_of_any_dtype_loads_in_transformers_and_runs_in_distlayer(tmp_path, dtype):
+    """What benchmarks/bench_gpu.py writes: an untied head, no end-of-sequence token."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from distlayer import AutoModel
+
+    shape = llama_shape(128, 2)
+    assert shape["num_attention_heads"] == 2 and shape["num_hidden_layers"] == 2
+    path = write_random_llama(tmp_path / "llama", shape, vocab=256, dtype=dtype, tied=False,
+                              token_ids={"bos_token_id": 1, "pad_token_id": 0})
+    with safe_open(path / "model.safetensors", "pt") as f:
+        assert list(f.keys()) == sorted(tensor_shapes(shape, 256, tied=False))
+        head = f.get_tensor("lm_head.weight")
+        assert head.dtype == getattr(torch, dtype) and list(head.shape) == [256, 128]
+        assert 0.015 < head.float().std() < 0.025
+        assert f.get_tensor("model.norm.weight").eq(1).all()
+    config = json.loads((path / "config.json").read_text())
+    assert config["dtype"] == dtype and config["eos_token_id"] is None and not config["tie_word_embeddings"]
+    hf, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert torch.equal(hf.lm_head.weight, head) and not torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight)
+    ids = torch.tensor([[1, 5, 9, 42]])
+    with AutoModel.from_pretrained(str(path), stages=0, progress=False) as dl:
+        out = dl.generate(ids, max_new_tokens=5)
+    assert out.shape == (1, 4 + 5)   # no end of sequence: every token asked for

@@ -1,4 +1,4 @@
-"""The same-node channel between stages, in one process: real Unix sockets and threads."""
+"""The socket transport's mailboxes and links, in one process: real Unix sockets and threads."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from distlayer.channel import Link, Mailbox
-from distlayer.transport import Failed
+from distlayer.transport.sockets import Link, Mailbox
+from distlayer.transport.base import Failed
 from distlayer.errors import StageError
 
 KEY = b"k" * 32

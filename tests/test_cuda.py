@@ -31,7 +31,6 @@ from distlayer import AutoModel, LayerStore, StageError, split
 from distlayer import cuda_stream, planner, runner
 from distlayer.config import PipelineConfig
 from distlayer.errors import ConfigError, StoreError
-from distlayer.pipeline import model_shape
 from distlayer.planner import (GPU_CONTEXT, GPU_WORKSPACE, ModelShape, Site, plan_concurrency, plan_pipeline,
                                reserved_context)
 
@@ -62,7 +61,7 @@ def assert_same(out, ref, dtype=torch.float32) -> None:
 def budget(store: LayerStore, dtype: torch.dtype, weights: int, batch: int) -> int:
     """A per-stage budget of ``weights`` bytes of weights plus the KV cache of every layer
     and the activations for ``batch`` sequences of :data:`CONTEXT` tokens."""
-    shape = model_shape(store, dtype)
+    shape = ModelShape.from_store(store, dtype)
     return weights + shape.kv_bytes_per_layer(batch, CONTEXT) * store.num_layers \
         + shape.activation_bytes(batch, CONTEXT)
 

@@ -10,11 +10,11 @@ from ray import cloudpickle
 
 from distlayer import AutoModel, ConfigError
 from distlayer.data import ProcessorConfig, build_processor
-from distlayer.jobs import tokenize
+from distlayer.prompts import tokenize
 
 pytestmark = [pytest.mark.usefixtures("ray_per_module")]
 NEW = 8
-BAD = {7: "empty prompt", 23: "context is"}  # row id -> words of its error
+BAD = {7: "empty prompt", 23: "context of"}  # row id -> words of its error
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
 
 

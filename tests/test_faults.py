@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import prompts
-from distlayer import AutoModel, ConfigError, LayerStore, PlanError, StageError, StoreError, split
+from distlayer import AutoModel, ConfigError, LayerStore, OutputError, PlanError, StageError, StoreError, split
 from distlayer.cli import main
 
 HERE = Path(__file__).parent
@@ -255,7 +255,7 @@ def test_generate_verb_checks_prompt_and_settings_first(tiny_dir, capsys):
     assert main(["generate", model, "w010", "--stages", "0", "--stop", ""]) == 2
     assert "generation.stop" in capsys.readouterr().err
     assert main(["generate", model, "w010 " * 250, "--stages", "0", "--max-new-tokens", "10"]) == 2
-    assert "model's context is 256: shorten the prompt or lower --max-new-tokens" in capsys.readouterr().err
+    assert "over the context of 256 tokens: shorten the prompt or lower --max-new-tokens" in capsys.readouterr().err
 
 
 def test_junk_gguf_and_a_failed_split_leaves_no_empty_store(tmp_path):
@@ -272,7 +272,7 @@ def test_junk_gguf_and_a_failed_split_leaves_no_empty_store(tmp_path):
 
 def test_an_address_where_nothing_answers_fails_fast(tiny_dir):
     t = time.monotonic()
-    with pytest.raises(StageError, match=r"nothing answers at the Ray cluster address 127\.0\.0\.1:1 within 2s"):
+    with pytest.raises(ConfigError, match=r"nothing answers at the Ray cluster address 127\.0\.0\.1:1 within 2s"):
         AutoModel.from_pretrained(tiny_dir("llama"), stages=1, address="127.0.0.1:1", connect_timeout=2,
                                   progress=False)
     assert time.monotonic() - t < 30
@@ -335,7 +335,7 @@ def test_a_job_whose_disk_fills_up_stops_cleanly_and_resumes(tiny_dir, tmp_path,
     job = {"model": str(tiny_dir("llama")), "input": str(tmp_path / "in.jsonl"),
            "output": str(small_disk / "out.jsonl"), "batch_size": 4, "pipeline": {"stages": 0},
            "generation": {"max_new_tokens": 40}}
-    with pytest.raises(ConfigError, match=r"cannot write to output .*No space left.*free some disk space"):
+    with pytest.raises(OutputError, match=r"cannot write to output .*No space left.*free some disk space"):
         run_job(job, progress=False)
     written = (small_disk / "out.jsonl").read_text()
     assert written.endswith("\n") and 0 < written.count("\n") < 40  # only whole lines
@@ -349,7 +349,7 @@ def test_a_split_whose_disk_fills_up_says_so_and_resumes(tiny_dir, tmp_path, cap
     """A real file system fills up during ``distlayer split`` (another writer takes the room
     after the up-front check): one sentence naming the disk, what is needed and --out, exit
     2; the same command finishes the store once space is freed, keeping what was written."""
-    from distlayer import store as store_mod
+    from distlayer.store import writer as store_mod
 
     mnt = tmp_path / "disk"
     mnt.mkdir()
@@ -397,7 +397,7 @@ def test_auto_address_names_rays_own_temp_dir_in_the_callers_words(tiny_dir, tmp
     err = capsys.readouterr().err
     assert recorded in err and "--address auto but" in err and "leave out --address" in err, err
     assert "address=None" not in err and "/tmp/ray/" not in err
-    with pytest.raises(StageError) as e:
+    with pytest.raises(ConfigError) as e:
         AutoModel.from_pretrained(tiny_dir("llama"), stages=1, address="auto", progress=False)
     assert recorded in str(e.value) and "address='auto' but" in str(e.value) and "pass address=None" in str(e.value)
 

@@ -101,15 +101,16 @@ def test_a_damaged_arrival_is_deleted_and_named(small_store):
 
 
 def test_stages_that_see_the_drivers_store_use_it_in_place(small_store):
+    from distlayer.placement import PlacedStage, Placement
     from distlayer.planner import StagePlan
 
     store, here = small_store, Here()
-    plans = [StagePlan(0, 0, store.num_layers, True, "cpu", node_ip="10.0.0.1", node_id="a")]
+    plans = [PlacedStage(StagePlan(0, 0, store.num_layers, True, "cpu"), Placement("10.0.0.1", "a"))]
     fill.fill_stages(here, plans, store)
     assert (plans[0].store_source, plans[0].fetched, here.store_path) == ("driver path", [], str(store.path))
     assert here.chunks == 0 and not (Path(os.environ["DISTLAYER_HOME"]) / "stores").exists()
     # a stage started again alone (after a failure): only it is filled
-    plans.append(StagePlan(1, 0, 1, False, "cpu", node_ip="10.0.0.2", node_id="b"))
+    plans.append(PlacedStage(StagePlan(1, 0, 1, False, "cpu"), Placement("10.0.0.2", "b")))
     here.actors = [here, object()]
     fill.fill_stages(here, plans, store, which=[0])
     assert plans[1].store_source == ""
@@ -117,6 +118,7 @@ def test_stages_that_see_the_drivers_store_use_it_in_place(small_store):
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_a_damaged_store_is_named_before_any_node_is_asked(small_store, damage):
+    from distlayer.placement import PlacedStage, Placement
     from distlayer.planner import StagePlan
 
     store, here = small_store, Here()
@@ -128,7 +130,7 @@ def test_a_damaged_store_is_named_before_any_node_is_asked(small_store, damage):
         shard.write_bytes(shard.read_bytes()[:-100])
     asked = []
     here.call_with = lambda actor, fn, *args: asked.append(fn.__name__)
-    plans = [StagePlan(0, 0, store.num_layers, True, "cpu", node_ip="10.0.0.2", node_id="b")]
+    plans = [PlacedStage(StagePlan(0, 0, store.num_layers, True, "cpu"), Placement("10.0.0.2", "b"))]
     words = "is missing" if damage == "missing" else f"is {size - 100} bytes but the manifest says {size}"
     with pytest.raises(StoreError, match=f"shard .*layer.2.safetensors of unit layer.2 {words}.*distlayer split"):
         fill.fill_stages(here, plans, store)

@@ -14,8 +14,8 @@ import textwrap
 
 PACKAGE = "distlayer"
 PKG_DIR = pathlib.Path(__file__).resolve().parents[1] / PACKAGE
-RAY_IMPORTERS = {"pipeline.py", "cluster.py", "data.py",  # the driver, the cluster helpers, the Ray Data processor
-                 "metrics.py"}  # ray.util.metrics, imported inside export_to_ray only
+RAY_IMPORTERS = {"distlayer.pipeline", "distlayer.data",  # the driver, the Ray Data processor
+                 "distlayer.metrics"}  # ray.util.metrics, imported inside export_to_ray only
 
 
 def module_files() -> dict[str, pathlib.Path]:
@@ -127,7 +127,7 @@ def test_public_names_still_import():
 def test_only_the_driver_imports_ray():
     bad = []
     for mod, path in MODULES.items():
-        if path.name in RAY_IMPORTERS:
+        if mod in RAY_IMPORTERS:
             continue
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
@@ -209,3 +209,25 @@ def test_no_private_name_used_outside_its_module():
     bad = [v for mod in MODULES for v in private_uses(mod)]
     assert not bad, ("a name with a leading underscore is private to its module; make it public "
                      "(no underscore, with a docstring) or move the code that needs it:\n" + "\n".join(bad))
+
+
+def test_ray_importers_exist():
+    gone = sorted(RAY_IMPORTERS - set(MODULES))
+    assert not gone, f"RAY_IMPORTERS names modules that do not exist: {gone}; remove them from tests/test_imports.py"
+
+
+# The layer store package, bottom to top: what each of its modules may import from the others.
+STORE_LAYERS = {"distlayer.store.format": set(),                            # what both agree on
+                "distlayer.store.writer": {"distlayer.store.format"},       # distlayer split
+                "distlayer.store.reader": {"distlayer.store.format", "distlayer.store.writer"}}  # open_store splits
+
+
+def test_store_package_layers():
+    store = {m for m in MODULES if m.startswith("distlayer.store.")}
+    assert store == set(STORE_LAYERS), (f"distlayer/store/ holds {sorted(store)}; add a new module to STORE_LAYERS in "
+                                        "tests/test_imports.py with the store modules it may import")
+    bad = [f"{rel(MODULES[mod])}:{node.lineno} imports {target}"
+           for mod, allowed in STORE_LAYERS.items() for node, _a, target, _n in imports(mod)
+           if target.startswith("distlayer.store") and target != mod and target not in allowed]
+    assert not bad, ("the store's modules import downwards only (reader -> writer -> format); move the shared "
+                     "code down to format.py:\n" + "\n".join(bad))

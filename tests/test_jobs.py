@@ -117,10 +117,10 @@ def test_bad_records_get_error_records_and_job_goes_on(make_job, tmp_path):
     got = by_id(r for r in out if r["id"] is not None)
     assert all("text" in got[g["id"]] for g in good)
     assert "empty prompt" in got["empty"]["error"]
-    assert "prompt is 300 tokens" in got["long"]["error"] and "context is 256" in got["long"]["error"]
+    assert "prompt is 300 tokens" in got["long"]["error"] and "context of 256 tokens" in got["long"]["error"]
     # the prompt fits, but not with the new tokens after it (250 + 8 > 256)
     assert "prompt is 250 tokens and generation.max_new_tokens is 8, 258 in all" in got["long+new"]["error"]
-    assert "lower max_new_tokens" in got["long+new"]["error"]
+    assert "lower generation.max_new_tokens" in got["long+new"]["error"]
     assert "exactly one of" in got["both"]["error"]
     assert "non-empty list" in got["nomsg"]["error"]
     assert "no chat template" in got[7]["error"]                 # the tiny tokenizer has none
@@ -304,14 +304,14 @@ def test_job_budget_covers_the_jobs_kv_cache(make_job, tiny_dir):
     the job's batch and longest sequence fails at planning, before any output is written."""
     from distlayer import LayerStore, split
     from distlayer.errors import PlanError
-    from distlayer.pipeline import model_shape
+    from distlayer.planner import ModelShape
 
     rows = sample_prompts(6)
     job = make_job(rows)
     store = LayerStore(split(tiny_dir("llama"), progress=False))
     longest = max(len(r["prompt"].split()) for r in rows) + 1  # one token per word, plus bos
     context = longest + MAX_NEW
-    shape = model_shape(store, torch.float32)
+    shape = ModelShape.from_store(store, torch.float32)
     need = shape.kv_bytes_per_layer(3, context) * store.num_layers + shape.activation_bytes(3, context)
     budget = max(store.unit_bytes(u) for u in store.units) + need // 2
     # without the job's batch and context the same budget plans (and streams)

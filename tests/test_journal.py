@@ -10,7 +10,7 @@ from conftest import prompts
 from distlayer import AutoModel
 from distlayer.errors import StageLost
 from distlayer.recovery import Journal, Recovering, Restarts, pack_mask, unpack_mask
-from distlayer.transport import Handle, Work
+from distlayer.transport.base import Handle, Work
 
 
 def test_masks_are_packed_only_when_left_padded():

@@ -1,10 +1,13 @@
 """Table tests of the stage planner (pure functions, no torch or Ray)."""
 
+import dataclasses
+
 import pytest
 
 from distlayer.errors import PlanError
-from distlayer.planner import (GPU_WORKSPACE, ModelShape, Site, StagePlan, plan_concurrency, plan_pipeline,
-                               plan_stages)
+from distlayer.placement import PlacedStage, Placement
+from distlayer.planner import (GPU_WORKSPACE, Layout, ModelShape, Site, StagePlan, pipeline_layout, plan_concurrency,
+                               plan_pipeline, plan_stages)
 from distlayer.report import format_plan
 
 L10 = [10] * 8
@@ -59,9 +62,10 @@ def test_plan_errors_say_what_to_change(layers, budgets, kw, words):
 
 
 def test_format_plan_is_a_table():
-    text = format_plan([StagePlan(0, 0, 4, False, "cpu", "10.0.0.1", pid=11, threads=2, resident_bytes=2**30),
-                        StagePlan(1, 4, 8, True, "cuda:0", "10.0.0.2", pid=12, budget_bytes=2**31,
-                                  resident_bytes=2**30, streamed_bytes=2**29)])
+    text = format_plan([PlacedStage(StagePlan(0, 0, 4, False, "cpu", threads=2, resident_bytes=2**30),
+                                    Placement("10.0.0.1", pid=11)),
+                        PlacedStage(StagePlan(1, 4, 8, True, "cuda:0", budget_bytes=2**31, resident_bytes=2**30,
+                                              streamed_bytes=2**29), Placement("10.0.0.2", pid=12))])
     lines = text.splitlines()
     assert lines[0].split()[:6] == ["stage", "node", "pid", "device", "threads", "layers"]
     assert "0-3" in lines[1] and "unlimited" in lines[1] and "4-7" in lines[2] and "512.00 MiB" in lines[2]
@@ -104,7 +108,7 @@ def test_plan_pipeline_reserves_kv_and_streams_what_does_not_fit():
     for p in plan.stages:
         assert p.reserve_bytes == 10 * (p.end - p.start) + 224
         assert p.weight_budget_bytes == 400 - p.reserve_bytes
-        assert p.resident_units + p.streamed_units == p.layer_range.units()
+        assert list(p.resident_units + p.streamed_units) == p.layer_range.units()
         assert p.resident_bytes + p.streamed_bytes == sum(SHAPE.unit_bytes(p.layer_range).values())
     tight = plan_pipeline(SHAPE, ONE_NODE, [45, 45], "cpu", (1, [2, 2]))
     # 45 B cannot hold the model's 101: the first stage streams, within the budget, and
@@ -137,6 +141,55 @@ def test_plan_pipeline_reserves_kv_and_streams_what_does_not_fit():
 ])
 def test_plan_concurrency(nodes, cores, device, mb, threads, expected):
     assert plan_concurrency(nodes, cores, device, mb, threads) == expected
+
+
+@pytest.mark.parametrize("gpus, settings, placed, expected", [
+    # no settings: CUDA with one stage per GPU when there are GPUs, else one CPU stage
+    (0, {}, None, Layout("cpu", 1)),
+    (4, {}, None, Layout("cuda", 4)),
+    (4, dict(gpus_per_stage=2), None, Layout("cuda", 2)),
+    (0.5, dict(gpus_per_stage=0.5), None, Layout("cuda", 1)),
+    # the settings win; a device index names only the type
+    (4, dict(device="cpu"), None, Layout("cpu", 1)),
+    (4, dict(stages=3), None, Layout("cuda", 3)),
+    (0, dict(device="cuda:1"), None, Layout("cuda", 1)),
+    # once placed (or in one process), the concurrency too: plan_concurrency's rule
+    (0, dict(stages=2), (["a", "b"], {"a": 2, "b": 4}), Layout("cpu", 2, 2, (2, 4))),
+    (0, dict(stages=2, micro_batches=2), (["a", "a"], {"a": 2}), Layout("cpu", 2, 2, (1, 1))),
+    (2, {}, (["a", "a"], {"a": 16}), Layout("cuda", 2, 2, (None, None))),
+    (0, dict(stages=3, in_process=True, threads=2), None, Layout("cpu", 3, 1, (2, 2, 2))),
+    (1, dict(stages=2, in_process=True), None, Layout("cuda", 2, 1, (None, None))),
+])
+def test_pipeline_layout(gpus, settings, placed, expected):
+    stage_nodes, node_cores = placed or (None, None)
+    assert pipeline_layout(gpus, **settings, stage_nodes=stage_nodes, node_cores=node_cores) == expected
+
+
+def test_a_layout_before_placement_has_no_concurrency_to_give():
+    with pytest.raises(ValueError, match="placed"):
+        pipeline_layout(0).concurrency
+
+
+def test_a_stage_plan_is_frozen_and_its_placement_is_the_drivers():
+    plan = plan_pipeline(SHAPE, ONE_NODE, [45, 45], "cpu", (1, [2, 2]))
+    p = plan.stages[0]
+    for name, value in [("pid", 7), ("start", 1), ("resident_units", ())]:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(p, name, value)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.micro_batches = 2
+    assert isinstance(p.resident_units, tuple) and isinstance(plan.stages, tuple)
+    assert isinstance(StagePlan(0, 0, 1, True, "cpu", resident_units=["layer.0"]).resident_units, tuple)
+    # model.plan's entries join the plan and its placement, read-only; the driver writes the placement
+    placed = PlacedStage(p, Placement("10.0.0.1", "a", pid=11))
+    assert (placed.start, placed.end, placed.resident_bytes, placed.node_ip, placed.pid) == \
+        (p.start, p.end, p.resident_bytes, "10.0.0.1", 11)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        placed.pid = 12
+    placed.placement.pid = 12
+    assert placed.pid == 12 and placed.as_dict()["pid"] == 12
+    assert set(placed.as_dict()) == {f.name for f in dataclasses.fields(StagePlan)} | {
+        "node_ip", "node_id", "pid", "store_path", "store_source", "fetched", "fetched_bytes"}
 
 
 def test_stage_env_binds_only_stages_that_use_every_core_and_keeps_the_users_settings():

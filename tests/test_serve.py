@@ -179,8 +179,12 @@ def test_a_client_that_goes_away_frees_its_request(server):
     ("/v1/completions", {"model": "smol", "prompt": "hi", "stream": "yes"}, 400, "stream"),
     ("/v1/chat/completions", {"model": "smol", "messages": "hello"}, 400, "messages"),
     ("/v1/chat/completions", {"model": "smol"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "smol", "messages": [{"role": "user", "content": " "}]}, 400,
+     "every message content is empty"),
+    ("/v1/completions", {"model": "smol", "prompt": "hi", "stop": list("abcde")}, 400, "stop: got 5 texts; use up to 4"),
+    ("/v1/completions", {"model": "smol", "prompt": "hi", "stop": [""]}, 400, "stop: got ['']"),
     ("/v1/completions", {"prompt": "hi"}, 400, "model: got None"),
-    ("/v1/completions", {"model": "smol", "prompt": "word " * 600}, 413, "over this model's context of 512"),
+    ("/v1/completions", {"model": "smol", "prompt": "word " * 600}, 413, "over the context of 512 tokens"),
     ("/v1/nothing", {"model": "smol"}, 404, "no such path"),
 ])
 def test_bad_requests_get_openai_errors(server, path, body, status, words):

@@ -16,7 +16,8 @@ import torch
 
 from conftest import prompts
 from distlayer import AutoModel, LayerStore, StoreError, UnsupportedModelError, split
-from distlayer import store as store_mod
+from distlayer.store import writer as store_mod
+from distlayer.units import layer_index, layer_unit, unit_order
 from tiny_models import make_bin, make_sharded, make_tiny
 
 UNITS = ["embed", "layer.0", "layer.1", "layer.2", "layer.3", "norm", "head"]
@@ -179,16 +180,16 @@ def test_killed_split_resumes(tmp_path, monkeypatch):
     out = tmp_path / "store"
     script = textwrap.dedent("""
         import os, signal, sys
-        from distlayer import store
-        real, calls = store._write_unit, []
+        from distlayer.store import writer
+        real, calls = writer._write_unit, []
         def dying(out, unit, tensors):
             calls.append(unit)
             if len(calls) == 5:  # embed, head, layer.0, layer.1 are written
                 (out / f"{unit}.safetensors.tmp").write_bytes(b"half a unit")
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(out, unit, tensors)
-        store._write_unit = dying
-        store.split(sys.argv[1], out=sys.argv[2], progress=False)
+        writer._write_unit = dying
+        writer.split(sys.argv[1], out=sys.argv[2], progress=False)
     """)
     proc = subprocess.run([sys.executable, "-c", script, str(src), str(out)], capture_output=True, text=True,
                           timeout=300)
@@ -398,3 +399,56 @@ def test_a_store_config_edited_after_the_split_is_refused_and_repaired(tmp_path)
     split(src, out=out, progress=False, verify=True)           # what `distlayer split` runs
     assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()
     assert open_store(out).num_layers == 4
+
+
+@pytest.mark.parametrize("unit, index", [
+    ("layer.0", 0), ("layer.7", 7), ("layer.123", 123),
+    ("embed", None), ("norm", None), ("head", None), ("head:0", None),
+    ("layer", None), ("layer.", None), ("layer.x", None), ("layer.-1", None), ("layer.01", None),
+    ("layer.3:1", None), ("layer.1.2", None), ("layers.3", None), ("", None),
+])
+def test_layer_index(unit, index):
+    """``layer_index`` is ``layer_unit``'s inverse, and None for every other name."""
+    assert layer_index(unit) == index
+    if index is not None:
+        assert layer_unit(index) == unit
+
+
+def test_layer_index_of_every_unit():
+    assert [layer_index(u) for u in unit_order(3)] == [None, 0, 1, 2, None, None]
+
+
+@pytest.mark.parametrize("shape, dtype, nbytes", [
+    ((), torch.float32, 4), ((0, 5), torch.float16, 0), ((3, 4), torch.bfloat16, 24),
+    ((2, 3, 4), torch.int8, 24), ((7,), torch.float64, 56), ([5], torch.bool, 5),
+])
+def test_tensor_bytes(shape, dtype, nbytes):
+    from distlayer.store.format import tensor_bytes
+
+    assert tensor_bytes(shape, dtype) == nbytes == torch.empty(shape, dtype=dtype).nbytes
+
+
+@pytest.mark.parametrize("n, align, up", [(0, 256, 0), (1, 256, 256), (256, 256, 256), (257, 256, 512), (5, 4, 8)])
+def test_align_up(n, align, up):
+    from distlayer.store.format import align_up
+
+    assert align_up(n, align) == up
+
+
+def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path):
+    """A write that fails leaves the file as it was and no temporary file; one that
+    finishes replaces it whole."""
+    import hashlib
+
+    from distlayer.files import atomic_write, file_sha256
+
+    path = tmp_path / "manifest.json"
+    path.write_text("old")
+    with pytest.raises(OSError), atomic_write(path) as tmp:
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+    with atomic_write(path) as tmp:
+        tmp.write_text("new")
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+    assert file_sha256(path) == hashlib.sha256(b"new").hexdigest()

@@ -1,4 +1,11 @@
-"""Timing one generate call, the page cache, and the read bandwidth of a set of files.
+"""The timing loop of every benchmark (``distlayer bench`` and the scripts in
+``benchmarks/``): runs taking turns, one generate call timed, best run and median, the page
+cache, and the read bandwidth of a set of files.
+
+Timed runs take turns (:func:`take_turns`): after one warm-up run each, every round runs
+each configuration once, so drift in the machine's speed hits all alike. A figure is the
+best run's and the median run's (:func:`best_and_median`, :func:`per_second`,
+:func:`speedup`).
 
 Cold runs drop every file a system reads from the page cache
 (``posix_fadvise(POSIX_FADV_DONTNEED)``) before the run and again at every token, through a
@@ -15,10 +22,17 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 from ..pages import drop_from_page_cache
 
 READ_BUFFER = 64 * 2**20   # bytes a bandwidth read asks for at once
+
+
+def store_files(path) -> list[Path]:
+    """The shard files of a layer store (or the weights of a safetensors checkpoint dir):
+    the files a cold run drops."""
+    return sorted(Path(path).glob("*.safetensors"))
 
 
 def drop_page_cache(files) -> None:
@@ -51,6 +65,51 @@ def read_bandwidth(files, cold: bool) -> dict:
     nbytes = read_all(files, buf)
     seconds = time.perf_counter() - t
     return {"bytes": nbytes, "seconds": round(seconds, 4), "bytes_per_s": nbytes / seconds if seconds > 0 else None}
+
+
+def wall_time(fn: Callable[[], object]) -> float:
+    """Seconds one call of ``fn`` takes."""
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def take_turns(fns: dict, repeat: int, warmup: bool = True, after_round: Callable[[int], None] | None = None) -> dict:
+    """Call every function of ``fns`` once to warm up (with ``warmup``), then ``repeat``
+    rounds in which each takes its turn, in the dict's order, so drift in the machine's
+    speed hits all alike; ``after_round(r)`` is called after round ``r`` (from 0).
+
+    Returns:
+        what each call returned (not the warm-up's), a list per key of ``fns``.
+    """
+    if warmup:
+        for fn in fns.values():
+            fn()
+    got: dict = {key: [] for key in fns}
+    for r in range(repeat):
+        for key, fn in fns.items():
+            got[key].append(fn())
+        if after_round:
+            after_round(r)
+    return got
+
+
+def best_and_median(values: Sequence[float]) -> tuple[float, float]:
+    """The least of some timed runs' values (the best run's seconds) and their median."""
+    return min(values), statistics.median(values)
+
+
+def per_second(work: float, seconds: Sequence[float]) -> tuple[float, float]:
+    """``work`` (tokens, rows) per second of the best run and of the median run."""
+    best, median = best_and_median(seconds)
+    return work / best, work / median
+
+
+def speedup(seconds: Sequence[float], base: Sequence[float]) -> tuple[float, float]:
+    """How many times faster the runs of ``seconds`` are than those of ``base``, which did
+    the same work: best run against best run, and median against median."""
+    (best, median), (base_best, base_median) = best_and_median(seconds), best_and_median(base)
+    return base_best / best, base_median / median
 
 
 class Clock:
@@ -125,15 +184,17 @@ class Runs:
         steps = [r.step_s for r in self.runs if r.step_s]
         ttfts = [r.ttft_s for r in self.runs if r.ttft_s is not None]
         totals = [r.total_s for r in self.runs]
+        tok_s, tok_s_median = per_second(b * new, totals)
         out = {"runs": len(self.runs), "new_tokens": new,
-               "tok_s": round(b * new / min(totals), 3), "tok_s_median": round(b * new / statistics.median(totals), 3),
+               "tok_s": round(tok_s, 3), "tok_s_median": round(tok_s_median, 3),
                "drop_ms_per_step": round(1e3 * sum(r.drop_s for r in self.runs) / (len(self.runs) * new), 3)}
         if steps:
-            out.update(decode_tok_s=round(b / min(steps), 3),
-                       decode_tok_s_median=round(b / statistics.median(steps), 3),
-                       step_ms=round(1e3 * min(steps), 3), step_ms_median=round(1e3 * statistics.median(steps), 3))
+            (decode, decode_median), (step, step_median) = per_second(b, steps), best_and_median(steps)
+            out.update(decode_tok_s=round(decode, 3), decode_tok_s_median=round(decode_median, 3),
+                       step_ms=round(1e3 * step, 3), step_ms_median=round(1e3 * step_median, 3))
         if ttfts:
-            out.update(ttft_ms=round(1e3 * min(ttfts), 2), ttft_ms_median=round(1e3 * statistics.median(ttfts), 2))
+            ttft, ttft_median = best_and_median(ttfts)
+            out.update(ttft_ms=round(1e3 * ttft, 2), ttft_ms_median=round(1e3 * ttft_median, 2))
         if self.costs:
             tokens = len(self.runs) * new
             out["stage_ms_per_token"] = {k: round(1e3 * v / tokens, 3) for k, v in sorted(self.costs.items())}

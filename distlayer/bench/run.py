@@ -16,6 +16,7 @@ takes its turn in every group; a row's ratio is against its own group's baseline
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import math
 import os
@@ -197,8 +198,6 @@ class Bench:
         turns = ([baseline] if baseline else []) + items
         for b in self.opts.batches:
             ids, mask = prompts(self.tok, b)
-            runs = {it.config.key: measure.Runs(b) for it in turns}
-            before = {}
 
             def once(it: Loaded, cold: bool):
                 if it.config.system != "distlayer":
@@ -208,19 +207,20 @@ class Bench:
                     return measure.timed_run(lambda s: it.generate(ids, mask, n, s), n,
                                              it.files if cold else None, exclude_drops=it.in_process)
 
-            for it in turns:
+            before = {}
+            for it in turns:   # the warm-up runs warm in either mode
                 once(it, cold=False)
                 before[it.config.key] = measure.seconds_of(it.stats()) if it.stats else {}
-            for r in range(self.opts.repeat):
-                for it in turns:
-                    runs[it.config.key].runs.append(once(it, cold=mode == "cold"))
-                    if it.stats:
-                        now = measure.seconds_of(it.stats())
-                        costs = runs[it.config.key].costs
-                        for k, v in now.items():
-                            costs[k] = costs.get(k, 0.0) + v - before[it.config.key].get(k, 0.0)
-                        before[it.config.key] = now
-                say(f"  batch {b}, {mode}: run {r + 1} of {self.opts.repeat} done")
+            got = measure.take_turns({it.config.key: functools.partial(once, it, mode == "cold") for it in turns},
+                                     self.opts.repeat, warmup=False,
+                                     after_round=lambda r: say(f"  batch {b}, {mode}: run {r + 1} of "
+                                                               f"{self.opts.repeat} done"))
+            runs = {key: measure.Runs(b, timed) for key, timed in got.items()}
+            for it in turns:
+                if it.stats:
+                    since = before[it.config.key]
+                    runs[it.config.key].costs = {k: v - since.get(k, 0.0)
+                                                 for k, v in measure.seconds_of(it.stats()).items()}
             base = runs[baseline.config.key].summary() if baseline else None
             if baseline:
                 self.baseline_runs.setdefault((b, mode), measure.Runs(b)).runs += runs[baseline.config.key].runs
@@ -341,9 +341,9 @@ def run_bench(o: Options) -> dict:
     with tempfile.TemporaryDirectory(prefix="distlayer-bench-") as tmp:
         ctx, tok, info = model_context(o, Path(tmp))
         bench = Bench(o, ctx, tok)
-        bench.files["store"] = sorted(ctx.store.path.glob("*.safetensors"))
+        bench.files["store"] = measure.store_files(ctx.store.path)
         if ctx.checkpoint is not None and "accelerate" in o.systems:
-            bench.files["checkpoint"] = sorted(ctx.checkpoint.glob("*.safetensors"))
+            bench.files["checkpoint"] = measure.store_files(ctx.checkpoint)
         bench.measure_bandwidth()
         configs = configurations(o)
         baseline = None

@@ -1,10 +1,12 @@
-"""A random-weight Llama checkpoint of about a given number of parameters, for benchmarks at
-sizes where streaming dominates, without downloading a model.
+"""Random-weight Llama checkpoints, for benchmarks at sizes where streaming dominates,
+without downloading a model.
 
-The checkpoint is a plain Hugging Face dir (``config.json``, one float32
-``model.safetensors`` written tensor by tensor so memory stays at one tensor, SmolLM2's
-tokenizer files and vocabulary of 49152, tied embeddings), built once per size under
-``$DISTLAYER_HOME/synthetic`` and reused.
+:func:`write_random_llama` writes one of a given shape: a plain Hugging Face dir
+(``config.json`` and one ``model.safetensors`` written tensor by tensor, so memory stays at
+one tensor). :func:`ensure_synthetic` (``distlayer bench --synthetic``) builds one of about a
+given number of parameters (float32, SmolLM2's tokenizer files and vocabulary of 49152,
+tied embeddings) once per size under ``$DISTLAYER_HOME/synthetic`` and reuses it;
+``benchmarks/bench_gpu.py`` writes its own sizes and dtypes with no tokenizer.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ SEED = 0
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 MIN_PARAMS = 6_500_000  # two layers of hidden size 128 and the embeddings: 6.7M
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
+SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def parse_size(text: str) -> int:
@@ -65,14 +68,21 @@ def layer_params(hidden: int, intermediate: int, kv_heads: int) -> int:
     return 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * intermediate + 2 * hidden
 
 
+def llama_shape(hidden: int, layers: int) -> dict:
+    """Hidden size, layers, MLP width and heads of a Llama of ``hidden`` (a multiple of
+    ``HEAD_DIM``) and ``layers``: heads of ``HEAD_DIM``, grouped-query key/value heads, an
+    MLP 2.75 times as wide (rounded up to a multiple of 64)."""
+    heads = hidden // HEAD_DIM
+    return {"hidden_size": hidden, "intermediate_size": 64 * math.ceil(2.75 * hidden / 64),
+            "num_attention_heads": heads, "num_key_value_heads": _kv_heads(heads), "num_hidden_layers": layers}
+
+
 def shape_for(params: int) -> dict:
-    """Hidden size, layers, MLP width and heads of a Llama of about ``params`` parameters
-    (tied embeddings): the widest hidden size that still gets at least ``hidden / 128``
-    layers (and two), so shapes stay near real models' proportions."""
+    """The :func:`llama_shape` of about ``params`` parameters (tied embeddings): the widest
+    hidden size that still gets at least ``hidden / 128`` layers (and two), so shapes stay
+    near real models' proportions."""
     for hidden in reversed(HIDDEN_SIZES):
-        heads = hidden // HEAD_DIM
-        shape = {"hidden_size": hidden, "intermediate_size": 64 * math.ceil(2.75 * hidden / 64),
-                 "num_attention_heads": heads, "num_key_value_heads": _kv_heads(heads)}
+        shape = llama_shape(hidden, 0)
         per_layer = layer_params(hidden, shape["intermediate_size"], shape["num_key_value_heads"])
         layers = round((params - VOCAB * hidden - hidden) / per_layer)
         if layers >= max(2, hidden // 128) or hidden == HIDDEN_SIZES[0]:
@@ -87,10 +97,10 @@ def count_params(shape: dict) -> int:
                                                                     shape["num_key_value_heads"])
 
 
-def tensor_shapes(shape: dict) -> dict[str, list[int]]:
-    """Name and shape of every tensor of the checkpoint, in forward order."""
+def tensor_shapes(shape: dict, vocab: int = VOCAB, tied: bool = True) -> dict[str, list[int]]:
+    """Name and shape of every tensor of the checkpoint, in forward order (an untied head last)."""
     h, inter, kv = shape["hidden_size"], shape["intermediate_size"], shape["num_key_value_heads"] * HEAD_DIM
-    out = {"model.embed_tokens.weight": [VOCAB, h]}
+    out = {"model.embed_tokens.weight": [vocab, h]}
     for i in range(shape["num_hidden_layers"]):
         p = f"model.layers.{i}."
         out.update({p + "input_layernorm.weight": [h], p + "self_attn.q_proj.weight": [h, h],
@@ -99,16 +109,22 @@ def tensor_shapes(shape: dict) -> dict[str, list[int]]:
                     p + "mlp.gate_proj.weight": [inter, h], p + "mlp.up_proj.weight": [inter, h],
                     p + "mlp.down_proj.weight": [h, inter]})
     out["model.norm.weight"] = [h]
+    if not tied:
+        out["lm_head.weight"] = [vocab, h]
     return out
 
 
-def write_safetensors(path: Path, shapes: dict[str, list[int]], make) -> None:
-    """Write a float32 safetensors file one tensor at a time: ``make(name, shape)`` returns
-    each tensor, which is written and dropped before the next is made."""
+def write_safetensors(path: Path, shapes: dict[str, list[int]], make, dtype: str = "float32") -> None:
+    """Write a safetensors file of ``dtype`` tensors (float32, float16 or bfloat16) one
+    tensor at a time: ``make(name, shape)`` returns each tensor, in that dtype on the CPU,
+    which is written and dropped before the next is made."""
+    import torch
+
+    code, width = SAFETENSORS_DTYPES[dtype], getattr(torch, dtype).itemsize
     header, offset = {}, 0
     for name, shp in shapes.items():
-        nbytes = 4 * math.prod(shp)
-        header[name] = {"dtype": "F32", "shape": shp, "data_offsets": [offset, offset + nbytes]}
+        nbytes = width * math.prod(shp)
+        header[name] = {"dtype": code, "shape": shp, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header["__metadata__"] = {"format": "pt"}
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -117,18 +133,55 @@ def write_safetensors(path: Path, shapes: dict[str, list[int]], make) -> None:
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
         for name, shp in shapes.items():
-            f.write(make(name, shp).contiguous().numpy().data)   # no copy
+            t = make(name, shp)
+            assert t.dtype == getattr(torch, dtype) and list(t.shape) == shp, (name, t.dtype, t.shape)
+            f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)   # no copy
 
 
-def _config(shape: dict, tok) -> dict:
-    """The checkpoint's config.json: a float32 Llama with the tokenizer's special tokens."""
+def write_random_llama(out: str | os.PathLike, shape: dict, *, vocab: int = VOCAB, dtype: str = "float32",
+                       tied: bool = True, token_ids: dict | None = None, device: str = "cpu", seed: int = SEED) -> Path:
+    """Write a random Llama checkpoint (``model.safetensors``, then ``config.json``) into ``out``.
+
+    Args:
+        out: the checkpoint dir (made if missing); tokenizer files are the caller's.
+        shape: :func:`llama_shape`'s keys.
+        vocab, dtype, tied: vocabulary size, the weights' dtype (float32, float16, bfloat16),
+            and whether the head is the embeddings (else an ``lm_head.weight`` of its own).
+        token_ids: ``bos_token_id``, ``eos_token_id``, ``pad_token_id`` for config.json
+            (a missing or None ``eos_token_id``: no end of sequence, so every run makes
+            exactly the tokens it asks for).
+        device: where the random numbers are drawn (``"cuda"`` draws a large model faster).
+        seed: the generator's seed; weights are N(0, ``STD``), norms ones.
+
+    Returns:
+        ``out`` as a Path.
+    """
+    import torch
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    torch_dtype = getattr(torch, dtype)
+
+    def make(name, shp):
+        if len(shp) == 1:
+            return torch.ones(shp, dtype=torch_dtype)
+        return torch.randn(shp, generator=gen, device=device).mul_(STD).to(torch_dtype).cpu()
+
+    write_safetensors(out / "model.safetensors", tensor_shapes(shape, vocab, tied), make, dtype)
+    (out / "config.json").write_text(json.dumps(_config(shape, vocab, dtype, tied, token_ids or {}), indent=2))
+    return out
+
+
+def _config(shape: dict, vocab: int, dtype: str, tied: bool, token_ids: dict) -> dict:
+    """The checkpoint's config.json: a Llama of ``shape`` with the given special tokens."""
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=VOCAB, head_dim=HEAD_DIM, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, **shape)
+    ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **token_ids}
+    cfg = LlamaConfig(vocab_size=vocab, head_dim=HEAD_DIM, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                      tie_word_embeddings=tied, **ids, **shape)
     d = cfg.to_dict()
-    d.update(architectures=["LlamaForCausalLM"], dtype="float32")
+    d.update(architectures=["LlamaForCausalLM"], dtype=dtype)
     return d
 
 
@@ -172,7 +225,6 @@ def ensure_synthetic(size: str, root: str | os.PathLike | None = None, progress=
     Raises:
         ConfigError: ``size`` is not a size, or SmolLM2 (whose tokenizer it takes) is not installed.
     """
-    import torch
     from transformers import AutoTokenizer
 
     from ..sources import home_dir, is_checkpoint
@@ -191,15 +243,10 @@ def ensure_synthetic(size: str, root: str | os.PathLike | None = None, progress=
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write_tokenizer(tmp)
-    gen = torch.Generator().manual_seed(SEED)
-
-    def make(name, shp):
-        if len(shp) == 1:
-            return torch.ones(shp)
-        return torch.randn(shp, generator=gen).mul_(STD)
-
-    write_safetensors(tmp / "model.safetensors", tensor_shapes(shape), make)
-    (tmp / "config.json").write_text(json.dumps(_config(shape, AutoTokenizer.from_pretrained(tmp)), indent=2))
+    tok = AutoTokenizer.from_pretrained(tmp)
+    write_random_llama(tmp, shape, token_ids={
+        "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id})
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target

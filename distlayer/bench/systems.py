@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .measure import store_files
+
 SYSTEMS = ("transformers", "accelerate", "airllm", "distlayer")
 RAY_STAGE_BYTES = 450 * 2**20   # memory of a Ray stage's process before weights (torch, transformers, Ray)
 
@@ -171,7 +173,7 @@ def load_accelerate(cfg: Config, ctx: Context) -> Loaded:
     # accelerate leaves the weights it offloads to disk on the meta device (transformers
     # before 5.7 or so does not say where in hf_device_map when all of them are there)
     per_step = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "meta")
-    files = sorted(path.glob("*.safetensors")) + sorted(f for f in folder.rglob("*") if f.is_file())
+    files = store_files(path) + sorted(f for f in folder.rglob("*") if f.is_file())
     notes = [] if per_step else ["accelerate put every weight in memory: nothing offloaded"]
     return Loaded(cfg, _hf_generate(model, ctx.pad_id), close=lambda: None, files=files, file_set="checkpoint",
                   bytes_per_step=per_step, budget_bytes=budget, notes=notes)
@@ -199,7 +201,7 @@ def load_airllm(cfg: Config, ctx: Context) -> Loaded:
             model = AirModel.from_pretrained(str(path), device="cpu", dtype=ctx.dtype)
     except Exception as e:  # noqa: BLE001 (a baseline that cannot load is a row skipped, not a failed run)
         raise Skip(f"AirLLM cannot load the model on CPU: {type(e).__name__}: {e}") from None
-    shards = sorted(Path(model.checkpoint_path).glob("*.safetensors"))
+    shards = store_files(model.checkpoint_path)
     tied = bool(getattr(model, "tie_word_embeddings", False))
     streamed = [f for f in shards if not (tied and f.name.startswith("model.embed_tokens"))]
     inner = _hf_generate(model, ctx.pad_id)
@@ -236,6 +238,6 @@ def load_distlayer(cfg: Config, ctx: Context) -> Loaded:
     keys = ("stage", "start", "end", "budget_bytes", "resident_bytes", "streamed_bytes", "resident_units",
             "streamed_units", "threads")
     plan = [{k: v for k, v in p.as_dict().items() if k in keys} for p in dl.plan]
-    return Loaded(cfg, generate, close=dl.close, files=sorted(dl.store.path.glob("*.safetensors")),
+    return Loaded(cfg, generate, close=dl.close, files=store_files(dl.store.path),
                   file_set="store", bytes_per_step=sum(p.streamed_bytes for p in dl.plan), budget_bytes=budget,
                   stats=dl.stats, plan=plan, micro_batches=dl.pipeline.micro_batches, in_process=not cfg.stages)

@@ -1,5 +1,5 @@
 """Hand-offs between stages with no Ray call per step: Unix sockets on one node, TCP
-between nodes.
+between nodes (registry name ``"socket"``).
 
 With Ray object refs, every hand-off is an actor task: the driver's core worker, the
 next actor's task path, serialization and replies: milliseconds a hop (benchmarks/README.md)
@@ -35,8 +35,8 @@ from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Listener
 
-from .errors import StageError, StageLost
-from .transport import Failed, Handle, Payload, Stages, Transport, Work, in_request
+from ..errors import StageError, StageLost
+from .base import Failed, Handle, Payload, Stages, Transport, Work, fed_from, in_request
 
 LOST = "its KV caches are lost: close this model and load it again"
 CLOSE_WAIT = 60  # seconds closing a stage's loop waits for the step it is running
@@ -225,6 +225,12 @@ class StageServer:
     """A stage's end of the channels: its mailbox, links to the stages after it, and the
     loop that runs work from the mailbox on the stage (``StageActor.run`` / ``drop``).
 
+    Its life, each step run in the stage's process (``Stages.call_with``):
+    :meth:`open` builds one and hands it to the stage (``StageActor.serve``), returning
+    its mailbox's address; once every stage has one, :meth:`start` connects it to the
+    next stage (or the driver) and starts its loop; the stage closes it
+    (``StageActor.reset`` / ``close``, or when another is served).
+
     Args:
         actor: the ``StageActor`` object this loop serves.
         authkey: the pipeline's shared secret.
@@ -238,6 +244,17 @@ class StageServer:
         self.inbox = Mailbox(authkey, self.name, senders, host)
         self.links: dict[str, Link] = {}
         self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def open(actor, authkey: bytes, senders: int, host: str | None = None):
+        """Serve ``actor`` from a new server (its mailbox on TCP at ``host``, else a Unix
+        socket), in place of the one it had; returns the mailbox's address."""
+        return actor.serve(StageServer(actor, authkey, senders, host)).inbox.address
+
+    @staticmethod
+    def start(actor, links: dict[str, tuple[str, str]]) -> None:
+        """Connect ``actor``'s server (from :meth:`open`) to ``links`` and start its loop."""
+        actor.server.connect(links)
 
     def connect(self, links: dict[str, tuple[str, str]]) -> None:
         """Connect to ``{role: (address, receiver)}``: ``"next"`` (the next stage), or on the
@@ -308,18 +325,6 @@ class StageServer:
             end.close()
 
 
-def open_stage_mailbox(actor, authkey: bytes, senders: int, host: str | None = None):
-    """Run in a stage's process: attach a :class:`StageServer` to ``actor`` (its mailbox on
-    TCP at ``host``, else a Unix socket); returns its address."""
-    server = actor.attach("channel", StageServer(actor, authkey, senders, host))
-    return server.inbox.address
-
-
-def connect_stage(actor, links: dict[str, tuple[str, str]]) -> None:
-    """Run in a stage's process: connect its server's links and start its loop."""
-    actor.attached["channel"].connect(links)
-
-
 class SocketTransport(Transport):
     """Stage-to-stage hand-offs over Unix sockets on one node, or over TCP between nodes
     (see the module docstring); the pipeline's random key authenticates every connection.
@@ -334,44 +339,47 @@ class SocketTransport(Transport):
     """
 
     name = "channel"
+    feeds = True  # the last stage sends picked tokens to the first itself (its "ring" link)
 
     def __init__(self, stages: Stages, hosts: tuple[list[str], str] | None = None):
         n, key = len(stages.actors), os.urandom(32)
         self._keys = itertools.count()
         ips, here = hosts or ([None] * n, None)
         self.name = "channel" if hosts is None else "tcp"
-        addrs = stages.get([stages.call_with(a, open_stage_mailbox, key, 2 if i == 0 else 1, ips[i])
+        addrs = stages.get([stages.call_with(a, StageServer.open, key, 2 if i == 0 else 1, ips[i])
                             for i, a in enumerate(stages.actors)])
         self._inbox = Mailbox(key, "the driver", host=here)
         links = [{"next": (addrs[i + 1], f"stage {i + 1}")} for i in range(n - 1)]
         links.append({"driver": (self._inbox.address, "the driver"), "ring": (addrs[0], "stage 0")})
         self._link: Link | None = None
         try:
-            stages.get([stages.call_with(a, connect_stage, ln) for a, ln in zip(stages.actors, links)])
+            stages.get([stages.call_with(a, StageServer.start, ln) for a, ln in zip(stages.actors, links)])
             self._link = Link(addrs[0], key, "the driver", "stage 0")
         except BaseException:
             self.close()
             raise
 
     def submit(self, work: Work, x) -> Handle:
-        if isinstance(x, Handle):
-            if not x.picked:
-                raise ValueError("a step's handle can feed the next step only when its last stage picked the tokens")
-            work.feed, x = x.key, None
+        fed = fed_from(x)
+        if fed is not None:  # the last stage sent its tokens to the first's mailbox
+            work.feed, x = fed.key, None
         self._link.send("q", work.key, work.cache_id, Hop(work, x))
         return Handle(work.key, picked=work.pick)
 
     def fetch(self, handle: Handle):
+        self.check()
         return self._inbox.take(handle.key, self.timeout)[0]
 
     def abort(self, reason: str) -> None:
-        self._inbox.fail(reason)
+        super().abort(reason)
+        self._inbox.fail(reason)  # and what waits now
 
     def drop(self, cache_id: str) -> None:
         self._inbox.discard(cache_id)
         self.control("drop", cache_id)
 
     def control(self, op: str, *args) -> None:
+        self.check()
         key = f"control {next(self._keys)}"
         self._link.send("q", key, str(args[0]) if args else "", Control(op, args))
         self._inbox.take(key, self.timeout)

@@ -1,17 +1,21 @@
-"""Moving work from stage to stage: the typed messages and the transport interface.
+"""The transport interface: the typed messages and what every transport does.
 
 A :class:`Work` is one micro-batch's forward through every stage; a :class:`Payload` is
 the tensor that travels with it from hop to hop. A :class:`Transport` submits work at the
-first stage and fetches the last stage's output. Two implementations:
+first stage and fetches the last stage's output. The implementations, one module each,
+are listed in the registry (``distlayer.transport.TRANSPORTS``).
 
-- :class:`RefTransport` (here): each hop is a call on the next stage whose argument is
-  the previous call's result. On Ray that result is an object ref, so hidden states go
-  from actor to actor without passing the driver; in one process it is the value.
-- ``channel.SocketTransport``: every stage serves a loop on its mailbox and sends its
-  output over a socket straight to the next, with no Ray call per step.
+The driver's scheduler (``scheduler.py``) only calls ``submit``, ``fetch``, ``drop`` and
+``control`` and reads ``feeds``, so a new transport does not touch it.
 
-The driver's scheduler (``scheduler.py``) only calls ``submit``, ``fetch`` and
-``drop``, so a new transport does not touch it.
+Picked tokens, from the last stage back to the first: when every row of a batch is
+greedy, the scheduler sets ``Work.pick`` and the last stage returns the next token of each
+row instead of logits. The next step's input is then that step's :class:`Handle`, not a
+tensor: ``submit(work, handle)``. Every transport accepts such a handle; one whose
+``feeds`` is True takes the tokens from the last stage to the first itself (an object ref
+passed on, or the last stage's own link to the first: ``Work.feed``), with no round trip
+through the driver, so the scheduler keeps several steps of a batch in flight
+(``scheduler.AHEAD``) and fetches each step's tokens only to emit them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import pickle
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
+
+from ..errors import StageLost
 
 
 @dataclass
@@ -83,6 +89,15 @@ class Handle:
     picked: bool = False  # the last stage picked tokens
 
 
+def fed_from(x) -> Handle | None:
+    """The handle of the step whose picked tokens ``x`` is (``submit``'s input), or None for a tensor."""
+    if not isinstance(x, Handle):
+        return None
+    if not x.picked:
+        raise ValueError("a step's handle can feed the next step only when its last stage picked the tokens")
+    return x
+
+
 def in_request(key: str, request: str) -> bool:
     """Whether a cache id or message group ``key`` belongs to ``request`` (``request`` or ``request:k``)."""
     return key == request or key.startswith(request + ":")
@@ -109,15 +124,26 @@ class Transport:
     """Moves work from stage to stage; see the module docstring.
 
     Attributes:
+        name: what this instance is, for reports and tests (``"in-process"``, ``"ray"``,
+            ``"channel"``, ``"tcp"``); the registry's key says which module built it.
         timeout: seconds ``fetch`` and ``control`` wait before raising ``StageLost`` (None: no limit).
+        feeds: whether the picked tokens of a step (``Work.pick``) go from the last stage to
+            the first without this process (see the module docstring): then ``submit`` given
+            that step's :class:`Handle` returns at once and the stages overlap the steps, and
+            the scheduler keeps ``AHEAD`` steps of a greedy batch in flight. False: a handle
+            is still accepted, but each step finishes before the next can start, so the
+            scheduler fetches each step before it sends the next.
     """
 
     name = "?"
     timeout: float | None = None
+    feeds: bool = False
+    aborted: str | None = None  # why abort() was called, or None
 
     def submit(self, work: Work, x) -> Handle:
         """Start ``work`` at the first stage with input ``x``: a tensor, or the
-        :class:`Handle` of an earlier step whose last stage picked the tokens."""
+        :class:`Handle` of an earlier step whose last stage picked the tokens (any other
+        handle: ``ValueError``, see :func:`fed_from`)."""
         raise NotImplementedError
 
     def fetch(self, handle: Handle):
@@ -126,7 +152,8 @@ class Transport:
 
     def drop(self, cache_id: str) -> None:
         """Free request ``cache_id``'s KV caches (all its micro-batches) on every stage,
-        after the work queued before; returns once every stage has."""
+        after the work queued before; returns once every stage has. The request's id is
+        not used again (what still arrives for it may be discarded)."""
         self.control("drop", cache_id)
 
     def control(self, op: str, *args) -> None:
@@ -136,34 +163,15 @@ class Transport:
 
     def abort(self, reason: str) -> None:
         """Make what waits on the stages, now or later, raise ``StageLost(reason)`` (a stage
-        found hung). Over Ray object refs nothing is needed: killing the stage's actor
-        fails the refs that wait on it."""
+        found hung, whose actor the driver kills too); the transport is done with after this.
+        Here: later waits (``fetch``, ``control``) raise at once (:meth:`check`); a transport
+        whose waits the killed actor does not fail also wakes the waits under way."""
+        self.aborted = reason
+
+    def check(self) -> None:
+        """Raise ``StageLost`` once :meth:`abort` was called (before a wait)."""
+        if self.aborted is not None:
+            raise StageLost(self.aborted)
 
     def close(self) -> None:
         """Release what the transport holds (sockets); the stages stay."""
-
-
-class RefTransport(Transport):
-    """Each hop a call on the next stage, passed the previous call's result."""
-
-    def __init__(self, stages: Stages):
-        self.stages = stages
-        self.name = "ray" if stages.remote else "in-process"
-
-    def submit(self, work: Work, x) -> Handle:
-        if isinstance(x, Handle):
-            if not x.picked:
-                raise ValueError("a step's handle can feed the next step only when its last stage picked the tokens")
-            msg = x.ref
-        else:
-            msg = Payload.now(x)
-        for actor in self.stages.actors:
-            msg = self.stages.call(actor, "run", work, msg)
-        return Handle(work.key, msg, picked=work.pick)
-
-    def fetch(self, handle: Handle):
-        return self.stages.get(handle.ref, self.timeout).x
-
-    def control(self, op: str, *args) -> None:
-        s = self.stages
-        s.get([s.call(a, op, *args) for a in s.actors], self.timeout)
