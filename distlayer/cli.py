@@ -295,14 +295,13 @@ def cmd_generate(args) -> int:
 
     from .model import DistModel, load_tokenizer
     from .smollm import resolve_model
-    from .store import open_store
+    from .store import open_configured
 
     cfg = settings_from(args, PipelineConfig)
     gen = settings_from(args, GenerationConfig)
     if not args.prompt.strip():
         raise ConfigError("the prompt is empty: write the prompt text")
-    store = open_store(resolve_model(args.model), cfg.shards_dir, cfg.compression, cfg.hf_token,
-                       prefix=cfg.messages_prefix)
+    store = open_configured(resolve_model(args.model), cfg)
     tok = load_tokenizer(store.path)
     if tok is None:
         raise ConfigError(f"{args.model} has no tokenizer files: generate needs a model with a tokenizer")
@@ -335,12 +334,11 @@ def cmd_serve(args) -> int:
     from .model import DistModel
     from .serve import listen, serve
     from .smollm import model_name, resolve_model
-    from .store import open_store
+    from .store import open_configured
 
     cfg = settings_from(args, PipelineConfig)
     sock = listen(args.host, args.port)
-    store = open_store(resolve_model(args.model), cfg.shards_dir, cfg.compression, cfg.hf_token,
-                       prefix=cfg.messages_prefix)
+    store = open_configured(resolve_model(args.model), cfg)
     longest = model_context(store.config) or 4096
     cfg = dataclasses.replace(cfg, batch_size=SERVE_ROWS if args.batch_size is None else cfg.batch_size,
                               context=cfg.context or min(longest, SERVE_CONTEXT))

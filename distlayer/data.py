@@ -118,14 +118,13 @@ class Processor:
         once, if it has no layer store yet (replicas only read it)."""
         from .pipeline import RayStages, layout_for
         from .smollm import resolve_model
-        from .store import open_store
+        from .store import open_configured
 
         c = self.config
         cfg = c.pipeline_config()
         if cfg.runs_in_process:
             raise ConfigError("pipeline.stages 0 (in-process) cannot run in a Ray Data replica: give 1 or more stages")
-        store = open_store(resolve_model(c.model_source), cfg.shards_dir, cfg.compression, cfg.hf_token,
-                           progress=False, prefix="pipeline.")
+        store = open_configured(resolve_model(c.model_source), cfg, progress=False)
         ray = RayStages.connect(cfg)
         res = ray.cluster_resources()
         gpus, cpus, memory = res.get("GPU", 0), res.get("CPU", 0), res.get("memory", 0)

@@ -299,11 +299,10 @@ def _open_store(cfg: JobConfig, show_split: bool):
     """The job's layer store (split first if needed) and its tokenizer; no weights are loaded."""
     from .model import load_tokenizer
     from .smollm import resolve_model
-    from .store import open_store
+    from .store import open_configured
 
     p = cfg.pipeline
-    store = open_store(resolve_model(cfg.model), p.shards_dir, p.compression, p.hf_token, progress=show_split,
-                       prefix=p.messages_prefix)
+    store = open_configured(resolve_model(cfg.model), p, progress=show_split)
     return store, load_tokenizer(store.path)
 
 

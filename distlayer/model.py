@@ -15,7 +15,7 @@ from .errors import ConfigError
 from .generate import Generated
 from .pipeline import Pipeline
 from .scheduler import Group, Scheduler
-from .store import LayerStore, open_store
+from .store import LayerStore, open_configured
 
 # Keywords AirLLM's from_pretrained takes that mean nothing here.
 AIRLLM_IGNORED = ("profiling_mode",)
@@ -73,8 +73,7 @@ class DistModel:
     @classmethod
     def load(cls, model: str | os.PathLike, cfg: PipelineConfig, progress: bool = True) -> "DistModel":
         """Open (or split) ``model``'s layer store and start a pipeline with ``cfg``."""
-        return cls.start(open_store(model, cfg.shards_dir, cfg.compression, cfg.hf_token, progress,
-                                    prefix=cfg.messages_prefix), cfg)
+        return cls.start(open_configured(model, cfg, progress), cfg)
 
     @classmethod
     def start(cls, store: LayerStore, cfg: PipelineConfig) -> "DistModel":

@@ -35,7 +35,7 @@ from .placement import PlacedPlan, PlacedStage, Placement
 from .planner import Layout, ModelShape, Site, check_stages, pipeline_layout, plan_pipeline
 from .recovery import Recovering, Restarts
 from .stage import StageActor
-from .store import LayerStore, open_store
+from .store import LayerStore, open_configured
 from .transport import Transport, make
 
 # libgomp's spin before an idle OpenMP thread sleeps. CPU stages on one node take
@@ -462,7 +462,7 @@ def plan_model(model, cfg: PipelineConfig, progress: bool = True) -> tuple[Place
     Returns:
         ``(plan, store, dtype)``.
     """
-    store = open_store(model, cfg.shards_dir, cfg.compression, cfg.hf_token, progress, prefix=cfg.messages_prefix)
+    store = open_configured(model, cfg, progress)
     dtype = arch.compute_dtype(cfg.dtype, store.config)
     gpus = torch.cuda.device_count()
     first = layout_for(cfg, gpus)
@@ -483,7 +483,7 @@ def plan_on_cluster(model, cfg: PipelineConfig, progress: bool = True) -> tuple[
     Returns:
         ``(plan, store, dtype)``.
     """
-    store = open_store(model, cfg.shards_dir, cfg.compression, cfg.hf_token, progress, prefix=cfg.messages_prefix)
+    store = open_configured(model, cfg, progress)
     dtype = arch.compute_dtype(cfg.dtype, store.config)
     stages = None
     try:

@@ -19,7 +19,7 @@ from torch import nn
 from . import arch
 from .cache import StageCache
 from .cuda_stream import CudaMemory
-from .errors import StoreError
+from .errors import PlanError, StoreError
 from .hardware import peak_rss_bytes
 from .planner import StagePlan
 from .store import LayerStore
@@ -117,8 +117,8 @@ class LayerRunner:
         self.streamed = list(plan.streamed_units)
         self.streamed_bytes = plan.streamed_bytes  # a step's reads, at batch 1 (the planner's count)
         if set(self.resident) | set(self.streamed) != set(self.unit_bytes):
-            raise StoreError(f"stage {self.stage}'s plan names units {sorted(set(self.resident) | set(self.streamed))} "
-                             f"but its range holds {sorted(self.unit_bytes)}: plan it again for this store")
+            raise PlanError(f"stage {self.stage}'s plan names units {sorted(set(self.resident) | set(self.streamed))} "
+                            f"but its range holds {sorted(self.unit_bytes)}: plan it again for this store")
         self.caches: dict[str, StageCache] = {}
         # The units the streamer hands over, in step order: an embedding streams by row
         # instead, and a head in chunks streams chunk by chunk.
@@ -130,8 +130,8 @@ class LayerRunner:
             self.memory = MappedMemory(store, self.dtype, self.device, self.budget, self.unit_bytes, self.stage,
                                        {arch.HEAD: self.head_chunks} if self.head_chunks > 1 else None)
         elif self.head_chunks > 1:
-            raise StoreError(f"stage {self.stage}'s plan streams the head in chunks, which only a CPU stage that "
-                             "maps its shards does: plan it again for this store and device")
+            raise PlanError(f"stage {self.stage}'s plan streams the head in chunks, which only a CPU stage that "
+                            "maps its shards does: plan it again for this store and device")
         else:
             memory = CudaMemory if self.device.type == "cuda" else HostMemory
             self.memory = memory(store, self.dtype, self.device, self.budget, self.unit_bytes, self.stage)
@@ -172,9 +172,9 @@ class LayerRunner:
             p.base.norm = _Streamed(self, arch.NORM, p.base.norm)
         if arch.HEAD in streamed and self.head_chunks > 1:
             if not isinstance(p.model.lm_head, nn.Linear):
-                raise StoreError(f"stage {self.stage}'s plan streams the head in chunks but this model's head is a "
-                                 f"{type(p.model.lm_head).__name__}, not a Linear: give the stage a budget that "
-                                 "holds the head whole")
+                raise PlanError(f"stage {self.stage}'s plan streams the head in chunks but this model's head is a "
+                                f"{type(p.model.lm_head).__name__}, not a Linear: give the stage a budget that "
+                                "holds the head whole")
             p.model.lm_head = _ChunkedHead(self, self.order[-self.head_chunks:], p.model.lm_head)
         elif arch.HEAD in streamed:
             p.model.lm_head = _Streamed(self, arch.HEAD, p.model.lm_head)

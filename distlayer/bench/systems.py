@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..units import EMBED, layer_unit
 from .measure import store_files
 
 SYSTEMS = ("transformers", "accelerate", "airllm", "distlayer")
@@ -108,9 +109,8 @@ def estimate_bytes(cfg: Config, ctx: Context) -> int:
     if cfg.system == "accelerate":
         return budget
     if cfg.system == "airllm":
-        units = ctx.store.units
-        layer = max(ctx.store.unit_bytes(u, ctx.dtype) for u in units if u.startswith("layer."))
-        return ctx.store.unit_bytes("embed", ctx.dtype) + 2 * layer
+        layer = max(ctx.store.unit_bytes(layer_unit(i), ctx.dtype) for i in range(ctx.store.num_layers))
+        return ctx.store.unit_bytes(EMBED, ctx.dtype) + 2 * layer
     stages = max(1, cfg.stages)
     weights = total if budget is None else min(total, stages * budget)
     return weights + (RAY_STAGE_BYTES * stages if cfg.stages else 0)

@@ -10,7 +10,7 @@ matrices ``quant.py``'s.
 
 from ..sources import MANIFEST
 from .format import READ_ALIGN
-from .reader import LayerStore, open_store
+from .reader import LayerStore, open_configured, open_store
 from .writer import split
 
-__all__ = ["MANIFEST", "READ_ALIGN", "LayerStore", "open_store", "split"]
+__all__ = ["MANIFEST", "READ_ALIGN", "LayerStore", "open_configured", "open_store", "split"]

@@ -340,6 +340,12 @@ def _copy_tensors(mapped: mmap.mmap, data_start: int, header: dict, dtype, out: 
     return tensors
 
 
+def open_configured(model: str | os.PathLike, cfg, progress: bool = True) -> LayerStore:
+    """:func:`open_store` with a :class:`~distlayer.config.PipelineConfig`'s store settings
+    (``shards_dir``, ``compression``, ``hf_token``) and its words for them in messages."""
+    return open_store(model, cfg.shards_dir, cfg.compression, cfg.hf_token, progress, prefix=cfg.messages_prefix)
+
+
 def open_store(
     model: str | os.PathLike,
     shards_dir: str | os.PathLike | None = None,
