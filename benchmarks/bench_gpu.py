@@ -180,7 +180,7 @@ def main(argv=None) -> int:
               "params": sum(store.unit_bytes(u, torch.int8) for u in store.units), "weights_GB": weights / GB,
               "new": args.new, "model_and_split_s": round(made_s, 1), "copy": copy_bandwidth()}
     print(json.dumps(result), flush=True)
-    common = dict(batch_size=batch, context=context)
+    common = dict(max_rows=batch, context=context)
     rows = bench_transformers(path, dtype, args.batches, args.new)
     rows += bench_distlayer("distlayer 1 stage resident", path, dtype, args.batches, args.new, stages=0, **common)
     quarter = max(weights // 4, 2 * largest)

@@ -79,7 +79,7 @@ def main(argv=None):
     from distlayer.smollm import ensure_smollm2
 
     path = a.model or str(ensure_smollm2())
-    model = AutoModel.from_pretrained(path, stages=a.stages, progress=False, batch_size=a.rows, context=512)
+    model = AutoModel.from_pretrained(path, stages=a.stages, progress=False, max_rows=a.rows, context=512)
     sched = model.scheduler  # the one generate() runs on too
     tok = model.tokenizer
     rng = random.Random(0)

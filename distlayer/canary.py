@@ -227,7 +227,7 @@ def streaming_settings(path: Path) -> dict:
     shape, context = ModelShape.from_store(store, torch.float32), PROMPT_TOKENS + NEW_TOKENS
     weights = int(1.5 * max(store.unit_bytes(u) for u in store.units))
     reserve = shape.kv_bytes_per_layer(BATCH, context) * store.num_layers + shape.activation_bytes(BATCH, context)
-    return {"memory_per_stage": weights + reserve, "batch_size": BATCH, "context": context}
+    return {"memory_per_stage": weights + reserve, "max_rows": BATCH, "context": context}
 
 
 def first_difference(ours: torch.Tensor, theirs: torch.Tensor, prompt: int, pad: int):

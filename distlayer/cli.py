@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from .config import COMPRESSED, GenerationConfig, PipelineConfig, build
+from .config import COMPRESSED, RENAMED, GenerationConfig, PipelineConfig, build
 from .errors import ConfigError, DistlayerError
 from .prompts import NoChatTemplate, context_error, model_context, tokenize
 
@@ -63,11 +63,14 @@ def add_settings_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
             group.add_argument(*names, dest=f.name, type=_cli_type(kind), default=None,
                                action="append" if many else None, metavar="TEXT" if many else f.name.upper(),
                                help=text + (" (repeatable)" if many else ""))
+            for old in RENAMED.get(f.name, ()):  # still accepted, with a warning (config.renamed)
+                group.add_argument(flag(old), dest=old, type=_cli_type(kind), default=None, help=argparse.SUPPRESS)
 
 
 def settings_from(args, cls, **extra):
     """Build ``cls`` from the parsed flags of its fields that were given (and ``extra``)."""
     names = {f.name for f in dataclasses.fields(cls)}
+    names |= {old for new in names for old in RENAMED.get(new, ())}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if isinstance(given.get("memory_per_stage"), str) and "," in given["memory_per_stage"]:
         given["memory_per_stage"] = given["memory_per_stage"].split(",")
@@ -340,14 +343,15 @@ def cmd_serve(args) -> int:
     sock = listen(args.host, args.port)
     store = open_configured(resolve_model(args.model), cfg)
     longest = model_context(store.config) or 4096
-    cfg = dataclasses.replace(cfg, batch_size=SERVE_ROWS if args.batch_size is None else cfg.batch_size,
+    cfg = dataclasses.replace(cfg, max_rows=SERVE_ROWS if args.max_rows is None and args.batch_size is None
+                              else cfg.max_rows,
                               context=cfg.context or min(longest, SERVE_CONTEXT))
     name = args.served_model_name or model_name(args.model)
     api_key = args.api_key or os.environ.get("DISTLAYER_API_KEY") or None
     with sock, DistModel.start(store, cfg) as model:
         serve(model, model.scheduler, name, sock, api_key,
               ready=lambda port: _err(f"serving {name} on http://{args.host}:{port}/v1 "
-                                      f"({len(model.plan)} stages, up to {cfg.batch_size} requests at once)"))
+                                      f"({len(model.plan)} stages, up to {cfg.max_rows} requests at once)"))
     return 0
 
 

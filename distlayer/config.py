@@ -187,7 +187,8 @@ class PipelineConfig:
         "torch threads per CPU stage (default: its node's cores, shared by the node's stages that work at once)", int)
     micro_batches: int | None = setting(
         "micro-batches per batch (default: one per device: per GPU stage, or per CPU node)", int)
-    batch_size: int = setting("largest batch the budgets reserve KV cache for (with --context)", int, default=1)
+    max_rows: int = setting("most sequences the pipeline runs at once; the budgets reserve KV cache for them "
+                            "(with --context)", int, default=1)
     context: int | None = setting(
         "tokens per sequence (prompt + new) the budgets reserve KV cache and activations for", int)
     transport: str = setting(
@@ -252,7 +253,7 @@ class PipelineConfig:
             raise _bad(p + "cpus_per_stage", self.cpus_per_stage, "use a number above 0, such as 0.5")
         for key in ("threads_per_stage", "micro_batches", "context"):
             _check_int(p + key, getattr(self, key), minimum=1, optional=True)
-        _check_int(p + "batch_size", self.batch_size, minimum=1)
+        _check_int(p + "max_rows", self.max_rows, minimum=1)
         _check_str(p + "hf_token", self.hf_token, optional=True)
         for key in ("connect_timeout", "step_timeout", "heartbeat_timeout", "restart_timeout"):
             value = getattr(self, key)
@@ -447,7 +448,7 @@ class JobConfig:
             _check_str(key, getattr(self, key))
         _check_int("batch_size", self.batch_size, minimum=1)
         if isinstance(self.pipeline, dict):
-            self.pipeline = build(PipelineConfig, self.pipeline, "pipeline.")
+            self.pipeline = build(PipelineConfig, rows_set_by("the job's batch_size", self.pipeline), "pipeline.")
         if isinstance(self.generation, dict):
             self.generation = build(GenerationConfig, self.generation, "generation.")
         if not isinstance(self.pipeline, PipelineConfig):
@@ -486,6 +487,9 @@ class JobConfig:
         return build(cls, data, "")
 
 
+# Settings renamed: new name -> its old names, still accepted with a FutureWarning.
+RENAMED = {"max_rows": ("batch_size",)}  # PipelineConfig's: batch_size also meant a job's prompts per batch
+
 # Names users bring from other tools, mapped to ours (checked before difflib's guess).
 ALIASES = {"stop_strings": "stop", "max_tokens": "max_new_tokens", "chat": "chat_template",
            "num_stages": "stages", "memory": "memory_per_stage", "torch_dtype": "dtype",
@@ -505,6 +509,7 @@ def build(cls, data, prefix: str, what: str = "key"):
     if not isinstance(data, dict):
         raise _bad(prefix.rstrip(".") or "job file", data, "write a mapping of key: value")
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    data = renamed(data, fields, prefix)
     for key in data:
         if key not in fields:
             alias = ALIASES.get(str(key))
@@ -517,6 +522,41 @@ def build(cls, data, prefix: str, what: str = "key"):
     if any(f.name == "messages_prefix" for f in dataclasses.fields(cls)):
         data = {**data, "messages_prefix": prefix}
     return cls(**data)
+
+
+def rows_set_by(owner: str, pipeline: dict) -> dict:
+    """The ``pipeline`` mapping of a job or a Ray Data processor, whose own batch size
+    (``owner``) sets its ``max_rows``: ``max_rows`` there is refused; its old name, which
+    such a mapping could always hold and which never counted, is dropped with a warning."""
+    import warnings
+
+    if "max_rows" in pipeline:
+        raise ConfigError(f"pipeline.max_rows: {owner} sets the rows the pipeline runs at once; leave "
+                          "pipeline.max_rows out")
+    for old in RENAMED["max_rows"]:
+        if old in pipeline:
+            warnings.warn(f"pipeline.{old} has no effect here: {owner} sets the rows the pipeline runs at once; "
+                          f"leave pipeline.{old} out", FutureWarning, stacklevel=3)
+            pipeline = {k: v for k, v in pipeline.items() if k != old}
+    return pipeline
+
+
+def renamed(data: dict, fields, prefix: str) -> dict:
+    """``data`` with the old names of renamed settings (:data:`RENAMED`) given their new
+    ones, each with a FutureWarning that says what to write instead."""
+    import warnings
+
+    for new, olds in RENAMED.items():
+        for old in olds:
+            if new not in fields or old in fields or old not in data:
+                continue
+            if new in data:
+                raise ConfigError(f"{spell(prefix, old)} and {spell(prefix, new)} are the same setting (the old name "
+                                  f"and the new): give only {spell(prefix, new)}")
+            warnings.warn(f"{spell(prefix, old)} is now called {spell(prefix, new)}: write that instead (the old "
+                          "name still works for now)", FutureWarning, stacklevel=4)
+            data = {(new if k == old else k): v for k, v in data.items()}
+    return data
 
 
 def load_job_config(path: str | os.PathLike) -> JobConfig:

@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .config import GenerationConfig, PipelineConfig, build, temperature_settings
+from .config import GenerationConfig, PipelineConfig, build, rows_set_by, temperature_settings
 from .errors import ConfigError, DistlayerError
 from .prompts import NoChatTemplate, check_prompt, context_error, model_context, tokenize
 from .metrics import RayExport
@@ -79,12 +79,13 @@ class ProcessorConfig:
         for key in ("pipeline", "generation"):
             if not isinstance(getattr(self, key), dict):
                 raise ConfigError(f"{key}: got {getattr(self, key)!r}; use a mapping of its fields")
+        self.pipeline = rows_set_by("batch_size", self.pipeline)
         self.pipeline_config()  # every field checked now, before anything starts
         build(GenerationConfig, dict(self.generation), "generation.", "key")
 
     def pipeline_fields(self) -> dict:
-        """The ``PipelineConfig`` fields given, with ``batch_size``: a replica's pipeline runs a batch's rows at once."""
-        return {**self.pipeline, "batch_size": self.batch_size}
+        """The ``PipelineConfig`` fields given, with ``max_rows``: a replica's pipeline runs a batch's rows at once."""
+        return {**self.pipeline, "max_rows": self.batch_size}
 
     def pipeline_config(self) -> PipelineConfig:
         return build(PipelineConfig, self.pipeline_fields(), "pipeline.", "key")

@@ -311,7 +311,7 @@ def _load_model(cfg: JobConfig, store, batch_size: int, context: int):
     budget also covers their KV cache and activations."""
     from .model import DistModel
 
-    pipe = dataclasses.replace(cfg.pipeline, shards_dir=None, batch_size=batch_size, context=context)
+    pipe = dataclasses.replace(cfg.pipeline, shards_dir=None, max_rows=batch_size, context=context)
     return DistModel.load(store.path, pipe, progress=False)
 
 

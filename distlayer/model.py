@@ -42,7 +42,7 @@ class AutoModel:
                 Ray), ``memory_per_stage`` (None: 90% of what each stage's device has free),
                 ``compression``, ``shards_dir``, ``address``, ``dtype``, ``prefetch``,
                 ``hf_token``, ``device``, ``in_process``, ``placement``, ``stage_resources``,
-                ``cpus_per_stage``, ``threads_per_stage``, ``micro_batches``, ``batch_size``,
+                ``cpus_per_stage``, ``threads_per_stage``, ``micro_batches``, ``max_rows``,
                 ``context``, ``transport``, ``connect_timeout``, ``gpus_per_stage``, and for
                 lost stages ``step_timeout``, ``restart_timeout`` and ``max_restarts`` (README: "When a stage is
                 lost"). AirLLM's ``layer_shards_saving_path`` is taken as ``shards_dir``.
@@ -141,13 +141,13 @@ class DistModel:
     @property
     def scheduler(self) -> Scheduler:
         """The scheduler that runs this model's requests, ``generate()``'s included: at most
-        ``batch_size`` sequences at once (a larger ``generate()`` batch runs when nothing
+        ``max_rows`` sequences at once (a larger ``generate()`` batch runs when nothing
         else does), each at most ``context`` tokens (None: no limit). Made on first use, and
         again after one that failed (a stage lost for good)."""
         with self._lock:
             if self._scheduler is None or not self._scheduler.running:
                 cfg = self.pipeline.cfg
-                self._scheduler = Scheduler(self, cfg.batch_size, cfg.context)
+                self._scheduler = Scheduler(self, cfg.max_rows, cfg.context)
             return self._scheduler
 
     def _run(self, input_ids, attention_mask, s: GenerationConfig, streamer, output_logits: bool) -> Generated:

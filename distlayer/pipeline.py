@@ -431,7 +431,7 @@ def plan_for(store: LayerStore, cfg: PipelineConfig, dtype: torch.dtype, describ
     sites = [Site(d["node_id"], d["node_ip"], d["free_bytes"], d["cores"], d.get("gpu", ""), d["device"])
              for d in described]
     plan = plan_pipeline(ModelShape.from_store(store, dtype), sites, cfg.budgets(len(sites)), layout.device,
-                         layout.concurrency, cfg.batch_size, cfg.context)
+                         layout.concurrency, cfg.max_rows, cfg.context)
     return PlacedPlan(plan, tuple(PlacedStage(p, Placement(d["node_ip"], d["node_id"], d.get("pid")))
                                   for p, d in zip(plan.stages, described)))
 
@@ -527,7 +527,7 @@ class Pipeline:
         n = cfg.stage_count_given()
         if n is not None:  # what can be checked before any stage starts or any weight is read
             check_stages(ModelShape.from_store(self.store, self.dtype), cfg.budgets(n), cfg.device or "cpu",
-                         cfg.batch_size, cfg.context)
+                         cfg.max_rows, cfg.context)
         args = (str(self.store.path), self.dtype, cfg.prefetch)
         if cfg.runs_in_process:
             placed = layout_for(cfg, torch.cuda.device_count())

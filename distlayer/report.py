@@ -59,8 +59,8 @@ def plan_notes(plan, cfg, dtype) -> str:
                      + origin(p.budget_source == "memory_per_stage", p.budget_source, "--memory-per-stage"))
     context = reserved_context(cfg.context, plan.stages[0].device if plan.stages else "cpu")
     if context:
-        lines.append(f"reserved per stage for KV cache and activations: batch {cfg.batch_size} x {context} "
-                     "tokens " + origin(cfg.context is not None, "on a GPU", "--batch-size, --context"))
+        lines.append(f"reserved per stage for KV cache and activations: {cfg.max_rows} rows x {context} "
+                     "tokens " + origin(cfg.context is not None, "on a GPU", "--max-rows, --context"))
     else:
         lines.append("no KV cache reserved: a budget bounds weights alone (set --context to reserve it)")
     lines.append(f"threads: {', '.join(str(p.threads) for p in plan.stages)} "

@@ -15,7 +15,7 @@ fetches any, so all stages work at once:
   the context, or its caller cancelled): every stage drops its rows at once
   (``StageCache.select_rows``), and padding no kept row needs is trimmed;
 - admission is bounded by memory: at most ``max_rows`` sequences (the plan reserved KV
-  cache for ``batch_size`` sequences of ``context`` tokens); a request that does not fit
+  cache for ``max_rows`` sequences of ``context`` tokens); a request that does not fit
   waits, and one longer than the context is refused. Requests submitted as one group
   (a ``generate()`` call) are admitted together, and a group larger than ``max_rows``
   runs when nothing else does, as one batch always could;

@@ -137,3 +137,25 @@ def test_example_job_file_is_valid():
     assert cfg.model == "default" and cfg.output == str(examples / "results.jsonl")
     records = read_records(cfg.input)
     assert records and not [r.error for r in records if r.error]
+
+
+def test_batch_size_is_now_max_rows_and_still_works_with_a_warning():
+    from distlayer.cli import build_parser, settings_from
+    from distlayer.config import build
+
+    with pytest.warns(FutureWarning, match="batch_size is now called max_rows: write that instead"):
+        assert build(PipelineConfig, {"batch_size": 4}, "", "argument").max_rows == 4
+    with pytest.warns(FutureWarning, match="--batch-size is now called --max-rows"):
+        args = build_parser().parse_args(["plan", "some/model", "--batch-size", "3"])
+        assert settings_from(args, PipelineConfig).max_rows == 3
+    assert settings_from(build_parser().parse_args(["plan", "m", "--max-rows", "2"]), PipelineConfig).max_rows == 2
+    with pytest.raises(ConfigError, match="are the same setting .* give only pipeline.max_rows"):
+        build(PipelineConfig, {"batch_size": 4, "max_rows": 2}, "pipeline.")
+
+
+def test_a_jobs_pipeline_takes_its_rows_from_the_jobs_batch_size(tmp_path):
+    with pytest.raises(ConfigError, match="pipeline.max_rows: the job's batch_size sets the rows"):
+        load_job_config(write(tmp_path, BASE + "pipeline: {max_rows: 3}\n"))
+    with pytest.warns(FutureWarning, match="pipeline.batch_size has no effect here: the job's batch_size sets"):
+        cfg = load_job_config(write(tmp_path, BASE + "batch_size: 5\npipeline: {batch_size: 3, stages: 2}\n"))
+    assert cfg.batch_size == 5 and cfg.pipeline.stages == 2 and cfg.pipeline.max_rows == 1

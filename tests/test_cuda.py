@@ -272,7 +272,7 @@ def test_gpu_matches_transformers_within_budget(arch, mode, dtype, tiny_dir):
     torch.cuda.reset_peak_memory_stats()
     per_stage = budget(store, dtype, weights(store, dtype), batch)
     with AutoModel.from_pretrained(path, stages=stages, in_process=True, device="cuda", dtype=str(dtype),
-                                   memory_per_stage=per_stage, batch_size=batch, context=CONTEXT,
+                                   memory_per_stage=per_stage, max_rows=batch, context=CONTEXT,
                                    progress=False) as model:
         loaded = torch.cuda.memory_allocated() - base  # the weights: resident units and arenas
         out = generate(model, ids, mask)
@@ -303,7 +303,7 @@ def test_gpu_dead_loader_fails_the_step_instead_of_hanging(tiny_dir):
     weights = int(1.5 * max(store.packed_bytes(u, torch.float16) for u in store.units))
     ids, mask = prompts(2)
     with AutoModel.from_pretrained(path, stages=2, in_process=True, device="cuda", dtype="float16",
-                                   memory_per_stage=budget(store, torch.float16, weights, 2), batch_size=2,
+                                   memory_per_stage=budget(store, torch.float16, weights, 2), max_rows=2,
                                    context=CONTEXT, progress=False) as model:
         before = generate(model, ids, mask)
         kill_the_loader(model)
@@ -332,7 +332,7 @@ def test_gpu_ray_stages_share_one_gpu_and_a_killed_stage_does_not_hang(tiny_dir)
                           output_logits=True, return_dict_in_generate=True)
     try:
         with AutoModel.from_pretrained(path, stages=4, gpus_per_stage=0.25, device="cuda", dtype="float16",
-                                       memory_per_stage=per_stage, batch_size=2, context=CONTEXT,
+                                       memory_per_stage=per_stage, max_rows=2, context=CONTEXT,
                                        max_restarts=0, progress=False) as model:
             assert_same(generate(model, ids, mask), ref, dtype)
             stats = model.stats()

@@ -99,6 +99,7 @@ def test_pipelines_the_cluster_cannot_hold_are_refused_before_anything_starts(sm
     (dict(concurrency="2"), "concurrency"),
     (dict(pipeline={"stagez": 2}), "stagez"),
     (dict(generation={"temperature": -1}), "temperature"),
+    (dict(pipeline={"max_rows": 4}), "pipeline.max_rows: batch_size sets the rows"),
 ])
 def test_bad_settings_get_a_sentence(kw, words):
     with pytest.raises(ConfigError, match=words):

@@ -254,9 +254,9 @@ def test_rows_that_stop_early_are_padded_and_their_logits_kept(model, hf):
 
 
 def test_a_batch_larger_than_the_reservation_runs_whole(model):
-    """The model reserves KV for batch_size 1; a batch of 4 still runs, as one group."""
+    """The model reserves KV for max_rows 1; a batch of 4 still runs, as one group."""
     ids, mask = prompts(4)
-    assert model.pipeline.cfg.batch_size == 1
+    assert model.pipeline.cfg.max_rows == 1
     out = model.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=[])
     alone = [model.generate(ids[r:r + 1, mask[r].argmax():], max_new_tokens=4, eos_token_id=[])[0, -4:].tolist()
              for r in range(4)]

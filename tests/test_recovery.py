@@ -213,7 +213,7 @@ def test_scheduler_requests_joining_and_leaving_survive_a_killed_stage(tiny_dir)
 
     from distlayer.scheduler import Scheduler
 
-    with AutoModel.from_pretrained(tiny_dir("llama"), stages=2, batch_size=4, context=128,
+    with AutoModel.from_pretrained(tiny_dir("llama"), stages=2, max_rows=4, context=128,
                                    progress=False) as model:
         ps = lists()
         want = [alone(model, p, 3 * n) for p, (_, n) in zip(ps, LENGTHS)]

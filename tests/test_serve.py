@@ -67,7 +67,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(smollm_dir):
-    s = Server(smollm_dir, "--stages", "2", "--batch-size", "8", "--context", "512",
+    s = Server(smollm_dir, "--stages", "2", "--max-rows", "8", "--context", "512",
                "--served-model-name", "smol")
     yield s
     s.stop()                                                      # SIGTERM: clean exit, no traceback

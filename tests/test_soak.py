@@ -234,7 +234,7 @@ def test_soak_400_requests_through_kills_and_a_stop(smollm_dir):
     # --max-restarts 4: the stages are drawn at random, so all four faults may hit one stage,
     # and the default (3 within 10 minutes) would fail the fourth. No --step-timeout: the
     # heartbeat (heartbeat_timeout, 10 s by default) finds the stopped stage
-    s = Server(smollm_dir, "--stages", str(STAGES), "--batch-size", str(CLIENTS), "--context", "256",
+    s = Server(smollm_dir, "--stages", str(STAGES), "--max-rows", str(CLIENTS), "--context", "256",
                "--served-model-name", "smol", "--max-restarts", str(len(FAULTS)))
     injector = None
     try:
