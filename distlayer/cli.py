@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(then stopped), so the plan is the one the cluster would run.")
     p.add_argument("model", help='HF repo id, local model dir, layer store, or "default"')
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    p.add_argument("--cluster", default=None, metavar="FILE.yaml",
+                   help="what-if: plan on the nodes this file describes (which need not exist) from the model's "
+                        "config alone, and predict each stage's decode step and tokens/s at --max-rows")
     add_settings_flags(p, PipelineConfig)
     p.set_defaults(func=cmd_plan)
 
@@ -276,6 +279,8 @@ def cmd_plan(args) -> int:
     from .smollm import resolve_model
 
     cfg = settings_from(args, PipelineConfig)
+    if args.cluster is not None:
+        return cmd_plan_whatif(args, cfg)
     plan, store, dtype = (plan_model if cfg.address is None else plan_on_cluster)(resolve_model(args.model), cfg)
     if args.json:
         keys = ("stage", "node_ip", "start", "end", "budget_bytes", "budget_source", "reserve_bytes", "resident_bytes",
@@ -287,6 +292,23 @@ def cmd_plan(args) -> int:
         print(format_plan(plan.stages))
         print()
         print(plan_notes(plan, cfg, dtype))
+    return 0
+
+
+def cmd_plan_whatif(args, cfg: PipelineConfig) -> int:
+    """``distlayer plan MODEL --cluster FILE``: the plan and its predicted speed on the
+    nodes ``FILE`` describes, from the model's config alone."""
+    from .report import format_whatif
+    from .whatif import plan_cluster
+
+    w = plan_cluster(args.model, args.cluster, cfg)
+    if args.json:
+        stages = [{"node": n.name, "device_kind": d.label, **p.as_dict()} for p, (n, d) in zip(w.plan.stages, w.devices())]
+        print(json.dumps({"model": args.model, "cluster": args.cluster, "dtype": w.dtype,
+                          "micro_batches": w.plan.micro_batches, "stages": stages,
+                          "prediction": w.prediction.as_dict()}, indent=1))
+    else:
+        print(format_whatif(w))
     return 0
 
 

@@ -27,15 +27,44 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plan_row(p) -> dict:
+    """A stage plan's layers and bytes, as :func:`format_plan` and :func:`format_whatif` show them."""
+    return {"layers": f"{p.start}-{p.end - 1}",
+            "budget": fmt_bytes(p.budget_bytes) if p.budget_bytes is not None else "unlimited",
+            "kv+act": fmt_bytes(p.reserve_bytes), "resident": fmt_bytes(p.resident_bytes),
+            "streamed": fmt_bytes(p.streamed_bytes)}
+
+
 def format_plan(plans) -> str:
     """The stage plan (``model.plan``'s ``placement.PlacedStage`` entries) as a table:
     node, pid, device, threads, layers, bytes."""
     return table([{"stage": p.stage, "node": p.node_ip, "pid": p.pid, "device": p.device, "threads": p.threads,
-                   "layers": f"{p.start}-{p.end - 1}",
-                   "budget": fmt_bytes(p.budget_bytes) if p.budget_bytes is not None else "unlimited",
-                   "kv+act": fmt_bytes(p.reserve_bytes), "resident": fmt_bytes(p.resident_bytes),
-                   "streamed": fmt_bytes(p.streamed_bytes)}
-                  for p in plans])
+                   **plan_row(p)} for p in plans])
+
+
+def seconds(s: float) -> str:
+    """``0.0123`` as ``12.3 ms``; a second or more as ``1.23 s``."""
+    return f"{s:.2f} s" if s >= 1 else f"{s * 1000:.3g} ms"
+
+
+def format_whatif(w) -> str:
+    """A what-if plan (``whatif.WhatIf``): the plan on the file's devices, each stage's
+    predicted decode step and what bounds it, the bottleneck, and tokens/s."""
+    pred = w.prediction
+    rows = []
+    for p, (node, dev), c in zip(w.plan.stages, w.devices(), pred.stages):
+        rows.append({"stage": p.stage, "node": node.name, "device": dev.label, "threads": p.threads, **plan_row(p),
+                     "step": seconds(c.step_s), "compute": seconds(c.compute_s), "stream": seconds(c.streaming_s),
+                     "hand-off": seconds(c.handoff_s), "bound": c.bound})
+    return "\n".join([
+        table(rows), "",
+        f"dtype: {w.dtype}; {pred.batch} row(s) (--max-rows) in {pred.micro_batches} micro-batch(es), "
+        f"{pred.context} tokens of context (--context)",
+        f"predicted decode step: {seconds(pred.step_s)} = {pred.formula}",
+        f"bottleneck: {pred.why}",
+        f"predicted tokens/s: {pred.tokens_per_s:.3g} at {pred.batch} row(s)",
+        "a stage's step is max(compute, stream) + hand-off: prefetch overlaps reads with compute. "
+        "Predictions are not yet checked against measurements."])
 
 
 def plan_notes(plan, cfg, dtype) -> str:

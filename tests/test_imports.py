@@ -103,7 +103,7 @@ def is_private(name: str) -> bool:
 def test_import_distlayer_loads_neither_torch_nor_ray():
     code = textwrap.dedent("""
         import sys
-        import distlayer, distlayer.planner, distlayer.config, distlayer.errors
+        import distlayer, distlayer.planner, distlayer.cost, distlayer.config, distlayer.errors
         print(",".join(m for m in ("torch", "ray") if m in sys.modules))
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -111,7 +111,7 @@ def test_import_distlayer_loads_neither_torch_nor_ray():
     assert proc.returncode == 0, proc.stderr
     loaded = proc.stdout.strip()
     assert not loaded, (
-        f"`import distlayer, distlayer.planner, distlayer.config, distlayer.errors` loads {loaded}: "
+        f"`import distlayer, distlayer.planner, distlayer.cost, distlayer.config, distlayer.errors` loads {loaded}: "
         "import it inside the function that needs it, or load the public name lazily in __init__.py"
     )
 

@@ -1,0 +1,227 @@
+"""A cost model: how fast a plan decodes on devices of given speeds, before any is bought.
+
+Pure, like :mod:`distlayer.planner`: no torch, no Ray, no I/O. It takes the planner's
+:class:`~distlayer.planner.ModelShape` and :class:`~distlayer.planner.Plan` and each
+stage's :class:`Rates`, and predicts one decode step (one new token for every row).
+
+One stage, for one micro-batch of ``rows`` rows at ``context`` tokens of KV cache:
+
+- compute: ``max(FLOPs / flops, bytes read from memory / mem_bw)``. FLOPs are
+  ``rows x (2 x params + 4 x context x hidden)`` for each decoder layer (a matmul does
+  2 FLOPs per parameter per row; attention's scores and weighted sum over the context
+  take ``2 x context x hidden`` each) and ``rows x 2 x params`` for the norm and head;
+  an embedding lookup does none. Parameters are a unit's bytes over ``shape.itemsize``.
+  Memory read is every weight the step touches once (the embeddings only one row per
+  row), plus the KV cache, ``rows x context x kv_bytes_per_token`` per layer: decode is
+  usually bound by reading weights, not by arithmetic.
+- streaming: the bytes the plan streams per step (``StagePlan.streamed_bytes``) over
+  ``disk_bw``, plus, on a GPU, the decoded bytes over ``h2d_bw``: a unit is read, then
+  copied to the device.
+- hand-off: the micro-batch's hidden state, ``rows x hidden x itemsize`` bytes, over
+  ``link_bw``, plus ``link_latency_s``; none after the last stage.
+
+Overlap assumption: the stage prefetches, so a streamed unit's read overlaps the compute
+of the unit before it, and the stage's step is ``max(compute, streaming) + hand-off``,
+not their sum. The hand-off is not overlapped.
+
+The pipeline, for ``m`` micro-batches through ``S`` stages of step times ``t_i`` (each
+for ``batch / m`` rows, weights read once per micro-batch):
+
+- stages on separate devices work at once, a flow shop of identical jobs:
+  ``sum(t_i) + (m - 1) x max(t_i)`` per batch. With one micro-batch that is the sum of
+  the stages; with equal stages whose time scales with rows (compute-bound) it is the
+  GPipe fill-and-drain ``t_slowest x (m + S - 1) / m``, ``t_slowest`` the slowest
+  stage's time for the whole batch. When decode is bound by reading weights, a
+  micro-batch costs a stage nearly what the whole batch does, and more micro-batches
+  make the step slower.
+- stages that share a device take turns, so the general form is ``sum(t_i) + (m - 1) x
+  max over devices of the sum of its stages' t_i``: ``m x sum(t_i)`` when all share one.
+
+Predictions are not yet checked against measurements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .planner import ModelShape, Plan, StagePlan
+from .units import EMBED, HEAD, NORM
+
+
+@dataclass(frozen=True)
+class Rates:
+    """How fast a stage's device and node are.
+
+    Attributes:
+        flops: FLOP/s the device sustains on this model's matmuls.
+        mem_bw: bytes/s it reads weights from its own memory (a GPU's HBM, a CPU's RAM).
+        disk_bw: bytes/s of reading the store from disk.
+        h2d_bw: host-to-device bytes/s; None on a CPU.
+        link_bw: bytes/s of the hop to the next stage; None: no hop (the last stage).
+        link_latency_s: seconds the hop to the next stage adds to each hand-off.
+        device: an id for the device; stages with the same non-empty id share it and
+            take turns ("": a device of its own).
+    """
+
+    flops: float
+    mem_bw: float
+    disk_bw: float
+    h2d_bw: float | None = None
+    link_bw: float | None = None
+    link_latency_s: float = 0.0
+    device: str = ""
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """One stage's predicted seconds for one micro-batch, and what bounds it.
+
+    Attributes:
+        stage: the stage's index.
+        flops_s: FLOPs over the device's FLOP/s.
+        memory_s: bytes read from device memory over its bandwidth.
+        disk_s: streamed bytes over the disk's bandwidth.
+        h2d_s: streamed bytes over host-to-device bandwidth (0 on a CPU).
+        handoff_s: hidden state over the link, plus its latency.
+    """
+
+    stage: int
+    flops_s: float
+    memory_s: float
+    disk_s: float
+    h2d_s: float
+    handoff_s: float
+
+    @property
+    def compute_s(self) -> float:
+        return max(self.flops_s, self.memory_s)
+
+    @property
+    def streaming_s(self) -> float:
+        return self.disk_s + self.h2d_s
+
+    @property
+    def step_s(self) -> float:
+        """``max(compute, streaming) + hand-off``: prefetch overlaps reads with compute."""
+        return max(self.compute_s, self.streaming_s) + self.handoff_s
+
+    @property
+    def bound(self) -> str:
+        """What the stage waits on most: ``compute``, ``memory``, ``disk``, ``h2d`` or ``link``."""
+        parts = {"compute": self.flops_s, "memory": self.memory_s, "disk": self.disk_s, "h2d": self.h2d_s,
+                 "link": self.handoff_s}
+        if self.handoff_s <= max(self.compute_s, self.streaming_s):
+            parts.pop("link")
+        if self.streaming_s > self.compute_s:
+            parts.pop("compute"), parts.pop("memory")
+        else:
+            parts.pop("disk"), parts.pop("h2d")
+        return max(parts, key=parts.__getitem__)
+
+    def as_dict(self) -> dict:
+        return {"stage": self.stage, "step_s": self.step_s, "compute_s": self.compute_s,
+                "streaming_s": self.streaming_s, "handoff_s": self.handoff_s, "flops_s": self.flops_s,
+                "memory_s": self.memory_s, "disk_s": self.disk_s, "h2d_s": self.h2d_s, "bound": self.bound}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A plan's predicted decode step.
+
+    Attributes:
+        stages: each stage's cost for one micro-batch.
+        batch: rows decoded per step.
+        micro_batches: micro-batches a batch runs as.
+        context: tokens of KV cache each row attends over.
+        step_s: seconds per decode step of the whole batch.
+        formula: how ``step_s`` follows from the stages' times.
+    """
+
+    stages: tuple[StageCost, ...]
+    batch: int
+    micro_batches: int
+    context: int
+    step_s: float
+    formula: str
+
+    @property
+    def bottleneck(self) -> StageCost:
+        """The slowest stage."""
+        return max(self.stages, key=lambda s: s.step_s)
+
+    @property
+    def why(self) -> str:
+        """The bottleneck and what bounds it: ``"stage 2: disk"``."""
+        b = self.bottleneck
+        return f"stage {b.stage}: {b.bound}"
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens per second at :attr:`batch` rows: one new token per row per step."""
+        return self.batch / self.step_s if self.step_s else float("inf")
+
+    def as_dict(self) -> dict:
+        return {"batch": self.batch, "micro_batches": self.micro_batches, "context": self.context,
+                "step_s": self.step_s, "tokens_per_s": self.tokens_per_s, "bottleneck": self.why,
+                "formula": self.formula, "stages": [s.as_dict() for s in self.stages]}
+
+
+def unit_flops(shape: ModelShape, unit: str, unit_bytes: int, rows: int, context: int) -> float:
+    """FLOPs ``unit`` (of ``unit_bytes`` bytes) takes to decode one token for ``rows`` rows
+    at ``context`` tokens: 2 per parameter per row, plus ``4 x context x hidden`` per row
+    for a layer's attention; none for an embedding lookup."""
+    if unit == EMBED:
+        return 0.0
+    attention = 4 * context * shape.hidden if unit not in (NORM, HEAD) else 0
+    return rows * (2 * unit_bytes / shape.itemsize + attention)
+
+
+def stage_cost(shape: ModelShape, p: StagePlan, rates: Rates, rows: int, context: int = 0) -> StageCost:
+    """Predicted seconds of stage ``p`` for one micro-batch of ``rows`` rows (module docstring)."""
+    sizes = shape.unit_bytes(p.layer_range)
+    flops = sum(unit_flops(shape, u, b, rows, context) for u, b in sizes.items())
+    touched = sum(b for u, b in sizes.items() if u != EMBED)
+    if EMBED in sizes:  # a lookup reads one row of the embeddings per row
+        touched += rows * sizes[EMBED] // max(shape.vocab, 1)
+    touched += rows * context * shape.kv_bytes_per_token * (p.end - p.start)
+    decoded = sum(sizes[u] for u in p.streamed_units if u != EMBED)
+    handoff = 0.0
+    if not p.last and rates.link_bw:
+        handoff = rows * shape.hidden * shape.itemsize / rates.link_bw + rates.link_latency_s
+    return StageCost(
+        stage=p.stage, flops_s=flops / rates.flops, memory_s=touched / rates.mem_bw,
+        disk_s=p.streamed_bytes / rates.disk_bw,
+        h2d_s=decoded / rates.h2d_bw if rates.h2d_bw and not p.maps_shards else 0.0, handoff_s=handoff)
+
+
+def predict(shape: ModelShape, plan: Plan, rates: list[Rates], batch: int = 1, micro_batches: int | None = None,
+            context: int = 0) -> Prediction:
+    """Predict ``plan``'s decode step on devices of ``rates`` (one per stage).
+
+    Args:
+        shape: the model's unit sizes, as the plan was made with.
+        plan: the plan.
+        rates: each stage's device and node speeds.
+        batch: rows decoded at once.
+        micro_batches: micro-batches a batch runs as (default: the plan's), at most ``batch``.
+        context: tokens of KV cache each row attends over at the step predicted.
+
+    Raises:
+        ValueError: not one :class:`Rates` per stage, or a batch under 1.
+    """
+    if len(rates) != len(plan.stages):
+        raise ValueError(f"{len(rates)} rates for {len(plan.stages)} stages: give one per stage")
+    if batch < 1:
+        raise ValueError(f"batch={batch}: use 1 or more")
+    m = max(1, min(micro_batches or plan.micro_batches, batch))
+    rows = -(-batch // m)
+    costs = tuple(stage_cost(shape, p, r, rows, context) for p, r in zip(plan.stages, rates))
+    times = [c.step_s for c in costs]
+    busy: dict[str, float] = {}  # each device's seconds per micro-batch
+    for i, (r, t) in enumerate(zip(rates, times)):
+        key = r.device or f"stage {i}"
+        busy[key] = busy.get(key, 0.0) + t
+    step = sum(times) + (m - 1) * max(busy.values())
+    formula = "sum(stage) + (micro_batches - 1) x max(device)" if m > 1 else "sum(stage)"
+    return Prediction(costs, batch, m, context, step, formula)
+

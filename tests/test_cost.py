@@ -1,0 +1,120 @@
+"""The cost model (distlayer/cost.py): hand-computed predictions, no timing."""
+
+from __future__ import annotations
+
+import pytest
+
+from distlayer.cost import Rates, predict, stage_cost, unit_flops
+from distlayer.planner import ModelShape, Plan, StagePlan
+from distlayer.units import EMBED, HEAD, NORM, layer_unit
+
+# itemsize 2: a unit of B bytes has B / 2 parameters, so 2 x params = B FLOPs a row.
+SHAPE = ModelShape(layer_bytes=(1000, 1000), embed=400, norm=8, head=400, hidden=2, vocab=100, itemsize=2)
+ALL = (EMBED, layer_unit(0), layer_unit(1), NORM, HEAD)
+FAST = dict(flops=1e12, mem_bw=1e12, disk_bw=1e12)
+
+
+def one_stage(resident=ALL, streamed=(), streamed_bytes=0) -> Plan:
+    return Plan((StagePlan(0, 0, 2, True, "cuda", resident_units=resident, streamed_units=streamed,
+                           streamed_bytes=streamed_bytes),), 1)
+
+
+def two_stages(micro_batches: int = 1) -> Plan:
+    return Plan((StagePlan(0, 0, 1, False, "cuda", resident_units=(EMBED, layer_unit(0))),
+                 StagePlan(1, 1, 2, True, "cuda", resident_units=(layer_unit(1), NORM, HEAD))), micro_batches)
+
+
+def test_resident_stage_is_bound_by_memory_bandwidth():
+    # reads 1000 + 1000 + 8 + 400 weight bytes and one 4-byte embedding row: 2412 bytes
+    # at 1000 B/s; does 2408 FLOPs at 1e6 FLOP/s.
+    pred = predict(SHAPE, one_stage(), [Rates(flops=1e6, mem_bw=1e3, disk_bw=1e3)])
+    (c,) = pred.stages
+    assert c.memory_s == pytest.approx(2.412) and c.flops_s == pytest.approx(2.408e-3)
+    assert c.streaming_s == 0 and c.handoff_s == 0
+    assert c.bound == "memory" and pred.step_s == pytest.approx(2.412)
+    assert pred.tokens_per_s == pytest.approx(1 / 2.412) and pred.why == "stage 0: memory"
+
+
+def test_compute_bound_at_a_large_batch():
+    # 64 rows: 64 x 2408 FLOPs at 1e5 FLOP/s = 1.54 s; 2408 + 64 x 4 bytes at 1e4 B/s = 0.27 s
+    pred = predict(SHAPE, one_stage(), [Rates(flops=1e5, mem_bw=1e4, disk_bw=1e3)], batch=64)
+    assert pred.stages[0].bound == "compute"
+    assert pred.step_s == pytest.approx(64 * 2408 / 1e5)
+    assert pred.tokens_per_s == pytest.approx(64 / (64 * 2408 / 1e5))
+
+
+def test_streaming_stage_is_bound_by_disk_and_overlaps_compute():
+    plan = one_stage(resident=(EMBED, layer_unit(0)), streamed=(layer_unit(1), NORM, HEAD), streamed_bytes=1408)
+    pred = predict(SHAPE, plan, [Rates(flops=1e6, mem_bw=1e3, disk_bw=100)])
+    c = pred.stages[0]
+    assert c.disk_s == pytest.approx(14.08) and c.h2d_s == 0  # a CPU: no host-to-device copy
+    # max(compute 2.412, read 14.08), not their sum
+    assert c.step_s == pytest.approx(14.08) and c.bound == "disk" and pred.why == "stage 0: disk"
+
+
+def test_gpu_stage_is_bound_by_host_to_device_copies():
+    plan = one_stage(resident=(EMBED, layer_unit(0)), streamed=(layer_unit(1), NORM, HEAD), streamed_bytes=1408)
+    pred = predict(SHAPE, plan, [Rates(flops=1e6, mem_bw=1e6, disk_bw=1e4, h2d_bw=100)])
+    c = pred.stages[0]
+    assert c.disk_s == pytest.approx(0.1408) and c.h2d_s == pytest.approx(14.08)
+    assert c.step_s == pytest.approx(14.2208) and c.bound == "h2d"
+
+
+def test_two_stages_sum_with_one_micro_batch_and_name_the_bottleneck():
+    fast = Rates(flops=1e6, mem_bw=1e4, disk_bw=1e3, link_bw=4, link_latency_s=0.5)
+    slow = Rates(flops=1e6, mem_bw=100, disk_bw=1e3)
+    pred = predict(SHAPE, two_stages(), [fast, slow])
+    s0, s1 = pred.stages
+    assert s0.handoff_s == pytest.approx(1 * 2 * 2 / 4 + 0.5)  # rows x hidden x itemsize over the link, + latency
+    assert s0.memory_s == pytest.approx(1004 / 1e4) and s0.bound == "link"
+    assert s1.memory_s == pytest.approx(1408 / 100) and s1.handoff_s == 0  # the last stage hands off nothing
+    assert pred.step_s == pytest.approx(s0.step_s + s1.step_s) and pred.formula == "sum(stage)"
+    assert pred.bottleneck is s1 and pred.why == "stage 1: memory"
+
+
+def test_attention_flops_and_kv_reads_grow_with_context():
+    shape = ModelShape(layer_bytes=(1000,), embed=0, norm=0, head=0, hidden=2, vocab=100, itemsize=2,
+                       kv_bytes_per_token=8)
+    assert unit_flops(shape, layer_unit(0), 1000, rows=3, context=10) == 3 * (1000 + 4 * 10 * 2)
+    assert unit_flops(shape, EMBED, 400, rows=3, context=10) == 0
+    assert unit_flops(shape, HEAD, 400, rows=3, context=10) == 3 * 400
+    p = StagePlan(0, 0, 1, True, "cpu", resident_units=(EMBED, layer_unit(0), NORM, HEAD))
+    c = stage_cost(shape, p, Rates(flops=1, mem_bw=1, disk_bw=1), rows=3, context=10)
+    assert c.memory_s == 1000 + 3 * 10 * 8  # weights once, each row's KV cache
+
+
+# Compute-bound (1000 FLOP/s, 1000 FLOPs a row a stage: t = rows seconds) against
+# weight-bound (1000 B/s: t = 1 s whatever the rows) stages, batch 4.
+COMPUTE_BOUND = dict(flops=1e3, mem_bw=1e12, disk_bw=1e12)
+WEIGHT_BOUND = dict(flops=1e12, mem_bw=1e3, disk_bw=1e12)
+BARE = ModelShape(layer_bytes=(1000, 1000), embed=0, norm=0, head=0, hidden=2, vocab=100, itemsize=2)
+
+
+@pytest.mark.parametrize("kind, devices, micro, step", [
+    (COMPUTE_BOUND, ("", ""), 1, 4 + 4),              # one micro-batch: the sum
+    (COMPUTE_BOUND, ("", ""), 2, 2 + 2 + 1 * 2),      # sum + (m - 1) x slowest, of 2-row micro-batches
+    (COMPUTE_BOUND, ("", ""), 4, 1 + 1 + 3 * 1),      # = t_slowest(4 rows) x (m + S - 1) / m = 4 x 5 / 4
+    (COMPUTE_BOUND, ("gpu", "gpu"), 2, 2 * (2 + 2)),  # one device: the stages take turns, no faster
+    (COMPUTE_BOUND, ("gpu", "gpu"), 4, 4 * (1 + 1)),
+    (WEIGHT_BOUND, ("", ""), 1, 1 + 1),
+    (WEIGHT_BOUND, ("", ""), 2, 1 + 1 + 1),           # each micro-batch reads the weights again: slower
+])
+def test_micro_batches_pay_only_on_separate_devices(kind, devices, micro, step):
+    rates = [Rates(**kind, device=d) for d in devices]
+    pred = predict(BARE, two_stages(), rates, batch=4, micro_batches=micro)
+    assert pred.micro_batches == micro and pred.step_s == pytest.approx(step)
+    assert pred.tokens_per_s == pytest.approx(4 / step)
+
+
+def test_micro_batches_raise_throughput_only_on_separate_devices():
+    def tps(devices, m):
+        return predict(BARE, two_stages(), [Rates(**COMPUTE_BOUND, device=d) for d in devices], 4, m).tokens_per_s
+
+    assert tps(("", ""), 1) < tps(("", ""), 2) < tps(("", ""), 4)
+    assert tps(("gpu", "gpu"), 1) == pytest.approx(tps(("gpu", "gpu"), 2)) == pytest.approx(tps(("gpu", "gpu"), 4))
+
+
+def test_predict_refuses_mismatched_rates_and_caps_micro_batches_at_the_batch():
+    with pytest.raises(ValueError, match="one per stage"):
+        predict(SHAPE, two_stages(), [Rates(**FAST)])
+    assert predict(SHAPE, two_stages(), [Rates(**FAST)] * 2, batch=1, micro_batches=4).micro_batches == 1
