@@ -17,12 +17,19 @@ One stage, for one micro-batch of ``rows`` rows at ``context`` tokens of KV cach
 - streaming: the bytes the plan streams per step (``StagePlan.streamed_bytes``) over
   ``disk_bw``, plus, on a GPU, the decoded bytes over ``h2d_bw``: a unit is read, then
   copied to the device.
+- overhead: ``step_overhead_s`` for each forward of the stage plus ``layer_overhead_s``
+  for each of its decoder layers: what a forward costs beyond its FLOPs and reads (Python,
+  the framework's dispatch, small kernels, the rotary and mask set-up). Negligible for a
+  large model on a GPU, where the rates of a cluster file leave it 0; it can decide a
+  small model's decode step on a CPU. :mod:`distlayer.rates` measures both on the
+  stage's own device, from a real decoder layer of the model.
 - hand-off: the micro-batch's hidden state, ``rows x hidden x itemsize`` bytes, over
   ``link_bw``, plus ``link_latency_s``; none after the last stage.
 
 Overlap assumption: the stage prefetches, so a streamed unit's read overlaps the compute
 of the unit before it, and the stage's step is ``max(compute, streaming) + hand-off``,
-not their sum. The hand-off is not overlapped.
+not their sum; the overhead runs on the compute's thread, so it counts with compute. The
+hand-off is not overlapped.
 
 The pipeline, for ``m`` micro-batches through ``S`` stages of step times ``t_i`` (each
 for ``batch / m`` rows, weights read once per micro-batch):
@@ -37,7 +44,8 @@ for ``batch / m`` rows, weights read once per micro-batch):
 - stages that share a device take turns, so the general form is ``sum(t_i) + (m - 1) x
   max over devices of the sum of its stages' t_i``: ``m x sum(t_i)`` when all share one.
 
-Predictions are not yet checked against measurements.
+Predictions are checked against measured decode steps of SmolLM2-135M on a CPU by
+``benchmarks/bench_cost.py`` (results: benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -61,6 +69,9 @@ class Rates:
         link_latency_s: seconds the hop to the next stage adds to each hand-off.
         device: an id for the device; stages with the same non-empty id share it and
             take turns ("": a device of its own).
+        step_overhead_s: seconds each forward of a stage costs beyond its units' FLOPs
+            and reads, whatever its layers.
+        layer_overhead_s: seconds each decoder layer's forward costs beyond its FLOPs and reads.
     """
 
     flops: float
@@ -70,6 +81,8 @@ class Rates:
     link_bw: float | None = None
     link_latency_s: float = 0.0
     device: str = ""
+    step_overhead_s: float = 0.0
+    layer_overhead_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,8 @@ class StageCost:
         disk_s: streamed bytes over the disk's bandwidth.
         h2d_s: streamed bytes over host-to-device bandwidth (0 on a CPU).
         handoff_s: hidden state over the link, plus its latency.
+        overhead_s: the forward's and its layers' overhead (``Rates.step_overhead_s``,
+            ``Rates.layer_overhead_s``).
     """
 
     stage: int
@@ -91,10 +106,12 @@ class StageCost:
     disk_s: float
     h2d_s: float
     handoff_s: float
+    overhead_s: float = 0.0
 
     @property
     def compute_s(self) -> float:
-        return max(self.flops_s, self.memory_s)
+        """``max(FLOPs, reads) + overhead``: the seconds the stage's thread computes."""
+        return max(self.flops_s, self.memory_s) + self.overhead_s
 
     @property
     def streaming_s(self) -> float:
@@ -107,13 +124,14 @@ class StageCost:
 
     @property
     def bound(self) -> str:
-        """What the stage waits on most: ``compute``, ``memory``, ``disk``, ``h2d`` or ``link``."""
-        parts = {"compute": self.flops_s, "memory": self.memory_s, "disk": self.disk_s, "h2d": self.h2d_s,
-                 "link": self.handoff_s}
+        """What the stage waits on most: ``compute``, ``memory``, ``overhead``, ``disk``,
+        ``h2d`` or ``link``."""
+        parts = {"compute": self.flops_s, "memory": self.memory_s, "overhead": self.overhead_s, "disk": self.disk_s,
+                 "h2d": self.h2d_s, "link": self.handoff_s}
         if self.handoff_s <= max(self.compute_s, self.streaming_s):
             parts.pop("link")
         if self.streaming_s > self.compute_s:
-            parts.pop("compute"), parts.pop("memory")
+            parts.pop("compute"), parts.pop("memory"), parts.pop("overhead")
         else:
             parts.pop("disk"), parts.pop("h2d")
         return max(parts, key=parts.__getitem__)
@@ -121,7 +139,8 @@ class StageCost:
     def as_dict(self) -> dict:
         return {"stage": self.stage, "step_s": self.step_s, "compute_s": self.compute_s,
                 "streaming_s": self.streaming_s, "handoff_s": self.handoff_s, "flops_s": self.flops_s,
-                "memory_s": self.memory_s, "disk_s": self.disk_s, "h2d_s": self.h2d_s, "bound": self.bound}
+                "memory_s": self.memory_s, "overhead_s": self.overhead_s, "disk_s": self.disk_s, "h2d_s": self.h2d_s,
+                "bound": self.bound}
 
 
 @dataclass(frozen=True)
@@ -191,7 +210,8 @@ def stage_cost(shape: ModelShape, p: StagePlan, rates: Rates, rows: int, context
     return StageCost(
         stage=p.stage, flops_s=flops / rates.flops, memory_s=touched / rates.mem_bw,
         disk_s=p.streamed_bytes / rates.disk_bw,
-        h2d_s=decoded / rates.h2d_bw if rates.h2d_bw and not p.maps_shards else 0.0, handoff_s=handoff)
+        h2d_s=decoded / rates.h2d_bw if rates.h2d_bw and not p.maps_shards else 0.0, handoff_s=handoff,
+        overhead_s=rates.step_overhead_s + (p.end - p.start) * rates.layer_overhead_s)
 
 
 def predict(shape: ModelShape, plan: Plan, rates: list[Rates], batch: int = 1, micro_batches: int | None = None,

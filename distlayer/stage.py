@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import arch, hardware, versions
+from . import arch, hardware, rates, versions
 from .errors import StageError, StoreError
 from .planner import StagePlan
 from .runner import LayerRunner
@@ -50,6 +50,13 @@ class StageActor:
         versions of the libraries that decide its answers."""
         return {"pid": os.getpid(), "stage": self.stage, "device": self.device, "versions": versions.installed(),
                 **hardware.where(self.device)}
+
+    def measure_rates(self, batch: int = 1, remeasure: bool = False) -> dict:
+        """This stage's node and device rates for the cost model, measured here for its
+        store's model at ``batch`` rows (``rates.measure_node``: cached per node and model
+        shape; ``remeasure`` measures again). ``Rates(**result["rates"])`` is the rates."""
+        threads = self.runner.threads if self.runner is not None else None
+        return rates.measure_node(self.store_path, self.dtype, self.device, batch, threads, remeasure)
 
     def setup(self, plan: StagePlan) -> None:
         """Load the stage's resident units and start streaming the rest, as planned."""

@@ -118,3 +118,27 @@ def test_predict_refuses_mismatched_rates_and_caps_micro_batches_at_the_batch():
     with pytest.raises(ValueError, match="one per stage"):
         predict(SHAPE, two_stages(), [Rates(**FAST)])
     assert predict(SHAPE, two_stages(), [Rates(**FAST)] * 2, batch=1, micro_batches=4).micro_batches == 1
+
+
+@pytest.mark.parametrize("step_over,layer_over,stage_s,bound", [
+    (0.0, 0.0, 2.412, "memory"),          # no overhead: as before
+    (0.5, 0.0, 2.912, "memory"),          # one forward's overhead, once per stage
+    (0.0, 1.5, 5.412, "overhead"),        # two decoder layers' overhead outweighs the reads
+    (0.5, 1.0, 4.912, "overhead"),
+])
+def test_overheads_add_to_compute_per_forward_and_per_layer(step_over, layer_over, stage_s, bound):
+    r = Rates(flops=1e6, mem_bw=1e3, disk_bw=1e3, step_overhead_s=step_over, layer_overhead_s=layer_over)
+    (c,) = predict(SHAPE, one_stage(), [r]).stages
+    assert c.overhead_s == pytest.approx(step_over + 2 * layer_over)
+    assert c.compute_s == pytest.approx(stage_s) and c.step_s == pytest.approx(stage_s) and c.bound == bound
+    assert c.as_dict()["overhead_s"] == pytest.approx(c.overhead_s)
+
+
+def test_overheads_count_each_stages_own_layers_and_overlap_streaming():
+    r = Rates(flops=1e6, mem_bw=1e6, disk_bw=100, step_overhead_s=0.25, layer_overhead_s=1.0)
+    a, b = predict(SHAPE, two_stages(), [r, r]).stages
+    assert a.overhead_s == b.overhead_s == pytest.approx(1.25)
+    plan = one_stage(resident=(EMBED, layer_unit(0)), streamed=(layer_unit(1), NORM, HEAD), streamed_bytes=1408)
+    (c,) = predict(SHAPE, plan, [r]).stages
+    # compute with overhead 2.25 + 0.0024 s < streaming 14.08 s: the read still bounds it
+    assert c.step_s == pytest.approx(14.08) and c.bound == "disk"
