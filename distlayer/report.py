@@ -64,7 +64,8 @@ def format_whatif(w) -> str:
         f"bottleneck: {pred.why}",
         f"predicted tokens/s: {pred.tokens_per_s:.3g} at {pred.batch} row(s)",
         "a stage's step is max(compute, stream) + hand-off: prefetch overlaps reads with compute. "
-        "Predictions are not yet checked against measurements."])
+        "Predictions for devices described in a file are not yet checked against measurements: they use peak "
+        "figures and no per-layer overhead, so read them as an upper bound."])
 
 
 def plan_notes(plan, cfg, dtype) -> str:
