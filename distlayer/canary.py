@@ -23,6 +23,7 @@ import torch
 
 from . import versions
 from .errors import ConfigError
+from .planner import head_dim
 
 LAYERS = 2
 VOCAB = 512
@@ -112,7 +113,7 @@ def _clamp_ids(value, vocab: int):
 def _fit_rope(text) -> None:
     """Rope factor lists (one factor per rotary frequency, e.g. Phi-3's long rope) cut to
     the shrunk head's frequencies, in ``rope_parameters`` (per layer kind where it is split so)."""
-    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head = head_dim(text)
     freqs = int(head * (getattr(text, "partial_rotary_factor", None) or 1.0)) // 2
 
     def fit(params):

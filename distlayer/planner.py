@@ -114,6 +114,19 @@ def stage_units(shape: "ModelShape", r: LayerRange, budget: int | None, maps: bo
     return resident, chunks if r.last and HEAD not in resident else 1
 
 
+def head_dim(text) -> int:
+    """Width of one attention head of a model's text config: its ``head_dim``, else hidden
+    size over heads."""
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+
+def kv_bytes_per_token(text, itemsize: int) -> int:
+    """KV cache bytes one token takes in one decoder layer: keys and values of every
+    key-value head (all heads without grouped-query attention)."""
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    return 2 * heads * head_dim(text) * itemsize
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What planning needs to know of a model, in its compute dtype.
@@ -153,12 +166,10 @@ class ModelShape:
         ``torch.dtype``, passed in: this module imports neither): unit bytes from the
         manifest, KV bytes per token and layer, hidden and vocabulary sizes from the config."""
         text = store.config.get_text_config()
-        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         return cls(
             layer_bytes=tuple(store.unit_bytes(layer_unit(i), dtype) for i in range(store.num_layers)),
             embed=store.unit_bytes(EMBED, dtype), norm=store.unit_bytes(NORM, dtype), head=store.unit_bytes(HEAD, dtype),
-            kv_bytes_per_token=2 * heads * head_dim * dtype.itemsize, hidden=text.hidden_size,
+            kv_bytes_per_token=kv_bytes_per_token(text, dtype.itemsize), hidden=text.hidden_size,
             vocab=text.vocab_size, itemsize=dtype.itemsize,
             read_bytes=tuple(store.read_bytes(u, dtype) for u in unit_order(store.num_layers)),
             in_place=store.maps_in_place(dtype),

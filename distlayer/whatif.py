@@ -34,7 +34,7 @@ from pathlib import Path
 from .config import PipelineConfig, parse_bytes
 from .cost import Prediction, Rates, predict
 from .errors import ConfigError
-from .planner import ModelShape, Plan, Site, pipeline_layout, plan_pipeline
+from .planner import ModelShape, Plan, Site, kv_bytes_per_token, pipeline_layout, plan_pipeline
 from .units import EMBED, HEAD, NORM, layer_unit
 
 GB, Gbit = 1e9, 1e9 / 8
@@ -275,12 +275,10 @@ def shape_from_config(config, dtype) -> ModelShape:
         unit = arch.unit_of_key(p, key)
         sizes[unit] = sizes.get(unit, 0) + t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
     text = config.get_text_config()
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return ModelShape(
         layer_bytes=tuple(sizes.get(layer_unit(i), 0) for i in range(len(p.layers))),
         embed=sizes.get(EMBED, 0), norm=sizes.get(NORM, 0), head=sizes.get(HEAD, 0),
-        kv_bytes_per_token=2 * heads * head_dim * dtype.itemsize, hidden=text.hidden_size, vocab=text.vocab_size,
+        kv_bytes_per_token=kv_bytes_per_token(text, dtype.itemsize), hidden=text.hidden_size, vocab=text.vocab_size,
         itemsize=dtype.itemsize, in_place=dtype == arch.checkpoint_dtype(config))
 
 
