@@ -275,7 +275,7 @@ def cmd_plan(args) -> int:
     machine, or with ``--address`` on that live Ray cluster (the same planning call and
     defaults), without loading weights."""
     from .pipeline import plan_model, plan_on_cluster
-    from .report import format_plan, plan_notes
+    from .report import format_measured, format_plan, plan_notes
     from .smollm import resolve_model
 
     cfg = settings_from(args, PipelineConfig)
@@ -285,13 +285,19 @@ def cmd_plan(args) -> int:
     if args.json:
         keys = ("stage", "node_ip", "start", "end", "budget_bytes", "budget_source", "reserve_bytes", "resident_bytes",
                 "streamed_bytes", "resident_units", "streamed_units", "device", "threads")
+        measured = {} if plan.survey is None else {"measured": plan.survey.as_dicts(),
+                                                   "prediction": plan.prediction.as_dict()}
         print(json.dumps({"model": str(store.path), "dtype": str(dtype).removeprefix("torch."),
-                          "micro_batches": plan.micro_batches,
-                          "stages": [{k: p.as_dict()[k] for k in keys} for p in plan.stages]}, indent=1))
+                          "micro_batches": plan.micro_batches, "balance": plan.plan.balance,
+                          "balance_note": plan.plan.balance_note,
+                          "stages": [{k: p.as_dict()[k] for k in keys} for p in plan.stages], **measured}, indent=1))
     else:
         print(format_plan(plan.stages))
         print()
         print(plan_notes(plan, cfg, dtype))
+        if plan.survey is not None:
+            print()
+            print(format_measured(plan))
     return 0
 
 
@@ -305,7 +311,8 @@ def cmd_plan_whatif(args, cfg: PipelineConfig) -> int:
     if args.json:
         stages = [{"node": n.name, "device_kind": d.label, **p.as_dict()} for p, (n, d) in zip(w.plan.stages, w.devices())]
         print(json.dumps({"model": args.model, "cluster": args.cluster, "dtype": w.dtype,
-                          "micro_batches": w.plan.micro_batches, "stages": stages,
+                          "micro_batches": w.plan.micro_batches, "balance": w.plan.balance,
+                          "balance_note": w.plan.balance_note, "stages": stages,
                           "prediction": w.prediction.as_dict()}, indent=1))
     else:
         print(format_whatif(w))

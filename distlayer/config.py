@@ -39,6 +39,7 @@ COMPRESSIONS = (None, *COMPRESSED)  # the compression setting's values (None: no
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 PLACEMENTS = ("pack", "spread")
+BALANCES = ("auto", "speed", "bytes")  # how layers are split among the stages
 DEVICES = ("cpu", "cuda")
 
 
@@ -181,6 +182,11 @@ class PipelineConfig:
     device: str | None = setting("cpu or cuda (default: cuda when the cluster has GPUs)", str)
     in_process: bool = setting("run the stages in this process, one after another, without Ray", default=False)
     placement: str = setting("pack (fill one node first) or spread (one stage per node)", str, default="pack")
+    balance: str = setting(
+        "how layers are split among the stages: speed (measure each node, cached: compute, memory, disk and the "
+        "links between nodes, and take the ranges the cost model predicts fastest, so a slow node gets fewer "
+        "layers), bytes (by memory and bytes alone, nothing measured) or auto (speed when the stages are on more "
+        "than one node, else bytes)", str, default="auto")
     stage_resources: list | None = setting('extra Ray resources per stage, e.g. [{"node_a": 1}, {"node_b": 1}]')
     cpus_per_stage: float | None = setting("Ray CPUs per stage (default: an equal share, at most 1)", float)
     threads_per_stage: int | None = setting(
@@ -245,6 +251,7 @@ class PipelineConfig:
             _check_str(p + "device", self.device)
             _check_choice(p + "device", self.device.split(":")[0], DEVICES)
         _check_choice(p + "placement", self.placement, PLACEMENTS)
+        _check_choice(p + "balance", self.balance, BALANCES)
         _check_choice(p + "transport", self.transport, TRANSPORTS)
         if self.stage_resources is not None and not (
                 isinstance(self.stage_resources, list) and all(isinstance(r, dict) for r in self.stage_resources)):

@@ -233,15 +233,53 @@ def predict(shape: ModelShape, plan: Plan, rates: list[Rates], batch: int = 1, m
         raise ValueError(f"{len(rates)} rates for {len(plan.stages)} stages: give one per stage")
     if batch < 1:
         raise ValueError(f"batch={batch}: use 1 or more")
-    m = max(1, min(micro_batches or plan.micro_batches, batch))
-    rows = -(-batch // m)
-    costs = tuple(stage_cost(shape, p, r, rows, context) for p, r in zip(plan.stages, rates))
-    times = [c.step_s for c in costs]
-    busy: dict[str, float] = {}  # each device's seconds per micro-batch
-    for i, (r, t) in enumerate(zip(rates, times)):
-        key = r.device or f"stage {i}"
-        busy[key] = busy.get(key, 0.0) + t
-    step = sum(times) + (m - 1) * max(busy.values())
-    formula = "sum(stage) + (micro_batches - 1) x max(device)" if m > 1 else "sum(stage)"
-    return Prediction(costs, batch, m, context, step, formula)
+    timer = Timer(shape, tuple(rates), batch, micro_batches or plan.micro_batches, context)
+    costs = tuple(timer.stage_cost(p) for p in plan.stages)
+    formula = "sum(stage) + (micro_batches - 1) x max(device)" if timer.micro_batches > 1 else "sum(stage)"
+    return Prediction(costs, batch, timer.micro_batches, context, timer.step_s([c.step_s for c in costs]), formula)
+
+
+@dataclass(frozen=True)
+class Timer:
+    """Stage and step times of plans on devices of given rates, for one batch: what
+    :func:`predict` sums up, and what ``planner.plan_pipeline`` places layers by
+    (``planner.StageTimer``).
+
+    Attributes:
+        shape: the model's unit sizes.
+        rates: each stage's device and node speeds, by stage index.
+        batch: rows decoded at once.
+        micro_batches: micro-batches a batch runs as (at most ``batch`` count).
+        context: tokens of KV cache each row attends over.
+    """
+
+    shape: ModelShape
+    rates: tuple[Rates, ...]
+    batch: int = 1
+    micro_batches: int = 1
+    context: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "micro_batches", max(1, min(self.micro_batches, self.batch)))
+
+    @property
+    def rows(self) -> int:
+        """Rows of one micro-batch."""
+        return -(-self.batch // self.micro_batches)
+
+    def stage_cost(self, plan: StagePlan) -> StageCost:
+        return stage_cost(self.shape, plan, self.rates[plan.stage], self.rows, self.context)
+
+    def stage_s(self, plan: StagePlan) -> float:
+        """Seconds of stage ``plan`` for one micro-batch."""
+        return self.stage_cost(plan).step_s
+
+    def step_s(self, times: list[float]) -> float:
+        """Seconds of a decode step of the whole batch from each stage's ``times`` for
+        one micro-batch (module docstring): ``sum + (m - 1) x`` the busiest device's."""
+        busy: dict[str, float] = {}  # each device's seconds per micro-batch
+        for i, (r, t) in enumerate(zip(self.rates, times)):
+            key = r.device or f"stage {i}"
+            busy[key] = busy.get(key, 0.0) + t
+        return sum(times) + (self.micro_batches - 1) * max(busy.values())
 

@@ -46,6 +46,28 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_quota() -> float | None:
+    """Cores' worth of CPU time this process's cgroup allows (its ``cpu.max``, or cgroup
+    v1's ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``); None when unlimited or unknown."""
+    try:
+        lines = open("/proc/self/cgroup").read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        try:
+            if controllers == "":  # cgroup v2
+                quota, period = open(f"/sys/fs/cgroup{path}/cpu.max").read().split()
+                return None if quota == "max" else int(quota) / int(period)
+            if "cpu" in controllers.split(","):
+                base = f"/sys/fs/cgroup/{controllers}{path}"
+                quota = int(open(f"{base}/cpu.cfs_quota_us").read())
+                return None if quota < 0 else quota / int(open(f"{base}/cpu.cfs_period_us").read())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def local_ip() -> str:
     """This machine's address (best effort)."""
     try:

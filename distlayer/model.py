@@ -89,6 +89,22 @@ class DistModel:
         node_ip, node_id, pid, store_path, store_source, fetched, fetched_bytes)."""
         return self.pipeline.plan
 
+    @property
+    def prediction(self):
+        """The cost model's decode step for the plan running, at ``max_rows`` rows
+        (``cost.Prediction``: ``step_s``, ``tokens_per_s``, each stage's cost and bound),
+        where the nodes were measured (``balance="speed"``, or ``"auto"`` on several
+        nodes); else None."""
+        return self.pipeline.prediction
+
+    @property
+    def survey(self):
+        """What was measured of the stages' nodes and links for placement by speed
+        (``survey.Survey``: each stage's rates, how they were measured, its link to the
+        next), and ``model.pipeline.balance_note`` says how the ranges were chosen; None
+        when nothing was measured."""
+        return self.pipeline.survey
+
     def stats(self) -> list[dict]:
         """One dict per stage: peak_weight_bytes, peak_rss_bytes, kv_bytes, load_s, compute_s, transfer_s, …"""
         return self.pipeline.stats()

@@ -15,6 +15,7 @@ sure each node has its stages' units on its own disk.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import re
@@ -32,10 +33,12 @@ from .errors import ConfigError, StageError, StageLost
 from .fill import fill_stages
 from .liveness import HEALTH, Heartbeat
 from .placement import PlacedPlan, PlacedStage, Placement
+from .cost import Prediction, predict
 from .planner import Layout, ModelShape, Site, check_stages, pipeline_layout, plan_pipeline
 from .recovery import Recovering, Restarts
 from .stage import StageActor
 from .store import LayerStore, open_configured
+from .survey import Survey, balance_for, survey, timer_for
 from .transport import Transport, make
 
 # libgomp's spin before an idle OpenMP thread sleeps. CPU stages on one node take
@@ -424,16 +427,42 @@ class RayStages:
 
 
 def plan_for(store: LayerStore, cfg: PipelineConfig, dtype: torch.dtype, described: list[dict],
-             layout: Layout) -> PlacedPlan:
+             layout: Layout, stages=None, measure: bool = False) -> PlacedPlan:
     """The plan for stages that reported ``described`` (``StageActor.describe`` plus a
     node id), with where each runs: the one planning call that ``distlayer plan`` and
-    :class:`Pipeline` share."""
+    :class:`Pipeline` share.
+
+    Ranges are balanced by bytes, or by speed (``cfg.balance``, ``survey.balance_for``):
+    then ``stages`` (the started ``Stages``) measure their nodes and links
+    (``survey.survey``) and the ranges the cost model predicts fastest are taken
+    (``planner.plan_pipeline``). With ``measure`` they measure even when ranges are
+    balanced by bytes, for the prediction. The plan carries what was measured and its
+    predicted step (``PlacedPlan.survey``, ``.prediction``).
+    """
     sites = [Site(d["node_id"], d["node_ip"], d["free_bytes"], d["cores"], d.get("gpu", ""), d["device"])
              for d in described]
-    plan = plan_pipeline(ModelShape.from_store(store, dtype), sites, cfg.budgets(len(sites)), layout.device,
-                         layout.concurrency, cfg.max_rows, cfg.context)
-    return PlacedPlan(plan, tuple(PlacedStage(p, Placement(d["node_ip"], d["node_id"], d.get("pid")))
-                                  for p, d in zip(plan.stages, described)))
+    shape = ModelShape.from_store(store, dtype)
+
+    def placed(timer=None) -> PlacedPlan:
+        plan = plan_pipeline(shape, sites, cfg.budgets(len(sites)), layout.device, layout.concurrency, cfg.max_rows,
+                             cfg.context, timer)
+        return PlacedPlan(plan, tuple(PlacedStage(p, Placement(d["node_ip"], d["node_id"], d.get("pid")))
+                                      for p, d in zip(plan.stages, described)))
+
+    by_bytes = placed()
+    balance = balance_for(cfg.balance, [s.node_id for s in sites])
+    if stages is None or not (measure or balance == "speed"):
+        return by_bytes
+    rows = -(-cfg.max_rows // max(1, min(by_bytes.micro_batches, cfg.max_rows)))
+    found = survey(stages, by_bytes, store, shape, rows, [s.free_bytes for s in sites], [s.gpu for s in sites])
+    timer = timer_for(shape, list(found.rates), by_bytes.plan, cfg.max_rows, cfg.context)
+    if balance == "speed":
+        chosen = placed(timer)
+    else:
+        note = "by bytes: the stages share one node (balance auto); the rates measured give the prediction only"
+        chosen = dataclasses.replace(by_bytes, plan=dataclasses.replace(by_bytes.plan, balance_note=note))
+    return dataclasses.replace(chosen, survey=found, prediction=predict(
+        shape, chosen.plan, list(found.rates), cfg.max_rows, chosen.micro_batches, timer.context))
 
 
 def layout_for(cfg: PipelineConfig, gpus: float, stage_nodes: list[str] | None = None,
@@ -456,8 +485,10 @@ def local_gpu(stage: int, cfg: PipelineConfig) -> str:
 
 def plan_model(model, cfg: PipelineConfig, progress: bool = True) -> tuple[PlacedPlan, LayerStore, torch.dtype]:
     """The plan ``from_pretrained(model, **cfg)`` runs with when its stages are on this
-    machine, without loading weights or starting Ray. Splits the checkpoint first if it
-    has no layer store yet (that reads weights once).
+    machine, without loading the model or starting Ray. Splits the checkpoint first if it
+    has no layer store yet (that reads weights once). Unless ``cfg.balance`` is
+    ``"bytes"``, this machine's rates are measured (a few of the model's layers, cached:
+    ``rates.measure_node``) for the plan's predicted step.
 
     Returns:
         ``(plan, store, dtype)``.
@@ -472,13 +503,17 @@ def plan_model(model, cfg: PipelineConfig, progress: bool = True) -> tuple[Place
     described = [{**measured[d], "node_id": "local", "device": "cuda:0" if device == "cuda" else device}
                  for d in devices]
     placed = layout_for(cfg, gpus, ["local"] * n, {"local": described[0]["cores"]})
-    return plan_for(store, cfg, dtype, described, placed), store, dtype
+    stages = None if cfg.balance == "bytes" else \
+        LocalStages([StageActor(str(store.path), i, d, dtype, cfg.prefetch) for i, d in enumerate(devices)])
+    return plan_for(store, cfg, dtype, described, placed, stages, measure=True), store, dtype
 
 
 def plan_on_cluster(model, cfg: PipelineConfig, progress: bool = True) -> tuple[PlacedPlan, LayerStore, torch.dtype]:
     """The plan ``from_pretrained(model, **cfg)`` runs with on the Ray cluster at
     ``cfg.address``: its stages are placed and asked where they run, as a pipeline's are,
-    then stopped; no weights are loaded and nothing is sent to the nodes.
+    then stopped. Unless ``cfg.balance`` is ``"bytes"``, they measure their nodes first
+    (``survey.survey``: a node whose rates are not cached gets the few layers' shards it
+    measures with); nothing else is loaded or sent.
 
     Returns:
         ``(plan, store, dtype)``.
@@ -488,7 +523,7 @@ def plan_on_cluster(model, cfg: PipelineConfig, progress: bool = True) -> tuple[
     stages = None
     try:
         stages, placed = RayStages.launch(cfg, (str(store.path), dtype, cfg.prefetch))
-        return plan_for(store, cfg, dtype, stages.describe(), placed), store, dtype
+        return plan_for(store, cfg, dtype, stages.describe(), placed, stages, cfg.balance != "bytes"), store, dtype
     finally:
         if stages is not None:
             stages.close()
@@ -515,6 +550,9 @@ class Pipeline:
         self.heartbeat: Heartbeat | None = None
         self._hung: dict[int, str] = {}  # stages the heartbeat found hung: why
         self._micro = 1
+        self.survey: Survey | None = None  # what was measured for placement by speed
+        self.prediction: Prediction | None = None  # the cost model's step for the plan, where measured
+        self.balance_note = ""  # how the ranges were chosen, in a sentence
         try:
             self._start()
         except BaseException:
@@ -538,8 +576,9 @@ class Pipeline:
         described = s.describe()
         for d in described if s.remote else ():  # each node's own libraries run its stages
             versions.guard(d["versions"], versions.LOCAL, where=f"node {d['node_ip']} (stage {d['stage']})")
-        plan = plan_for(self.store, cfg, self.dtype, described, placed)
+        plan = plan_for(self.store, cfg, self.dtype, described, placed, s)
         self.plan, self._micro = list(plan.stages), plan.micro_batches
+        self.survey, self.prediction, self.balance_note = plan.survey, plan.prediction, plan.plan.balance_note
         if s.remote:
             fill_stages(s, self.plan, self.store)  # each node gets its stages' units before they load
         self.restarts = Restarts(len(self.plan), cfg.max_restarts)

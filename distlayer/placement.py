@@ -12,7 +12,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from typing import TYPE_CHECKING
+
 from .planner import Plan, StagePlan
+
+if TYPE_CHECKING:
+    from .cost import Prediction
+    from .survey import Survey
 
 
 @dataclass
@@ -67,10 +73,14 @@ class PlacedStage:
 
 @dataclass(frozen=True)
 class PlacedPlan:
-    """A pipeline's plan with its stages' placements (what ``distlayer plan`` prints)."""
+    """A pipeline's plan with its stages' placements (what ``distlayer plan`` prints), and
+    where the nodes were measured, what was measured (``survey.Survey``) and the cost
+    model's prediction for the plan (``cost.Prediction``)."""
 
     plan: Plan
     stages: tuple[PlacedStage, ...]
+    survey: Survey | None = None
+    prediction: Prediction | None = None
 
     @property
     def micro_batches(self) -> int:

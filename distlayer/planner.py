@@ -11,6 +11,7 @@ pid and store) is the driver's record, ``placement.Placement``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 from .errors import PlanError
 from .units import EMBED, HEAD, NORM, LayerRange, layer_unit, unit_order
@@ -27,6 +28,12 @@ GPU_CONTEXT = 2048
 # activation estimate does not count: cuBLAS workspaces, prefill temporaries (MLP
 # intermediates, attention scores) and the allocator's rounding.
 GPU_WORKSPACE = 256 * 2**20
+# Placement by speed keeps the bytes-balanced ranges unless its own are predicted at least
+# this share faster: noise in the measured rates of like nodes must not move layers.
+SPEED_MARGIN = 0.05
+# Step-time limits the speed search tries between the least possible slowest stage and
+# the slowest stage of the least total (:meth:`_Cuts.fastest`).
+SPEED_LIMITS = 48
 
 
 def fmt_bytes(n: float) -> str:
@@ -262,6 +269,62 @@ class _Cuts:
                 lo = mid + 1
         return lo
 
+    def fastest(self, time_of, step_of) -> list[tuple[int, int]] | None:
+        """Cuts whose stage times (``time_of(i, a, b)``, inf where stage ``i`` cannot
+        hold layers ``[a, b)``) give the least ``step_of(times)``; None when no cuts fit.
+
+        Exact for the sum of the stages (one micro-batch: one stage works at a time) and
+        for their maximum; for ``sum + k x max`` (micro-batches in flight) it takes, for
+        each of :data:`SPEED_LIMITS` limits on the slowest stage between the least
+        possible and the slowest stage of the least sum, the least sum within it.
+        """
+        n, s = self.n, self.s
+        t = {(i, a, b): time_of(i, a, b) for i in range(s) for a in range(i, n - s + i + 1)
+             for b in range(a + 1, n - s + i + 2)}
+
+        def best(limit: float, join) -> list[tuple[int, int]] | None:
+            # score[b]: the best score of stages 0..i ending at layer b; back[i][b]: where stage i began
+            inf = float("inf")
+            score = {b: t[0, 0, b] if t[0, 0, b] <= limit else inf for b in range(1, n - s + 2)}
+            back = [{b: 0 for b in score}]
+            for i in range(1, s):
+                nxt, came = {}, {}
+                for b in range(i + 1, n - s + i + 2):
+                    nxt[b], came[b] = inf, None
+                    for a in range(i, b):
+                        if score.get(a, inf) == inf or t[i, a, b] > limit:
+                            continue
+                        v = join(score[a], t[i, a, b])
+                        if v < nxt[b]:
+                            nxt[b], came[b] = v, a
+                score = nxt
+                back.append(came)
+            if score.get(n, inf) == inf:
+                return None
+            cuts, b = [], n
+            for i in range(s - 1, -1, -1):
+                a = back[i][b]
+                cuts.append((a, b))
+                b = a
+            return cuts[::-1]
+
+        def times(cuts):
+            return [t[i, a, b] for i, (a, b) in enumerate(cuts)]
+
+        quickest = best(float("inf"), lambda x, y: x + y)
+        if quickest is None:
+            return None
+        lo, hi = max(times(best(float("inf"), max))), max(times(quickest))
+        found = [quickest]
+        for k in range(SPEED_LIMITS + 1):
+            if hi <= lo * (1 + 1e-9):
+                break
+            cuts = best(lo * (hi / lo) ** (k / SPEED_LIMITS) * (1 + 1e-9) if lo > 0 else hi * k / SPEED_LIMITS,
+                        lambda x, y: x + y)
+            if cuts is not None:
+                found.append(cuts)
+        return min(found, key=lambda c: step_of(times(c)))
+
 
 def plan_stages(shape: ModelShape, budgets: list[int | None], kv_bytes_per_layer: int = 0,
                 reserve_bytes: int = 0, maps: bool = False) -> list[tuple[int, int]]:
@@ -488,11 +551,15 @@ class StagePlan:
 
 @dataclass(frozen=True)
 class Plan:
-    """The whole pipeline's plan: one :class:`StagePlan` per stage, and how many
-    micro-batches a batch runs as."""
+    """The whole pipeline's plan: one :class:`StagePlan` per stage, how many
+    micro-batches a batch runs as, and how its ranges were chosen: ``balance`` is
+    ``"bytes"`` or ``"speed"`` (:func:`plan_pipeline`), ``balance_note`` says why in a
+    sentence ("by bytes" alone when no speeds were given)."""
 
     stages: tuple[StagePlan, ...]
     micro_batches: int
+    balance: str = "bytes"
+    balance_note: str = ""
 
 
 def default_budgets(budgets: list[int | None], sites: list[Site], device: str,
@@ -530,11 +597,25 @@ def reserved_context(context: int | None, device: str) -> int | None:
     return GPU_CONTEXT
 
 
+class StageTimer(Protocol):
+    """What placement by speed asks of a cost model (``cost.Timer``): a stage's predicted
+    seconds for one micro-batch, and the pipeline's step from those of its stages."""
+
+    def stage_s(self, plan: StagePlan) -> float: ...
+
+    def step_s(self, times: list[float]) -> float: ...
+
+
 def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None], device: str,
                   concurrency: tuple[int, list[int | None]], batch_size: int = 1,
-                  context: int | None = None) -> Plan:
+                  context: int | None = None, timer: StageTimer | None = None) -> Plan:
     """The complete plan of a pipeline: ranges, budgets and where they came from, KV and
     activation reserves, resident and streamed units, threads and micro-batches.
+
+    Ranges are balanced by bytes (:func:`plan_stages`). With a ``timer`` (the cost model
+    over each stage's measured rates), the ranges that minimise the predicted step are
+    found too, within the same budgets, and taken when they are predicted at least
+    :data:`SPEED_MARGIN` faster: a slow stage gets fewer layers.
 
     Args:
         shape: the model's unit sizes in the compute dtype.
@@ -547,6 +628,7 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
         batch_size, context: the largest batch and sequence to reserve KV cache and
             activations for; without a context a CPU budget bounds weights alone, and a
             GPU budget reserves for ``GPU_CONTEXT`` tokens (:func:`reserved_context`).
+        timer: predicts stage and step times (``cost.Timer``); None: by bytes alone.
 
     Raises:
         PlanError: the stages or budgets cannot hold the model.
@@ -556,18 +638,40 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
     kv = shape.kv_bytes_per_layer(batch_size, context)
     act = shape.activation_bytes(batch_size, context)
     maps = maps_shards(shape, device)
-    cuts = plan_stages(shape, [b for b, _ in budgeted], kv, act, maps)
     micro, stage_threads = concurrency
-    plans = []
-    for i, ((a, b), (budget, source), site) in enumerate(zip(cuts, budgeted, sites)):
-        r = LayerRange(a, b, i == 0, i == len(cuts) - 1)
+    n = len(budgeted)
+
+    def stage(i: int, a: int, b: int) -> StagePlan:
+        budget, source = budgeted[i]
+        r = LayerRange(a, b, i == 0, i == n - 1)
         reserve = kv * (b - a) + act if budget else 0
         sizes = shape.unit_bytes(r)
         resident, chunks = stage_units(shape, r, None if budget is None else budget - reserve, maps, i)
         streamed = [u for u in sizes if u not in resident]
-        plans.append(StagePlan(
-            i, a, b, r.last, site.device or device, threads=stage_threads[i], budget_bytes=budget,
+        return StagePlan(
+            i, a, b, r.last, sites[i].device or device, threads=stage_threads[i], budget_bytes=budget,
             budget_source=source, reserve_bytes=reserve, resident_units=tuple(resident),
             streamed_units=tuple(streamed), resident_bytes=sum(sizes[u] for u in resident),
-            streamed_bytes=shape.streamed_bytes(streamed), maps_shards=maps, head_chunks=chunks))
-    return Plan(tuple(plans), micro)
+            streamed_bytes=shape.streamed_bytes(streamed), maps_shards=maps, head_chunks=chunks)
+
+    cuts = plan_stages(shape, [b for b, _ in budgeted], kv, act, maps)
+    if timer is None:
+        return Plan(tuple(stage(i, a, b) for i, (a, b) in enumerate(cuts)), micro, "bytes", "by bytes")
+    def time_of(i: int, a: int, b: int) -> float:
+        try:
+            return timer.stage_s(stage(i, a, b))
+        except PlanError:  # the stage's budget cannot hold these layers
+            return float("inf")
+
+    by_bytes = timer.step_s([time_of(i, a, b) for i, (a, b) in enumerate(cuts)])
+    fast = _Cuts(shape, [b for b, _ in budgeted], kv, act, maps).fastest(time_of, timer.step_s) or cuts
+    by_speed = timer.step_s([time_of(i, a, b) for i, (a, b) in enumerate(fast)])
+    gain = 1 - by_speed / by_bytes if by_bytes else 0.0
+    if fast != cuts and gain >= SPEED_MARGIN:
+        return Plan(tuple(stage(i, a, b) for i, (a, b) in enumerate(fast)), micro, "speed",
+                    f"by speed: predicted {gain:.0%} faster than balancing bytes "
+                    f"({by_speed:.4g} s against {by_bytes:.4g} s a step)")
+    why = "no faster ranges" if fast == cuts or gain < 0.005 else \
+        f"ranges predicted only {gain:.0%} faster, under the {SPEED_MARGIN:.0%} margin"
+    return Plan(tuple(stage(i, a, b) for i, (a, b) in enumerate(cuts)), micro, "bytes",
+                f"by bytes: placing by speed finds {why} ({by_bytes:.4g} s a step predicted)")

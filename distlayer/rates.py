@@ -24,8 +24,8 @@ What is timed, and what each rate is:
   runs, so the layer's weights come from memory, as in a real step, not from a cache
   they would fit in. The measuring stages hold their layers as the planner's stage would
   (``planner.maps_shards``: mapped in place on a CPU, where the store allows).
-- ``disk_bw``: a plain sequential read of a few layer shards of the store (at most
-  :data:`DISK_BYTES`) after asking the kernel to drop them from the page cache
+- ``disk_bw``: a plain sequential read of the measured layers' shards (at most
+  :data:`DISK_BYTES`, at least one) after asking the kernel to drop them from the page cache
   (``posix_fadvise(DONTNEED)``). The kernel keeps pages that some process maps (a stage
   holding the store), and then this is the page cache's rate; the result notes the warm
   read rate of the same files beside it (``page_cache_bw``), so a cold rate near it says
@@ -35,10 +35,21 @@ What is timed, and what each rate is:
   else None): no copy, so faster than a read.
 - ``h2d_bw``: on a GPU, a copy of :data:`H2D_BYTES` from pinned host memory; None on a CPU.
 
-Each is the best of :data:`REPEAT` runs. Results are kept as JSON under
-``$DISTLAYER_HOME/rates`` (``sources.home_dir``), one file per node, device, threads,
-dtype, batch, model shape and store disk, and reused; ``remeasure=True`` or
-``DISTLAYER_REMEASURE=1`` measures again.
+Each timing is the mean of runs repeated for at least :data:`WINDOW_S` seconds (and
+:data:`REPEAT` runs), not the best: a node under a CPU quota (a cgroup's
+``cpu.cfs_quota_us``) or busy with other work runs a short forward at full speed within
+its share of a period and waits out the rest, and only a window of several periods shows
+what it sustains. The layers measured are :data:`LAYERS` of the model's (by default from
+its middle; ``layers`` picks others, such as those a stage will hold, so a node needs
+only their shards). Results are kept as JSON under ``$DISTLAYER_HOME/rates``
+(``sources.home_dir``), one file per node, device, CPU quota, threads, dtype, batch, model
+shape and store disk, and reused; ``remeasure=True`` or ``DISTLAYER_REMEASURE=1``
+measures again.
+
+:func:`link_listen` and :func:`link_probe` time the hop from one stage's node to
+another's over TCP, as the stages' own hand-offs go: the round trip of a byte
+(``link_latency_s``, half the best of :data:`LINK_PINGS`) and :data:`LINK_BYTES` sent
+(``link_bw``).
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -55,7 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from . import arch, hardware
-from .bench.measure import best_and_median, read_bandwidth
+from .bench.measure import read_bandwidth
 from .cost import Rates, unit_flops
 from .planner import ModelShape, StagePlan, maps_shards
 from .runner import LayerRunner
@@ -69,7 +81,10 @@ DISK_BYTES = 128 * 2**20   # at most this many bytes of layer shards are read fo
 H2D_BYTES = 64 * 2**20     # a host-to-device copy of this many bytes (GPU)
 PREFILL = 64               # tokens a row of the prefill that measures FLOP/s (and the decode steps' context)
 LAYERS = 4                 # decoder layers of the longer stage the overheads are measured with
-REPEAT = 3                 # runs of each timing; the best counts
+REPEAT = 3                 # runs of each timing at least; their mean counts
+WINDOW_S = 0.5             # seconds each timing repeats for at least (several CPU-quota periods)
+LINK_BYTES = 16 * 2**20    # bytes sent to time a link's bandwidth
+LINK_PINGS = 20            # one-byte round trips to time a link's latency
 CACHE = "m"                # KV cache id of the measuring stages
 RESULT_KEYS = ("rates", "page_cache_bw", "mapped_page_cache_bw", "timings", "measured_at", "seconds")
 
@@ -85,7 +100,7 @@ def node_key(store: LayerStore, dtype: torch.dtype, device: str, batch: int, thr
     shape = ModelShape.from_store(store, dtype)
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    return {"node": socket.gethostname(), "device": name, "cores": hardware.cores(),
+    return {"node": socket.gethostname(), "device": name, "cores": hardware.cores(), "cpu_quota": hardware.cpu_quota(),
             "threads": threads or torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
             "batch": batch, "store_disk": os.stat(store.path).st_dev,
             "model": {"layers": len(shape.layer_bytes), "layer_bytes": max(shape.layer_bytes, default=0),
@@ -98,9 +113,19 @@ def cache_file(key: dict, cache_dir: str | os.PathLike | None = None) -> Path:
     return (Path(cache_dir) if cache_dir else home_dir() / "rates") / f"{digest}.json"
 
 
+def measured_layers(num_layers: int, start: int = 0, end: int | None = None) -> tuple[int, int]:
+    """The decoder layers a measurement runs: :data:`LAYERS` (fewer if the range is
+    shorter) from the middle of ``[start, end)`` (default: the whole model)."""
+    end = num_layers if end is None else end
+    n = max(1, min(LAYERS, end - start))
+    first = start + (end - start - n) // 2
+    return first, first + n
+
+
 def measure_node(store: LayerStore | str | os.PathLike, dtype: torch.dtype | None = None, device: str = "cpu",
                  batch: int = 1, threads: int | None = None, remeasure: bool = False,
-                 cache_dir: str | os.PathLike | None = None) -> dict:
+                 cache_dir: str | os.PathLike | None = None, layers: tuple[int, int] | None = None,
+                 cached_only: bool = False) -> dict | None:
     """This node's rates for ``store``'s model (module docstring), from the cache when
     measured before.
 
@@ -112,6 +137,9 @@ def measure_node(store: LayerStore | str | os.PathLike, dtype: torch.dtype | Non
         threads: torch threads on a CPU (None: as set).
         remeasure: measure again even if cached (also ``DISTLAYER_REMEASURE=1``).
         cache_dir: the folder to keep results in (default ``$DISTLAYER_HOME/rates``).
+        layers: the decoder layers ``[start, end)`` to measure with (:func:`measured_layers`);
+            only their shards and the store's side files need be on this node.
+        cached_only: return None rather than measure when nothing is cached.
 
     Returns:
         ``{"rates": Rates fields, "page_cache_bw", "mapped_page_cache_bw", "timings", "key",
@@ -129,12 +157,14 @@ def measure_node(store: LayerStore | str | os.PathLike, dtype: torch.dtype | Non
                 return {**got, "cached": True}
         except (ValueError, TypeError, KeyError, OSError):
             pass
+    if cached_only:
+        return None
     t0 = time.perf_counter()
-    got = _measure(store, dtype, torch.device(device), batch, threads)
+    got = _measure(store, dtype, torch.device(device), batch, threads, layers or measured_layers(store.num_layers))
     got.update(key=key, measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                seconds=round(time.perf_counter() - t0, 3))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # a name of its own: nodes sharing a home may write at once
     tmp.write_text(json.dumps(got, indent=1))
     tmp.replace(path)
     return {**got, "cached": False}
@@ -154,18 +184,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _best(fn, device: torch.device, before=None) -> float:
-    """Seconds of the best of :data:`REPEAT` calls of ``fn`` (``before`` runs untimed ahead of each)."""
-    times = []
-    for _ in range(REPEAT):
+def _mean(fn, device: torch.device, before=None) -> float:
+    """Mean seconds of a call of ``fn``, called for at least :data:`WINDOW_S` seconds and
+    :data:`REPEAT` times (``before`` runs untimed ahead of each; its time counts towards
+    the window)."""
+    timed, runs, start = 0.0, 0, time.perf_counter()
+    while runs < REPEAT or time.perf_counter() - start < WINDOW_S:
         if before is not None:
             before()
         _sync(device)
         t = time.perf_counter()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - t)
-    return best_and_median(times)[0]
+        timed += time.perf_counter() - t
+        runs += 1
+    return timed / runs
 
 
 class _LargeRead:
@@ -210,31 +243,32 @@ class _Stage:
         self.runner.close()
 
 
-def _measure(store: LayerStore, dtype, device: torch.device, batch: int, threads: int | None) -> dict:
+def _measure(store: LayerStore, dtype, device: torch.device, batch: int, threads: int | None,
+             layers: tuple[int, int]) -> dict:
     before = torch.get_num_threads()
     if threads and device.type == "cpu":
         torch.set_num_threads(threads)
     try:
-        rates, timings = _compute(store, dtype, device, batch, threads)
+        rates, timings = _compute(store, dtype, device, batch, threads, layers)
     finally:
         torch.set_num_threads(before)
-    disk = _disk(store, maps_shards(ModelShape.from_store(store, dtype), device.type))
+    disk = _disk(store, maps_shards(ModelShape.from_store(store, dtype), device.type), layers)
     rates.update(disk_bw=disk["disk_bw"], h2d_bw=_h2d(device) if device.type == "cuda" else None)
     return {"rates": dataclasses.asdict(Rates(**rates)), "page_cache_bw": disk["page_cache_bw"],
             "mapped_page_cache_bw": disk["mapped_page_cache_bw"],
             "timings": {**timings, "disk_read_bytes": disk["bytes"]}}
 
 
-def _compute(store: LayerStore, dtype, device: torch.device, batch: int, threads) -> tuple[dict, dict]:
-    """flops, mem_bw and the overheads (module docstring), and the timings they come from."""
+def _compute(store: LayerStore, dtype, device: torch.device, batch: int, threads,
+             span: tuple[int, int]) -> tuple[dict, dict]:
+    """flops, mem_bw and the overheads (module docstring) on decoder layers ``span``, and
+    the timings they come from."""
     shape = ModelShape.from_store(store, dtype)
-    n = len(shape.layer_bytes)
-    layers = min(LAYERS, n)
-    start = (n - layers) // 2
+    start, layers = span[0], span[1] - span[0]
     unit, nbytes = layer_unit(start), shape.layer_bytes[start]
     flush = _LargeRead(device, dtype, READ_BYTES)
     flush()  # warm-up
-    mem_bw = flush.nbytes / _best(flush, device)
+    mem_bw = flush.nbytes / _mean(flush, device)
     times = {}
     for span in sorted({1, layers}):
         stage = _Stage(store, dtype, device, start, start + span, threads, batch)
@@ -242,9 +276,9 @@ def _compute(store: LayerStore, dtype, device: torch.device, batch: int, threads
             stage.forward(PREFILL)  # warm-up
             stage.forward(1)
             if span == 1:
-                times["prefill_s"] = _best(lambda: stage.forward(PREFILL), device, flush)
+                times["prefill_s"] = _mean(lambda: stage.forward(PREFILL), device, flush)
                 stage.forward(PREFILL)
-            times[f"step_{span}_s"] = _best(lambda: stage.forward(1), device, flush)
+            times[f"step_{span}_s"] = _mean(lambda: stage.forward(1), device, flush)
         finally:
             stage.close()
     flops = unit_flops(shape, unit, nbytes, batch * PREFILL, (PREFILL + 1) // 2) / times["prefill_s"]
@@ -264,11 +298,11 @@ def _compute(store: LayerStore, dtype, device: torch.device, batch: int, threads
     return rates, timings
 
 
-def _disk(store: LayerStore, maps: bool) -> dict:
-    """Read rates of a few layer shards: dropped from the page cache first, and again warm;
-    with ``maps``, also mapped in and out of memory from the page cache."""
+def _disk(store: LayerStore, maps: bool, layers: tuple[int, int]) -> dict:
+    """Read rates of the shards of ``layers``: dropped from the page cache first, and again
+    warm; with ``maps``, also mapped in and out of memory from the page cache."""
     units, total = [], 0
-    for i in range(store.num_layers):
+    for i in range(*layers):
         size = (store.path / store.units[layer_unit(i)]["file"]).stat().st_size
         if units and total + size > DISK_BYTES:
             break
@@ -286,7 +320,7 @@ def _disk(store: LayerStore, maps: bool) -> dict:
                 m.page_in(0, len(m.map))
                 m.page_out(0, len(m.map))
 
-        mapped = sum(len(m.map) for m in maps_) / _best(page_through, torch.device("cpu"))
+        mapped = sum(len(m.map) for m in maps_) / _mean(page_through, torch.device("cpu"))
     return {"disk_bw": cold["bytes_per_s"] or float("inf"), "page_cache_bw": warm["bytes_per_s"] or float("inf"),
             "mapped_page_cache_bw": mapped, "bytes": total}
 
@@ -296,4 +330,59 @@ def _h2d(device: torch.device) -> float:
     host = torch.empty(H2D_BYTES, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(H2D_BYTES, dtype=torch.uint8, device=device)
     dev.copy_(host, non_blocking=True)  # warm-up
-    return H2D_BYTES / _best(lambda: dev.copy_(host, non_blocking=True), device)
+    return H2D_BYTES / _mean(lambda: dev.copy_(host, non_blocking=True), device)
+
+
+# --------------------------------------------------------------------------- links between nodes
+
+
+def link_listen(actor=None, host: str = "0.0.0.0") -> int:
+    """Run in the receiving stage's process: listen for one :func:`link_probe` on ``host``
+    (a thread answers it: echoes each ping byte, then acknowledges :data:`LINK_BYTES`
+    with one byte) and return the port. ``actor`` is the stage the driver calls this in
+    (unused)."""
+    server = socket.create_server((host, 0))
+    server.settimeout(60)
+
+    def answer():
+        with server:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # nobody came
+                return
+            with conn:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                for _ in range(LINK_PINGS):
+                    conn.sendall(conn.recv(1))
+                left = LINK_BYTES
+                while left > 0:
+                    got = conn.recv(min(left, 1 << 20))
+                    if not got:
+                        return
+                    left -= len(got)
+                conn.sendall(b"k")
+
+    threading.Thread(target=answer, daemon=True, name="link-probe").start()
+    return server.getsockname()[1]
+
+
+def link_probe(actor, host: str, port: int, timeout: float = 60.0) -> dict:
+    """Run in the sending stage's process: time the hop to ``host:port`` (a
+    :func:`link_listen`). Returns ``{"link_bw", "link_latency_s", "rtt_s", "bytes"}``: the
+    bandwidth of :data:`LINK_BYTES` sent less one round trip, over the seconds, and half the
+    best round trip of a byte."""
+    with socket.create_connection((host, port), timeout=timeout) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        rtts = []
+        for _ in range(LINK_PINGS):
+            t = time.perf_counter()
+            conn.sendall(b"p")
+            conn.recv(1)
+            rtts.append(time.perf_counter() - t)
+        rtt = min(rtts)
+        payload = memoryview(bytearray(LINK_BYTES))
+        t = time.perf_counter()
+        conn.sendall(payload)
+        conn.recv(1)
+        seconds = max(time.perf_counter() - t - rtt, 1e-9)
+    return {"link_bw": LINK_BYTES / seconds, "link_latency_s": rtt / 2, "rtt_s": rtt, "bytes": LINK_BYTES}

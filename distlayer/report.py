@@ -57,15 +57,45 @@ def format_whatif(w) -> str:
                      "step": seconds(c.step_s), "compute": seconds(c.compute_s), "stream": seconds(c.streaming_s),
                      "hand-off": seconds(c.handoff_s), "bound": c.bound})
     return "\n".join([
-        table(rows), "",
-        f"dtype: {w.dtype}; {pred.batch} row(s) (--max-rows) in {pred.micro_batches} micro-batch(es), "
-        f"{pred.context} tokens of context (--context)",
+        table(rows), "", f"dtype: {w.dtype}; " + prediction_lines(pred), f"layers placed {w.plan.balance_note} (--balance)",
+        "Predictions for devices described in a file are not yet checked against measurements: they use peak "
+        "figures and no per-layer overhead, so read them as an upper bound."])
+
+
+def prediction_lines(pred) -> str:
+    """A ``cost.Prediction`` in a few lines: rows, micro-batches and context, the step and
+    its formula, the bottleneck, tokens/s, and the overlap the model assumes."""
+    return "\n".join([
+        f"{pred.batch} row(s) (--max-rows) in {pred.micro_batches} micro-batch(es), {pred.context} tokens of "
+        "context (half of --context)",
         f"predicted decode step: {seconds(pred.step_s)} = {pred.formula}",
         f"bottleneck: {pred.why}",
         f"predicted tokens/s: {pred.tokens_per_s:.3g} at {pred.batch} row(s)",
-        "a stage's step is max(compute, stream) + hand-off: prefetch overlaps reads with compute. "
-        "Predictions for devices described in a file are not yet checked against measurements: they use peak "
-        "figures and no per-layer overhead, so read them as an upper bound."])
+        "a stage's step is max(compute, stream) + hand-off: prefetch overlaps reads with compute."])
+
+
+def _rate(value, unit: float = 1e9) -> str:
+    return "-" if value is None else f"{value / unit:.3g}"
+
+
+def format_measured(placed) -> str:
+    """What a plan's nodes measured (``placement.PlacedPlan.survey``) and the cost model's
+    prediction for it: per stage its node's rates (GFLOP/s, memory, stream and link GB/s,
+    overhead per forward and per layer), predicted step and bound; then the prediction and
+    how the ranges were chosen. "" when nothing was measured."""
+    if placed.survey is None or placed.prediction is None:
+        return ""
+    rows = []
+    for p, m, r, c in zip(placed.stages, placed.survey.as_dicts(), placed.survey.rates, placed.prediction.stages):
+        link = m["link"]
+        rows.append({"stage": p.stage, "node": p.node_ip, "measured": "cached" if m["cached"] else f"{m['seconds']:.1f} s",
+                     "GFLOP/s": _rate(r.flops), "mem GB/s": _rate(r.mem_bw), "stream GB/s": _rate(r.disk_bw),
+                     "link GB/s": _rate(link and link["link_bw"]),
+                     "link ms": "-" if link is None else f"{link['link_latency_s'] * 1000:.3g}",
+                     "overhead ms": f"{r.step_overhead_s * 1000:.3g}+{r.layer_overhead_s * 1000:.3g}/layer",
+                     "step": seconds(c.step_s), "bound": c.bound})
+    return "\n".join([table(rows), "", prediction_lines(placed.prediction),
+                      f"layers placed {placed.plan.balance_note} (--balance)"])
 
 
 def plan_notes(plan, cfg, dtype) -> str:

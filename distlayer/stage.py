@@ -51,12 +51,16 @@ class StageActor:
         return {"pid": os.getpid(), "stage": self.stage, "device": self.device, "versions": versions.installed(),
                 **hardware.where(self.device)}
 
-    def measure_rates(self, batch: int = 1, remeasure: bool = False) -> dict:
+    def measure_rates(self, batch: int = 1, remeasure: bool = False, threads: int | None = None,
+                      layers: tuple[int, int] | None = None, cached_only: bool = False) -> dict | None:
         """This stage's node and device rates for the cost model, measured here for its
-        store's model at ``batch`` rows (``rates.measure_node``: cached per node and model
-        shape; ``remeasure`` measures again). ``Rates(**result["rates"])`` is the rates."""
-        threads = self.runner.threads if self.runner is not None else None
-        return rates.measure_node(self.store_path, self.dtype, self.device, batch, threads, remeasure)
+        store's model at ``batch`` rows with ``threads`` torch threads (default: its
+        runner's, else as set) on decoder ``layers`` (``rates.measure_node``: cached per
+        node and model shape; ``remeasure`` measures again; ``cached_only`` returns None
+        rather than measure). ``Rates(**result["rates"])`` is the rates."""
+        threads = threads or (self.runner.threads if self.runner is not None else None)
+        return rates.measure_node(self.store_path, self.dtype, self.device, batch, threads, remeasure,
+                                  layers=layers, cached_only=cached_only)
 
     def setup(self, plan: StagePlan) -> None:
         """Load the stage's resident units and start streaming the rest, as planned."""

@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import PipelineConfig, parse_bytes
-from .cost import Prediction, Rates, predict
+from .cost import Prediction, Rates, Timer, predict
 from .errors import ConfigError
 from .planner import ModelShape, Plan, Site, kv_bytes_per_token, pipeline_layout, plan_pipeline
+from .survey import balance_for
 from .units import EMBED, HEAD, NORM, layer_unit
 
 GB, Gbit = 1e9, 1e9 / 8
@@ -319,6 +320,10 @@ def plan_cluster(model: str, cluster, cfg: PipelineConfig) -> WhatIf:
     gpus = sum(1 for s in where if s.gpu)
     layout = pipeline_layout(gpus, device, len(where), None, cfg.micro_batches, cfg.threads_per_stage,
                              stage_nodes=[s.node_id for s in where], node_cores={n.name: n.cores for n in nodes})
-    plan = plan_pipeline(shape, where, cfg.budgets(len(where)), device, layout.concurrency, cfg.max_rows, cfg.context)
-    prediction = predict(shape, plan, stage_rates(nodes), cfg.max_rows, plan.micro_batches, cfg.context or 0)
+    rates = stage_rates(nodes)
+    timer = None if balance_for(cfg.balance, [s.node_id for s in where]) == "bytes" else \
+        Timer(shape, tuple(rates), cfg.max_rows, layout.concurrency[0], cfg.context or 0)
+    plan = plan_pipeline(shape, where, cfg.budgets(len(where)), device, layout.concurrency, cfg.max_rows, cfg.context,
+                         timer)
+    prediction = predict(shape, plan, rates, cfg.max_rows, plan.micro_batches, cfg.context or 0)
     return WhatIf(tuple(nodes), shape, plan, prediction, str(dtype).removeprefix("torch."))

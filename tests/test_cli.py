@@ -85,10 +85,11 @@ def test_split_and_plan(tiny_dir, tmp_path, capsys):
     assert main(["split", str(tiny_dir("llama")), "--out", str(store)]) == 0
     assert capsys.readouterr().out.strip() == str(store) and (store / "manifest.json").is_file()
     assert main(["plan", str(store), "--stages", "2", "--memory-per-stage", "1GiB"]) == 0
-    table, notes = capsys.readouterr().out.strip().split("\n\n")
+    table, notes, measured, prediction = capsys.readouterr().out.strip().split("\n\n")
     lines = table.splitlines()
     assert lines[0].split()[:2] == ["stage", "node"] and len(lines) == 3
     assert "stage 1 budget: 1.00 GiB (--memory-per-stage)" in notes and "stages: 2 (--stages)" in notes
+    assert measured.splitlines()[0].split()[:3] == ["stage", "node", "measured"] and "predicted" in prediction
     assert main(["plan", str(store), "--stages", "2"]) == 0
     assert "(default: 90% of the" in capsys.readouterr().out      # says where the default came from
     assert main(["plan", str(store), "--stages", "2", "--memory-per-stage", "lots"]) == 2

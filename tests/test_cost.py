@@ -142,3 +142,102 @@ def test_overheads_count_each_stages_own_layers_and_overlap_streaming():
     (c,) = predict(SHAPE, plan, [r]).stages
     # compute with overhead 2.25 + 0.0024 s < streaming 14.08 s: the read still bounds it
     assert c.step_s == pytest.approx(14.08) and c.bound == "disk"
+
+
+# --------------------------------------------------------------------------- placement by speed
+
+import itertools  # noqa: E402
+
+from distlayer.cost import Timer  # noqa: E402
+from distlayer.planner import SPEED_MARGIN, Site, plan_pipeline  # noqa: E402
+
+# 12 equal layers of 1000 bytes, no head: at mem_bw 1e3 B/s a layer takes 1 s to read.
+EVEN = ModelShape(layer_bytes=(1000,) * 12, embed=0, norm=0, head=0, hidden=2, vocab=100, itemsize=2)
+
+
+def sites(n: int, node=lambda i: f"n{i}") -> list[Site]:
+    return [Site(node(i), f"10.0.0.{i}", 10**9, 1) for i in range(n)]
+
+
+def speed_plan(shape, rates, budgets=None, batch=1, micro=1):
+    n = len(rates)
+    timer = Timer(shape, tuple(rates), batch, micro)
+    plan = plan_pipeline(shape, sites(n), budgets or [None] * n, "cpu", (micro, [1] * n), batch, timer=timer)
+    return plan, timer
+
+
+def ranges(plan) -> list[tuple[int, int]]:
+    return [(p.start, p.end) for p in plan.stages]
+
+
+def every_cut(n_layers: int, stages: int):
+    for cut in itertools.combinations(range(1, n_layers), stages - 1):
+        bounds = (0, *cut, n_layers)
+        yield list(zip(bounds, bounds[1:]))
+
+
+def brute_force(shape, timer, n_stages) -> float:
+    """The least predicted step over every way of cutting the layers (all resident)."""
+    best = float("inf")
+    for cuts in every_cut(len(shape.layer_bytes), n_stages):
+        times = [timer.stage_s(StagePlan(i, a, b, i == n_stages - 1, "cpu", resident_units=tuple(
+            shape.unit_bytes(StagePlan(i, a, b, i == n_stages - 1, "cpu").layer_range))))
+            for i, (a, b) in enumerate(cuts)]
+        best = min(best, timer.step_s(times))
+    return best
+
+
+def test_like_nodes_keep_the_bytes_balanced_ranges():
+    plan, _ = speed_plan(EVEN, [Rates(flops=1e12, mem_bw=1e3, disk_bw=1e3)] * 3)
+    assert ranges(plan) == [(0, 4), (4, 8), (8, 12)]
+    assert plan.balance == "bytes" and "no faster ranges" in plan.balance_note
+
+
+@pytest.mark.parametrize("micro, batch, slow_layers", [
+    (1, 1, 1),   # one micro-batch: the step is the sum, so the slow stage keeps one layer
+    (4, 4, 4),   # four in flight: sum + 3 x max; the slow (half-speed) stage gets a third of the work
+])
+def test_a_slow_node_gets_fewer_layers(micro, batch, slow_layers):
+    slow, fast = Rates(flops=1e12, mem_bw=500, disk_bw=1e3), Rates(flops=1e12, mem_bw=1e3, disk_bw=1e3)
+    plan, timer = speed_plan(EVEN, [slow, fast], batch=batch, micro=micro)
+    assert ranges(plan) == [(0, slow_layers), (slow_layers, 12)]
+    assert plan.balance == "speed" and "faster than balancing bytes" in plan.balance_note
+    assert predict(EVEN, plan, [slow, fast], batch, micro).step_s == pytest.approx(brute_force(EVEN, timer, 2))
+
+
+@pytest.mark.parametrize("flops", [(1, 1, 1), (1, 2, 3), (3, 1, 2), (1, 5, 1)])
+@pytest.mark.parametrize("micro", [1, 3])
+def test_the_speed_search_finds_the_least_step_of_every_cut(flops, micro):
+    # compute-bound, 3 stages of relative speeds ``flops``, overheads per stage and layer
+    shape = ModelShape(layer_bytes=(900, 1100, 1000, 1300, 700, 1000, 1200, 800, 1000), embed=0, norm=0,
+                       head=0, hidden=2, vocab=100, itemsize=2)
+    rates = [Rates(flops=1e3 * f, mem_bw=1e12, disk_bw=1e12, step_overhead_s=0.3, layer_overhead_s=0.1 / f)
+             for f in flops]
+    plan, timer = speed_plan(shape, rates, batch=3, micro=micro)
+    got = predict(shape, plan, rates, 3, micro).step_s
+    assert got <= brute_force(shape, timer, 3) * (1 + SPEED_MARGIN) + 1e-9
+
+
+def test_a_small_margin_keeps_the_bytes_ranges_and_says_so():
+    # 2% slower: moving a layer gains less than the margin
+    slow, fast = Rates(flops=1e12, mem_bw=980, disk_bw=1e3), Rates(flops=1e12, mem_bw=1e3, disk_bw=1e3)
+    plan, _ = speed_plan(EVEN, [slow, fast], batch=2, micro=2)
+    assert ranges(plan) == [(0, 6), (6, 12)] and plan.balance == "bytes"
+
+
+def test_placement_by_speed_stays_within_the_budgets():
+    # the fast stage would take every layer but one; its budget holds 8 (the rest would
+    # stream from a slow disk): it takes what it can hold resident
+    slow = Rates(flops=1e12, mem_bw=500, disk_bw=1e3)
+    fast = Rates(flops=1e12, mem_bw=1e3, disk_bw=1)
+    plan, _ = speed_plan(EVEN, [slow, fast], budgets=[12_000, 8_000])
+    assert ranges(plan) == [(0, 4), (4, 12)] and plan.stages[1].streamed_units == ()
+    assert plan.balance == "speed"
+
+
+def test_a_busy_node_with_more_overhead_per_layer_gets_fewer_layers():
+    quiet = Rates(flops=1e12, mem_bw=1e12, disk_bw=1e12, layer_overhead_s=1.0)
+    busy = Rates(flops=1e12, mem_bw=1e12, disk_bw=1e12, layer_overhead_s=3.0)
+    plan, _ = speed_plan(EVEN, [quiet, busy, quiet], batch=3, micro=3)
+    counts = [p.end - p.start for p in plan.stages]
+    assert counts[1] < counts[0] and counts[1] < counts[2] and sum(counts) == 12

@@ -170,7 +170,9 @@ DRIVER = textwrap.dedent("""
     out = model.generate(ids, attention_mask=mask, max_new_tokens=%d, do_sample=False)
     print("RESULT " + json.dumps({"plan": [p.as_dict() for p in model.plan], "sequences": out.tolist(),
                                   "micro_batches": model.pipeline.micro_batches(4),
-                                  "transport": model.pipeline.transport.name}))
+                                  "transport": model.pipeline.transport.name,
+                                  "measured": model.survey.as_dicts(), "note": model.pipeline.balance_note,
+                                  "predicted_s": model.prediction.step_s}))
     model.close()
 """ % NEW)
 
@@ -196,6 +198,12 @@ def test_two_ray_nodes_one_stage_each(tiny_dir, hf_model, tmp_path):
     assert len(set(node_ids)) == 2 and all(node_ids)
     assert got["micro_batches"] == 2  # stages on separate nodes work at once
     assert got["transport"] == "tcp"  # between nodes the channel runs over TCP
+    # on two nodes, balance="auto" measures them (each once, in its own stage) and the link between
+    measured = got["measured"]
+    assert [m["measured_by"] for m in measured] == [0, 1] and got["predicted_s"] > 0
+    assert measured[0]["link"]["link_bw"] > 0 and measured[0]["link"]["link_latency_s"] > 0
+    assert measured[1]["link"] is None and all(m["rates"]["flops"] > 0 for m in measured)
+    assert got["note"].startswith(("by speed", "by bytes: placing by speed")), got["note"]
     ids, mask = prompts(4)
     assert got["sequences"] == reference(hf_model("qwen2"), ids, mask).sequences.tolist()
 

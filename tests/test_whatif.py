@@ -57,10 +57,29 @@ def test_70b_on_four_8gb_gpus_from_its_config_alone(tmp_path):
     assert [s[0] for s in stages] == ["0", "1", "2", "3"] and all(s[2] == "rtx-4060-8gb" for s in stages)
     assert stages[0][4].startswith("0-") and stages[3][4].endswith("-79")  # every layer placed
     assert all(s[-1] == "disk" for s in stages)  # 140 GB of weights on 32 GB of GPUs: streaming from disk
+    assert "layers placed by bytes" in out.stdout  # one node: balance auto places by bytes
     assert "predicted decode step:" in out.stdout and "bottleneck: stage " in out.stdout
     assert "predicted tokens/s:" in out.stdout and "not yet checked against measurements" in out.stdout
     assert sorted(p.name for p in model.iterdir()) == ["config.json"]  # no weights, no store written
     assert took < 30, f"took {took:.1f} s"  # about 7 s here: a generous bound
+
+
+def test_placement_by_speed_streams_on_one_gpu_and_keeps_three_whole(tmp_path, capsys):
+    model = config_dir(tmp_path, LLAMA_70B)
+    steps = {}
+    for balance in ("bytes", "speed"):
+        code, out, err = run_plan(capsys, model, "--cluster", CLUSTER / "four-8gb-gpus.yaml", "--json",
+                                  "--balance", balance)
+        assert code == 0, err
+        data = json.loads(out)
+        steps[balance] = data["prediction"]["step_s"]
+        assert data["balance"] == balance
+    # one micro-batch: the stages take turns, so one GPU streaming everything that does not
+    # fit beats four each keeping room for a streaming window
+    assert steps["speed"] < steps["bytes"] * 0.95
+    code, out, _ = run_plan(capsys, model, "--cluster", CLUSTER / "four-8gb-gpus.yaml", "--balance", "speed")
+    bounds = [line.split()[-1] for line in out.splitlines()[1:5]]
+    assert bounds == ["disk", "memory", "memory", "memory"] and "layers placed by speed: predicted" in out
 
 
 def test_json_has_the_plan_and_the_prediction(tmp_path, capsys):
