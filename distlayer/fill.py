@@ -169,6 +169,12 @@ def discard(actor, root: str, names: list[str]) -> None:
             d.rmdir()  # only an empty one
 
 
+def remove(actor, root: str, names: list[str]) -> None:
+    """Run in a stage's process: remove the files ``names`` from ``root``."""
+    for name in names:
+        (Path(root) / name).unlink(missing_ok=True)
+
+
 def use_store(actor, path: str) -> None:
     """Run in a stage's process: the stage loads its units from ``path``."""
     actor.store_path = path
@@ -262,7 +268,8 @@ def push(stages: Stages, actor, node: str, store: LayerStore, root: str, files: 
     return per_file
 
 
-def fill_stages(stages: Stages, plans: list, store: LayerStore, which: list[int] | None = None) -> None:
+def fill_stages(stages: Stages, plans: list, store: LayerStore, which: list[int] | None = None,
+                sent_before: dict[str, dict[str, int]] | None = None) -> dict[str, dict[str, int]]:
     """Make each stage's units available on its node, then point the stage at them.
 
     ``plans[i]`` is the plan of ``stages.actors[i]`` with its placement (a
@@ -273,6 +280,12 @@ def fill_stages(stages: Stages, plans: list, store: LayerStore, which: list[int]
     Sets on each stage's placement ``store_path``, ``store_source`` (``"node store"``,
     ``"driver path"`` or ``"push"``), ``fetched`` (its units that were pushed) and
     ``fetched_bytes`` (their bytes sent now: less than their size when a push resumed).
+    ``sent_before`` (by node id, bytes sent of each file) counts as pushed now what an
+    earlier fill of the same start sent (``survey.py``'s, of the layers it measures);
+    those of its shards that none of the node's stages owns are removed again.
+
+    Returns:
+        by node id, the bytes sent of each file pushed (with ``sent_before``'s).
     """
     nodes: dict[str, list[int]] = {}
     for i in range(len(plans)) if which is None else which:
@@ -286,12 +299,20 @@ def fill_stages(stages: Stages, plans: list, store: LayerStore, which: list[int]
     wanted = {node: unit_files(store, units[node]) + side for node in nodes}
     found = stages.get([stages.call_with(stages.actors[idx[0]], locate, str(store.path), store.source, digest,
                                          wanted[node]) for node, idx in nodes.items()])
+    pushed = {}
     for (node, idx), where in zip(nodes.items(), found):
-        sent = {}
+        sent = dict((sent_before or {}).get(node, {}))
         if where["missing"]:
             store.check_shards(units[node])  # still whole (sizes) as the push starts
-            sent = push(stages, stages.actors[idx[0]], plans[idx[0]].node_ip, store, where["path"], wanted[node],
-                        where["missing"])
+            sent.update(push(stages, stages.actors[idx[0]], plans[idx[0]].node_ip, store, where["path"],
+                             wanted[node], where["missing"]))
+        before = (sent_before or {}).get(node, {})
+        if where["source"] == "node store" and set(before) & {w.name for w in wanted[node]}:
+            where["source"] = "push"  # found whole now, after the earlier fill of this start pushed some of it
+        extra = [f for f in before if f not in {w.name for w in wanted[node]}]
+        if extra and where["source"] != "driver path":
+            stages.get(stages.call_with(stages.actors[idx[0]], remove, where["path"], extra))
+        pushed[node] = {f: n for f, n in sent.items() if f not in extra}
         for i in idx:
             units_of, p = plans[i].layer_range.units(), plans[i].placement
             p.store_path, p.store_source = where["path"], where["source"]
@@ -299,3 +320,4 @@ def fill_stages(stages: Stages, plans: list, store: LayerStore, which: list[int]
             p.fetched_bytes = sum(sent[store.units[u]["file"]] for u in p.fetched)
     stages.get([stages.call_with(stages.actors[i], use_store, plans[i].store_path) for idx in nodes.values()
                 for i in idx])
+    return pushed

@@ -579,8 +579,8 @@ class Pipeline:
         plan = plan_for(self.store, cfg, self.dtype, described, placed, s)
         self.plan, self._micro = list(plan.stages), plan.micro_batches
         self.survey, self.prediction, self.balance_note = plan.survey, plan.prediction, plan.plan.balance_note
-        if s.remote:
-            fill_stages(s, self.plan, self.store)  # each node gets its stages' units before they load
+        if s.remote:  # each node gets its stages' units before they load
+            fill_stages(s, self.plan, self.store, sent_before=plan.survey and plan.survey.pushed)
         self.restarts = Restarts(len(self.plan), cfg.max_restarts)
         loading = [s.call(a, "setup", p.plan) for a, p in zip(s.actors, plan.stages)]  # waited for below
         # the transport's first round of calls queues behind the loading, so both take one wait

@@ -35,13 +35,21 @@ What is timed, and what each rate is:
   else None): no copy, so faster than a read.
 - ``h2d_bw``: on a GPU, a copy of :data:`H2D_BYTES` from pinned host memory; None on a CPU.
 
-Each timing is the mean of runs repeated for at least :data:`WINDOW_S` seconds (and
-:data:`REPEAT` runs), not the best: a node under a CPU quota (a cgroup's
-``cpu.cfs_quota_us``) or busy with other work runs a short forward at full speed within
-its share of a period and waits out the rest, and only a window of several periods shows
-what it sustains. The layers measured are :data:`LAYERS` of the model's (by default from
-its middle; ``layers`` picks others, such as those a stage will hold, so a node needs
-only their shards). Results are kept as JSON under ``$DISTLAYER_HOME/rates``
+Each timing is the best of :data:`REPEAT` runs: what the device does while it runs. How
+much of the time it gets to run is measured apart, as the CPU share (``cpu_share``). A
+node under a CPU quota (a cgroup's ``cpu.cfs_quota_us``) or busy with other work runs a
+short forward at full speed within its share of a scheduling period and waits out the
+rest, so a short timing misses the wait, and a mean depends on which run it falls on
+(under a quota each timed run first waits :data:`REFILL_S`, to start a period with the
+whole quota). The share is the CPU seconds the stage's threads get in :data:`WINDOW_S`
+seconds of matrix products on all of them, over the wall seconds times the threads (at
+most 1). On a CPU, ``flops``, ``mem_bw`` and the page-cache rates are multiplied by it
+and the overheads divided by it; on a GPU only the overheads (the host launches the
+work); the cold disk read, which waits on the disk, not at all.
+
+The layers measured are :data:`LAYERS` of the model's (by default from its middle;
+``layers`` picks others, such as those a stage will hold, so a node needs only their
+shards). Results are kept as JSON under ``$DISTLAYER_HOME/rates``
 (``sources.home_dir``), one file per node, device, CPU quota, threads, dtype, batch, model
 shape and store disk, and reused; ``remeasure=True`` or ``DISTLAYER_REMEASURE=1``
 measures again.
@@ -81,12 +89,13 @@ DISK_BYTES = 128 * 2**20   # at most this many bytes of layer shards are read fo
 H2D_BYTES = 64 * 2**20     # a host-to-device copy of this many bytes (GPU)
 PREFILL = 64               # tokens a row of the prefill that measures FLOP/s (and the decode steps' context)
 LAYERS = 4                 # decoder layers of the longer stage the overheads are measured with
-REPEAT = 3                 # runs of each timing at least; their mean counts
-WINDOW_S = 0.5             # seconds each timing repeats for at least (several CPU-quota periods)
+REPEAT = 3                 # runs of each timing; the best counts
+WINDOW_S = 0.5             # seconds the CPU share is measured over (several CPU-quota periods)
+REFILL_S = 0.25            # under a CPU quota, the wait before a timed run (over two default periods)
 LINK_BYTES = 16 * 2**20    # bytes sent to time a link's bandwidth
 LINK_PINGS = 20            # one-byte round trips to time a link's latency
 CACHE = "m"                # KV cache id of the measuring stages
-RESULT_KEYS = ("rates", "page_cache_bw", "mapped_page_cache_bw", "timings", "measured_at", "seconds")
+RESULT_KEYS = ("rates", "page_cache_bw", "mapped_page_cache_bw", "cpu_share", "timings", "measured_at", "seconds")
 
 
 def remeasure_asked(remeasure: bool = False) -> bool:
@@ -142,7 +151,7 @@ def measure_node(store: LayerStore | str | os.PathLike, dtype: torch.dtype | Non
         cached_only: return None rather than measure when nothing is cached.
 
     Returns:
-        ``{"rates": Rates fields, "page_cache_bw", "mapped_page_cache_bw", "timings", "key",
+        ``{"rates": Rates fields, "page_cache_bw", "mapped_page_cache_bw", "cpu_share", "timings", "key",
         "measured_at", "seconds", "cached"}``; ``Rates(**result["rates"])`` is the rates.
     """
     store = store if isinstance(store, LayerStore) else LayerStore(store)
@@ -184,21 +193,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _mean(fn, device: torch.device, before=None) -> float:
-    """Mean seconds of a call of ``fn``, called for at least :data:`WINDOW_S` seconds and
-    :data:`REPEAT` times (``before`` runs untimed ahead of each; its time counts towards
-    the window)."""
-    timed, runs, start = 0.0, 0, time.perf_counter()
-    while runs < REPEAT or time.perf_counter() - start < WINDOW_S:
+def _best(fn, device: torch.device, before=None) -> float:
+    """Seconds of the best of :data:`REPEAT` calls of ``fn`` (``before`` runs untimed ahead
+    of each). Under a CPU quota each call waits :data:`REFILL_S` first, so it starts with
+    a period's whole quota and runs as the device does, not as the quota lets it."""
+    times, quota = [], hardware.cpu_quota() is not None
+    for _ in range(REPEAT):
         if before is not None:
             before()
         _sync(device)
+        if quota:
+            time.sleep(REFILL_S)
         t = time.perf_counter()
         fn()
         _sync(device)
-        timed += time.perf_counter() - t
-        runs += 1
-    return timed / runs
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def cpu_share(threads: int, seconds: float = WINDOW_S) -> float:
+    """The share of ``threads`` cores' time this process gets now: CPU seconds over wall
+    seconds times ``threads`` while matrix products run on ``threads`` torch threads for
+    ``seconds`` (at most 1; module docstring)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.full((384, 384), 0.5)
+        torch.mm(a, a)  # warm-up: the threads start
+        wall, cpu = time.perf_counter(), time.process_time()
+        while time.perf_counter() - wall < seconds:
+            torch.mm(a, a)
+        return min(1.0, (time.process_time() - cpu) / ((time.perf_counter() - wall) * threads))
+    finally:
+        torch.set_num_threads(before)
 
 
 class _LargeRead:
@@ -253,9 +280,16 @@ def _measure(store: LayerStore, dtype, device: torch.device, batch: int, threads
     finally:
         torch.set_num_threads(before)
     disk = _disk(store, maps_shards(ModelShape.from_store(store, dtype), device.type), layers)
+    share = cpu_share(threads or before)
+    cpu = device.type == "cpu"
+    rates = {**rates, "step_overhead_s": rates["step_overhead_s"] / share,
+             "layer_overhead_s": rates["layer_overhead_s"] / share}
+    if cpu:
+        rates.update(flops=rates["flops"] * share, mem_bw=rates["mem_bw"] * share)
+    page_cache = {k: v * share if cpu and v is not None else v
+                  for k, v in (("page_cache_bw", disk["page_cache_bw"]), ("mapped_page_cache_bw", disk["mapped_page_cache_bw"]))}
     rates.update(disk_bw=disk["disk_bw"], h2d_bw=_h2d(device) if device.type == "cuda" else None)
-    return {"rates": dataclasses.asdict(Rates(**rates)), "page_cache_bw": disk["page_cache_bw"],
-            "mapped_page_cache_bw": disk["mapped_page_cache_bw"],
+    return {"rates": dataclasses.asdict(Rates(**rates)), **page_cache, "cpu_share": share,
             "timings": {**timings, "disk_read_bytes": disk["bytes"]}}
 
 
@@ -268,7 +302,7 @@ def _compute(store: LayerStore, dtype, device: torch.device, batch: int, threads
     unit, nbytes = layer_unit(start), shape.layer_bytes[start]
     flush = _LargeRead(device, dtype, READ_BYTES)
     flush()  # warm-up
-    mem_bw = flush.nbytes / _mean(flush, device)
+    mem_bw = flush.nbytes / _best(flush, device)
     times = {}
     for span in sorted({1, layers}):
         stage = _Stage(store, dtype, device, start, start + span, threads, batch)
@@ -276,9 +310,9 @@ def _compute(store: LayerStore, dtype, device: torch.device, batch: int, threads
             stage.forward(PREFILL)  # warm-up
             stage.forward(1)
             if span == 1:
-                times["prefill_s"] = _mean(lambda: stage.forward(PREFILL), device, flush)
+                times["prefill_s"] = _best(lambda: stage.forward(PREFILL), device, flush)
                 stage.forward(PREFILL)
-            times[f"step_{span}_s"] = _mean(lambda: stage.forward(1), device, flush)
+            times[f"step_{span}_s"] = _best(lambda: stage.forward(1), device, flush)
         finally:
             stage.close()
     flops = unit_flops(shape, unit, nbytes, batch * PREFILL, (PREFILL + 1) // 2) / times["prefill_s"]
@@ -320,7 +354,7 @@ def _disk(store: LayerStore, maps: bool, layers: tuple[int, int]) -> dict:
                 m.page_in(0, len(m.map))
                 m.page_out(0, len(m.map))
 
-        mapped = sum(len(m.map) for m in maps_) / _mean(page_through, torch.device("cpu"))
+        mapped = sum(len(m.map) for m in maps_) / _best(page_through, torch.device("cpu"))
     return {"disk_bw": cold["bytes_per_s"] or float("inf"), "page_cache_bw": warm["bytes_per_s"] or float("inf"),
             "mapped_page_cache_bw": mapped, "bytes": total}
 
@@ -330,7 +364,7 @@ def _h2d(device: torch.device) -> float:
     host = torch.empty(H2D_BYTES, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(H2D_BYTES, dtype=torch.uint8, device=device)
     dev.copy_(host, non_blocking=True)  # warm-up
-    return H2D_BYTES / _mean(lambda: dev.copy_(host, non_blocking=True), device)
+    return H2D_BYTES / _best(lambda: dev.copy_(host, non_blocking=True), device)
 
 
 # --------------------------------------------------------------------------- links between nodes

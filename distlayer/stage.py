@@ -59,6 +59,8 @@ class StageActor:
         node and model shape; ``remeasure`` measures again; ``cached_only`` returns None
         rather than measure). ``Rates(**result["rates"])`` is the rates."""
         threads = threads or (self.runner.threads if self.runner is not None else None)
+        if cached_only and not (Path(self.store_path) / "manifest.json").is_file():
+            return None  # no store on this node yet: the driver fills it, then asks again
         return rates.measure_node(self.store_path, self.dtype, self.device, batch, threads, remeasure,
                                   layers=layers, cached_only=cached_only)
 

@@ -46,12 +46,15 @@ class Survey:
         links: per stage, ``rates.link_probe``'s dict for its hop to the next stage, or None.
         rates: per stage, the :class:`Rates` the cost model uses (:func:`stage_rates`).
         measured_by: per stage, the index of the stage whose process measured its node.
+        pushed: by node id, the bytes of each shard sent to it to measure with
+            (``fill.fill_stages``'s result; the plan's own fill counts them as its own).
     """
 
     nodes: tuple[dict, ...]
     links: tuple[dict | None, ...]
     rates: tuple[Rates, ...]
     measured_by: tuple[int, ...]
+    pushed: dict = dataclasses.field(default_factory=dict)
 
     def as_dicts(self) -> list[dict]:
         """Per stage, what was measured and the rates used (JSON-ready)."""
@@ -89,39 +92,38 @@ def stage_rates(plan: PlacedPlan, nodes: list[dict], links: list[dict | None], f
     return out
 
 
-def survey(stages, plan: PlacedPlan, store, shape: ModelShape, rows: int, free: list[int], gpus: list[str],
-           remeasure: bool = False) -> Survey:
+def survey(stages, plan: PlacedPlan, store, shape: ModelShape, rows: int, free: list[int], gpus: list[str]) -> Survey:
     """Measure the nodes and links of ``stages`` (a ``Stages``: ``stages.actors[i]`` runs
     stage ``i`` of ``plan``, the bytes-balanced plan) for ``rows`` rows a micro-batch of
-    the model of ``store`` (``shape``, in the compute dtype).
-    ``free`` is each stage's node's available RAM (or its GPU's memory), ``gpus`` each
-    stage's physical GPU ("" on a CPU). Filling a node's store with the measured shards
-    records nothing in ``plan``'s placements."""
+    the model of ``store`` (``shape``, in the compute dtype). ``free`` is each stage's
+    node's available RAM (or its GPU's memory), ``gpus`` each stage's physical GPU (""
+    on a CPU). A node's cached measurement is used (``DISTLAYER_REMEASURE=1`` there
+    measures again). Filling a node's store with the measured shards records nothing in
+    ``plan``'s placements; :attr:`Survey.pushed` says what was sent."""
     first: dict[tuple[str, str], int] = {}  # (node, gpu): the stage measuring it
     for i, p in enumerate(plan.stages):
         first.setdefault((p.node_id, gpus[i]), i)
     by = [first[p.node_id, gpus[i]] for i, p in enumerate(plan.stages)]
     layers = {i: measured_layers(store.num_layers, plan.stages[i].start, plan.stages[i].end) for i in first.values()}
-    ask = {i: dict(batch=rows, remeasure=remeasure, threads=plan.stages[i].threads, layers=layers[i])
-           for i in first.values()}
-    got = dict(zip(ask, stages.get([stages.call(stages.actors[i], "measure_rates", *_args(ask[i], True))
-                                    for i in ask])))
+
+    def measure(i: int, cached_only: bool):
+        return stages.call(stages.actors[i], "measure_rates", rows, False, plan.stages[i].threads, layers[i],
+                           cached_only)
+
+    got = dict(zip(layers, stages.get([measure(i, True) for i in layers])))
     todo = [i for i, r in got.items() if r is None]
+    pushed = {}
     if todo and stages.remote:  # the measured layers' shards on each node, as the stage's own would be
-        probe = [PlacedStage(StagePlan(i, *layers.get(i, (0, 1)), False, p.device), Placement(p.node_ip, p.node_id))
-                 for i, p in enumerate(plan.stages)]
-        fill_stages(stages, probe, store, which=todo)
+        probe = [PlacedStage(StagePlan(i, *layers.get(i, (p.start, p.end)), False, p.device),
+                             Placement(p.node_ip, p.node_id)) for i, p in enumerate(plan.stages)]
+        pushed = fill_stages(stages, probe, store, which=todo)
     for i in todo:  # one node at a time
-        got[i] = stages.get(stages.call(stages.actors[i], "measure_rates", *_args(ask[i], False)))
+        got[i] = stages.get(measure(i, False))
     nodes = [got[b] for b in by]
     links = _links(stages, plan) if stages.remote else [None] * len(by)
     model_bytes = sum(shape.layer_bytes) + shape.embed + shape.norm + shape.head
     return Survey(tuple(nodes), tuple(links), tuple(stage_rates(plan, nodes, links, free, gpus, model_bytes)),
-                  tuple(by))
-
-
-def _args(kw: dict, cached_only: bool) -> tuple:
-    return kw["batch"], kw["remeasure"] and not cached_only, kw["threads"], kw["layers"], cached_only
+                  tuple(by), pushed)
 
 
 def _links(stages, plan: PlacedPlan) -> list[dict | None]:

@@ -4,11 +4,13 @@ Each node gets its own custom resource (``node_a``, ``node_b``…), so a stage c
 pinned to a node. Only the processes of this cluster are stopped at the end (never
 `ray stop`, which would end every Ray process on the machine). :class:`RayNodes` puts
 every node on 127.0.0.1; :class:`NetnsHosts` gives each node a host of its own (a
-network namespace with its own address).
+network namespace with its own address), and can hold a host's processes to a share of a
+CPU core with a cgroup v1 cpu quota (:func:`cpu_quota_problem` says whether it can here).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -22,6 +24,35 @@ import sys
 import time
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")  # the ray CLI beside this Python
+CPU_CGROUP = "/sys/fs/cgroup/cpu"  # the cgroup v1 cpu controller's hierarchy
+CFS_PERIOD_US = 100_000
+
+
+def cpu_quota_problem() -> str | None:
+    """Why a cgroup v1 cpu quota (``cpu.cfs_quota_us``) cannot hold processes here, or None:
+    it needs root and the v1 cpu controller mounted at ``/sys/fs/cgroup/cpu``, and a group
+    made there (and removed at once) must take a quota."""
+    if os.geteuid() != 0:
+        return "needs root for a cgroup v1 cpu quota"
+    if not os.path.exists(os.path.join(CPU_CGROUP, "cpu.cfs_quota_us")):
+        return f"no cgroup v1 cpu controller at {CPU_CGROUP} (cpu.cfs_quota_us)"
+    probe = os.path.join(CPU_CGROUP, f"distlayer-probe-{os.getpid()}-{secrets.token_hex(3)}")
+    try:
+        os.mkdir(probe)
+        try:
+            _write(os.path.join(probe, "cpu.cfs_period_us"), CFS_PERIOD_US)
+            _write(os.path.join(probe, "cpu.cfs_quota_us"), CFS_PERIOD_US // 2)
+        finally:
+            os.rmdir(probe)
+    except OSError as e:
+        return f"cannot make a cgroup v1 cpu group with a quota under {CPU_CGROUP}: {e}"
+    return None
+
+
+def _write(path: str, value) -> None:
+    with open(path, "w") as f:
+        f.write(f"{value}\n")
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -72,13 +103,21 @@ class NetnsHosts:
     the hosts). :meth:`run` runs a command on a host; :meth:`stop` kills exactly the
     processes in the two namespaces (all started here) and removes the namespaces.
 
+    ``cpu_quota[i]`` (cores, e.g. ``[0.5, None]``) holds host ``i``'s processes to that
+    much CPU time: a cgroup v1 cpu group of its own (``cpu.cfs_period_us`` 100000,
+    ``cpu.cfs_quota_us`` cores × 100000) that every process :meth:`run` starts on the host
+    joins before it execs (its ``ray start``, and so the node's raylet and Ray workers; a
+    driver run there), all sharing the one quota. :meth:`stop` removes the groups once their
+    processes are gone. See :func:`cpu_quota_problem`.
+
     Needs root and iproute2 (``ip netns``).
     """
 
     SUBNET = "10.77.0"
     PORT = 6379  # free: each namespace has its own ports
 
-    def __init__(self, homes: list, hide: list[list] | None = None, cpus: float = 1, ray: bool = True):
+    def __init__(self, homes: list, hide: list[list] | None = None, cpus: float = 1, ray: bool = True,
+                 cpu_quota: list[float | None] | None = None):
         tag = f"dl{os.getpid() % 100000}"
         self.names = [f"{tag}h0", f"{tag}h1"]
         self.ips = [f"{self.SUBNET}.1", f"{self.SUBNET}.2"]
@@ -88,7 +127,12 @@ class NetnsHosts:
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
                     "RAY_USAGE_STATS_ENABLED": "0"}
         self.hide, self.cpus = hide or [[], []], cpus
+        self.cpu_quota = list(cpu_quota or [None, None])
+        if len(self.cpu_quota) != 2:
+            raise ValueError(f"cpu_quota needs one entry per host (2), not {self.cpu_quota}")
+        self.cgroups: list[str | None] = [None, None]  # each host's cpu group, where it has a quota
         try:
+            self._cgroups(tag)
             self._net(tag)
             for i in range(2 if ray else 0):
                 self.start_node(i)
@@ -105,6 +149,26 @@ class NetnsHosts:
         out = self.run(i, cmd, hide=self.hide[i], timeout=180)
         if out.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} on host {i} failed:\n{out.stdout}\n{out.stderr}")
+
+    def _cgroups(self, tag: str) -> None:
+        for i, cores in enumerate(self.cpu_quota):
+            if cores is None:
+                continue
+            if cores <= 0:
+                raise ValueError(f"cpu_quota[{i}] must be a positive number of cores, not {cores}")
+            path = os.path.join(CPU_CGROUP, f"distlayer-{tag}h{i}-{secrets.token_hex(3)}")
+            os.mkdir(path)
+            self.cgroups[i] = path
+            _write(os.path.join(path, "cpu.cfs_period_us"), CFS_PERIOD_US)
+            _write(os.path.join(path, "cpu.cfs_quota_us"), max(1000, round(cores * CFS_PERIOD_US)))
+
+    def cgroup_pids(self) -> list[int]:
+        """Every process in the hosts' cpu groups."""
+        found = []
+        for path in filter(None, self.cgroups):
+            with contextlib.suppress(FileNotFoundError), open(os.path.join(path, "cgroup.procs")) as f:
+                found += [int(p) for p in f.read().split()]
+        return found
 
     def _net(self, tag: str) -> None:
         a, b = f"{tag}v0", f"{tag}v1"
@@ -124,20 +188,23 @@ class NetnsHosts:
         """Run ``cmd`` on ``host`` (in its namespaces) with :meth:`env_of`; ``hide``: dirs it must not see."""
         mounts = "".join(f"mount -t tmpfs -o size=1m dlhide {shlex.quote(str(d))} && " for d in hide or [])
         shell = ["sh", "-c", f'{mounts}exec "$@"', "sh", *cmd]
-        return subprocess.run(["ip", "netns", "exec", self.names[host], *shell], env=self.env_of(host),
-                              capture_output=True, text=True, **kw)
+        argv = ["ip", "netns", "exec", self.names[host], *shell]
+        if self.cgroups[host]:  # join the host's cpu group first: `ip netns exec` hides /sys/fs/cgroup
+            procs = shlex.quote(os.path.join(self.cgroups[host], "cgroup.procs"))
+            argv = ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *argv]
+        return subprocess.run(argv, env=self.env_of(host), capture_output=True, text=True, **kw)
 
     def pids(self) -> list[int]:
-        """Every process in the two hosts' namespaces."""
+        """Every process in the two hosts' namespaces (and their cpu groups)."""
         found = []
         for name in self.names:
             out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
             found += [int(p) for p in out.stdout.split()]
-        return found
+        return sorted(set(found + self.cgroup_pids()))
 
     def stop(self) -> None:
         """Kill every process on the two hosts (all started by this object or its callers),
-        then remove the namespaces (their veth pair goes with them)."""
+        then remove the namespaces (their veth pair goes with them) and the cpu groups."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
             pids = self.pids()
             for pid in pids:
@@ -151,3 +218,19 @@ class NetnsHosts:
         for name in self.names:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
         shutil.rmtree(self.temp, ignore_errors=True)
+        left = []
+        for i, path in enumerate(self.cgroups):
+            deadline = time.time() + 10
+            while path:  # a group goes only once empty; a killed process may take a moment to leave it
+                try:
+                    os.rmdir(path)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    if time.time() < deadline:
+                        time.sleep(0.2)
+                        continue
+                    left.append(path)
+                self.cgroups[i] = path = None
+        if left:
+            raise RuntimeError(f"cannot remove the cpu groups {left}: processes are still in them")

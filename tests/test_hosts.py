@@ -309,7 +309,8 @@ RESUME = textwrap.dedent("""
             killed.append(receiver[node])
 
     fill.push, fill.report_progress = remember_receiver, kill_halfway
-    kw = dict(stages=2, address=address, progress=False, stage_resources=[{"host_0": 1}, {"host_1": 1}])
+    kw = dict(stages=2, address=address, progress=False, stage_resources=[{"host_0": 1}, {"host_1": 1}],
+              balance="bytes")  # the plan's own push is cut (balance="speed" pushes the layers it measures first)
     try:
         AutoModel.from_pretrained(path, **kw)
         first = "started"

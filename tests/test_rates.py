@@ -99,3 +99,64 @@ def test_a_stage_measures_where_it_runs_under_distlayer_home(store):
     assert rates.cache_file(got["key"]).is_file()  # under $DISTLAYER_HOME/rates
     assert stage.measure_rates(batch=1)["cached"]
     assert dataclasses.asdict(Rates(**got["rates"])) == got["rates"]
+
+
+@pytest.mark.parametrize("num_layers, start, end, expected", [
+    (30, 0, None, (13, 17)),   # 4 from the middle of the model
+    (30, 0, 19, (7, 11)),      # 4 from the middle of a stage's range
+    (30, 19, 30, (22, 26)),
+    (30, 5, 7, (5, 7)),        # a range shorter than 4: all of it
+    (30, 0, 1, (0, 1)),
+])
+def test_measured_layers(num_layers, start, end, expected):
+    assert rates.measured_layers(num_layers, start, end) == expected
+
+
+def test_a_node_measures_on_the_layers_asked_and_cached_only_measures_nothing(store, tmp_path):
+    s = store("llama")
+    assert rates.measure_node(s, torch.float32, cache_dir=tmp_path, cached_only=True) is None
+    got = rates.measure_node(s, torch.float32, cache_dir=tmp_path, layers=(0, 1))
+    assert got["timings"]["layers"] == 1 and 0 < got["cpu_share"] <= 1
+    assert rates.measure_node(s, torch.float32, cache_dir=tmp_path, cached_only=True)["cached"]
+    stage = StageActor(str(tmp_path / "no-store-here"), 0, "cpu", torch.float32)
+    assert stage.measure_rates(cached_only=True) is None  # no store on its node yet: the driver fills it first
+
+
+def test_a_link_is_timed_over_tcp():
+    port = rates.link_listen(None, "127.0.0.1")
+    got = rates.link_probe(None, "127.0.0.1", port)
+    assert got["bytes"] == rates.LINK_BYTES and got["link_bw"] > 0 and 0 < got["link_latency_s"] < 1
+    assert got["rtt_s"] == pytest.approx(2 * got["link_latency_s"])
+
+
+SHARE = """
+import json
+from distlayer import hardware, rates
+print(json.dumps({"quota": hardware.cpu_quota(), "share": rates.cpu_share(1, seconds=1.0)}))
+"""
+
+
+def test_a_cpu_quota_shows_in_the_measured_share(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from ray_nodes import CPU_CGROUP, cpu_quota_problem
+
+    why = cpu_quota_problem()
+    if why:
+        pytest.skip(why)
+    group = __import__("pathlib").Path(CPU_CGROUP) / f"distlayer-test-{__import__('os').getpid()}"
+    group.mkdir()
+    try:
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text("50000")
+        held = subprocess.run(["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", sys.executable,
+                               "-c", SHARE], capture_output=True, text=True, timeout=120)
+        free = subprocess.run([sys.executable, "-c", SHARE], capture_output=True, text=True, timeout=120)
+    finally:
+        group.rmdir()
+    held, free = json.loads(held.stdout), json.loads(free.stdout)
+    assert held["quota"] == 0.5 and free["quota"] is None
+    assert 0.4 < held["share"] < 0.6 and free["share"] > held["share"] + 0.2, (held, free)
