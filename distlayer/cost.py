@@ -50,6 +50,7 @@ Predictions are checked against measured decode steps of SmolLM2-135M on a CPU b
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from .planner import ModelShape, Plan, StagePlan
@@ -269,6 +270,10 @@ class Timer:
 
     def stage_cost(self, plan: StagePlan) -> StageCost:
         return stage_cost(self.shape, plan, self.rates[plan.stage], self.rows, self.context)
+
+    def with_micro_batches(self, m: int) -> "Timer":
+        """This timer for the batch in ``m`` micro-batches."""
+        return dataclasses.replace(self, micro_batches=m)
 
     def stage_s(self, plan: StagePlan) -> float:
         """Seconds of stage ``plan`` for one micro-batch."""

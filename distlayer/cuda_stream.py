@@ -1,7 +1,7 @@
 """A CUDA stage's weights: resident units, streamed units in a fixed arena, GPU timing.
 
-``streaming.HostMemory`` is the CPU counterpart; both offer the methods
-``streaming.Streamer`` and the runner call. On a GPU:
+A memory tier (``memory.WeightMemory``, which names the calls ``streaming.Streamer`` and
+the runner make, and their contract); ``streaming.HostMemory`` is the CPU's. On a GPU:
 
 - **Resident units** are copied once at start-up, synchronously, on the stream that
   computes; they are never on the copy stream and never in pinned memory.
@@ -149,6 +149,9 @@ class CudaMemory:
         stage: stage index, for messages.
     """
 
+    # each fetch copies a unit into an arena slice that a later unit overwrites
+    keeps_tensors = False
+
     def __init__(self, store, dtype: torch.dtype, device: torch.device, budget: int | None,
                  unit_bytes: dict[str, int], stage: int):
         self.store, self.dtype, self.device, self.budget = store, dtype, device, budget
@@ -184,6 +187,17 @@ class CudaMemory:
     def compute_stream(self) -> torch.cuda.Stream:
         """The stream this thread's forwards run on."""
         return torch.cuda.current_stream(self.device)
+
+    def held_bytes(self) -> int:
+        """Bytes of weights held: the resident units and the arena slices of streamed units
+        not yet released (a slice's bytes, aligned, not the unit's)."""
+        with self.cond:
+            return self.resident_bytes + sum(end - start for start, end in self.ring.live)
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Not here: a streamed unit's arena slice holds it for one use (``keeps_tensors`` is False)."""
+        raise TypeError(f"{type(self).__name__} hands a streamed unit's tensors over at each fetch: "
+                        "it keeps none for the stage's lifetime")
 
     # ------------------------------------------------------------------ resident units
 
@@ -318,8 +332,10 @@ class CudaMemory:
         }
 
     def close(self) -> None:
-        """Wait for copies in flight, then free the arena and the staging buffers."""
+        """Wait for copies in flight, then free the arena (and its slices) and the staging buffers."""
         if self.copy_stream is not None:
             self.copy_stream.synchronize()
+        with self.cond:
+            self.ring.clear()
         self.arena = torch.empty(0, dtype=torch.uint8)
         self.staging = []

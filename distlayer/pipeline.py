@@ -34,7 +34,7 @@ from .fill import fill_stages
 from .liveness import HEALTH, Heartbeat
 from .placement import PlacedPlan, PlacedStage, Placement
 from .cost import Prediction, predict
-from .planner import Layout, ModelShape, Site, check_stages, pipeline_layout, plan_pipeline
+from .planner import Layout, ModelShape, Site, check_stages, micro_batch_choices, pipeline_layout, plan_pipeline
 from .recovery import Recovering, Restarts
 from .stage import StageActor
 from .store import LayerStore, open_configured
@@ -443,9 +443,12 @@ def plan_for(store: LayerStore, cfg: PipelineConfig, dtype: torch.dtype, describ
              for d in described]
     shape = ModelShape.from_store(store, dtype)
 
+    choices = micro_batch_choices(layout.device, [s.node_id for s in sites], layout.concurrency[0],
+                                  cfg.micro_batches is not None)
+
     def placed(timer=None) -> PlacedPlan:
         plan = plan_pipeline(shape, sites, cfg.budgets(len(sites)), layout.device, layout.concurrency, cfg.max_rows,
-                             cfg.context, timer)
+                             cfg.context, timer, choices)
         return PlacedPlan(plan, tuple(PlacedStage(p, Placement(d["node_ip"], d["node_id"], d.get("pid")))
                                       for p, d in zip(plan.stages, described)))
 

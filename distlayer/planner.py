@@ -430,6 +430,16 @@ def plan_concurrency(stage_nodes: list[str], node_cores: dict[str, int], device:
     return m, out
 
 
+def micro_batch_choices(device: str, stage_nodes: list[str], micro_batches: int, given: bool) -> tuple[int, ...]:
+    """The micro-batch counts placement by speed may choose among (``plan_pipeline``'s
+    ``micro_choices``): none when the settings fix them; else 1 up to the layout's, on
+    GPUs, and on CPUs when no node runs two stages (the threads of stages that share a
+    node depend on the count, :func:`plan_concurrency`, and are set before they start)."""
+    if given or (device.split(":")[0] == "cpu" and len(set(stage_nodes)) < len(stage_nodes)):
+        return ()
+    return tuple(range(1, micro_batches + 1))
+
+
 @dataclass(frozen=True)
 class Layout:
     """How a pipeline runs, as :func:`pipeline_layout` decides it.
@@ -599,23 +609,29 @@ def reserved_context(context: int | None, device: str) -> int | None:
 
 class StageTimer(Protocol):
     """What placement by speed asks of a cost model (``cost.Timer``): a stage's predicted
-    seconds for one micro-batch, and the pipeline's step from those of its stages."""
+    seconds for one micro-batch, the pipeline's step from those of its stages, and the
+    same timer for another number of micro-batches."""
 
     def stage_s(self, plan: StagePlan) -> float: ...
 
     def step_s(self, times: list[float]) -> float: ...
 
+    def with_micro_batches(self, m: int) -> "StageTimer": ...
+
 
 def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None], device: str,
                   concurrency: tuple[int, list[int | None]], batch_size: int = 1,
-                  context: int | None = None, timer: StageTimer | None = None) -> Plan:
+                  context: int | None = None, timer: StageTimer | None = None,
+                  micro_choices: tuple[int, ...] = ()) -> Plan:
     """The complete plan of a pipeline: ranges, budgets and where they came from, KV and
     activation reserves, resident and streamed units, threads and micro-batches.
 
     Ranges are balanced by bytes (:func:`plan_stages`). With a ``timer`` (the cost model
     over each stage's measured rates), the ranges that minimise the predicted step are
     found too, within the same budgets, and taken when they are predicted at least
-    :data:`SPEED_MARGIN` faster: a slow stage gets fewer layers.
+    :data:`SPEED_MARGIN` faster: a slow stage gets fewer layers. With ``micro_choices``,
+    each of those micro-batch counts is tried as well (fewer micro-batches read every
+    weight fewer times a step; more let separate devices work at once).
 
     Args:
         shape: the model's unit sizes in the compute dtype.
@@ -629,6 +645,8 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
             activations for; without a context a CPU budget bounds weights alone, and a
             GPU budget reserves for ``GPU_CONTEXT`` tokens (:func:`reserved_context`).
         timer: predicts stage and step times (``cost.Timer``); None: by bytes alone.
+        micro_choices: other micro-batch counts placement by speed may take instead of
+            ``concurrency``'s (those that leave every stage's threads as they are).
 
     Raises:
         PlanError: the stages or budgets cannot hold the model.
@@ -657,21 +675,32 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
     cuts = plan_stages(shape, [b for b, _ in budgeted], kv, act, maps)
     if timer is None:
         return Plan(tuple(stage(i, a, b) for i, (a, b) in enumerate(cuts)), micro, "bytes", "by bytes")
-    def time_of(i: int, a: int, b: int) -> float:
+
+    def step_of(t: StageTimer, cuts_: list[tuple[int, int]]) -> float:
+        return t.step_s([time_of(t, i, a, b) for i, (a, b) in enumerate(cuts_)])
+
+    def time_of(t: StageTimer, i: int, a: int, b: int) -> float:
         try:
-            return timer.stage_s(stage(i, a, b))
+            return t.stage_s(stage(i, a, b))
         except PlanError:  # the stage's budget cannot hold these layers
             return float("inf")
 
-    by_bytes = timer.step_s([time_of(i, a, b) for i, (a, b) in enumerate(cuts)])
-    fast = _Cuts(shape, [b for b, _ in budgeted], kv, act, maps).fastest(time_of, timer.step_s) or cuts
-    by_speed = timer.step_s([time_of(i, a, b) for i, (a, b) in enumerate(fast)])
+    by_bytes = step_of(timer.with_micro_batches(micro), cuts)
+    best = (by_bytes, micro, cuts)
+    for m in dict.fromkeys((micro, *micro_choices)):  # the plan's micro-batches first: ties keep them
+        t = timer.with_micro_batches(m)
+        found = _Cuts(shape, [b for b, _ in budgeted], kv, act, maps).fastest(
+            lambda i, a, b, t=t: time_of(t, i, a, b), t.step_s) or cuts
+        if step_of(t, found) < best[0]:
+            best = (step_of(t, found), m, found)
+    by_speed, m, fast = best
     gain = 1 - by_speed / by_bytes if by_bytes else 0.0
-    if fast != cuts and gain >= SPEED_MARGIN:
-        return Plan(tuple(stage(i, a, b) for i, (a, b) in enumerate(fast)), micro, "speed",
-                    f"by speed: predicted {gain:.0%} faster than balancing bytes "
+    if (fast, m) != (cuts, micro) and gain >= SPEED_MARGIN:
+        also = f", in {m} micro-batch{'es' * (m > 1)} rather than {micro}" if m != micro else ""
+        return Plan(tuple(stage(i, a, b) for i, (a, b) in enumerate(fast)), m, "speed",
+                    f"by speed: predicted {gain:.0%} faster than balancing bytes{also} "
                     f"({by_speed:.4g} s against {by_bytes:.4g} s a step)")
-    why = "no faster ranges" if fast == cuts or gain < 0.005 else \
+    why = "no faster ranges" if (fast, m) == (cuts, micro) or gain < 0.005 else \
         f"ranges predicted only {gain:.0%} faster, under the {SPEED_MARGIN:.0%} margin"
     return Plan(tuple(stage(i, a, b) for i, (a, b) in enumerate(cuts)), micro, "bytes",
                 f"by bytes: placing by speed finds {why} ({by_bytes:.4g} s a step predicted)")

@@ -6,7 +6,11 @@ decoder layers, final norm, head) that fit the budget stay resident; the rest ar
 streamed from the layer store by a background thread that loads ahead, in step
 order and across step boundaries, as far as the budget allows
 (``streaming.Streamer``). Where the weights live and how forwards are timed is the
-device's business: ``streaming.HostMemory`` on a CPU, ``cuda_stream.CudaMemory`` on a GPU.
+device's business, behind one seam (``memory.WeightMemory``): ``streaming.MappedMemory``
+on a CPU stage that maps its shards, ``streaming.HostMemory`` on another CPU stage,
+``cuda_stream.CudaMemory`` on a GPU. The runner picks one and then asks only what the
+seam offers: whether streamed units keep their tensors (``keeps_tensors``) is the tier's
+to say, not a type test.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from .cache import StageCache
 from .cuda_stream import CudaMemory
 from .errors import PlanError, StoreError
 from .hardware import peak_rss_bytes
+from .memory import WeightMemory
 from .planner import StagePlan
 from .store import LayerStore
 from .streaming import HostMemory, MappedMemory, Streamer
@@ -126,6 +131,7 @@ class LayerRunner:
         self.order = [c for u in self.streamed if u != arch.EMBED for c in (
             [chunk_unit(u, j) for j in range(self.head_chunks)] if u == arch.HEAD and self.head_chunks > 1 else [u])]
         self._taken: set[str] = set()  # handed to the running forward, not yet given back
+        self.memory: WeightMemory
         if plan.maps_shards:
             self.memory = MappedMemory(store, self.dtype, self.device, self.budget, self.unit_bytes, self.stage,
                                        {arch.HEAD: self.head_chunks} if self.head_chunks > 1 else None)
@@ -144,7 +150,7 @@ class LayerRunner:
         self._prepare_modules()
         for unit in self.resident:
             self._assign(unit, self.memory.load_resident(unit))
-        if isinstance(self.memory, MappedMemory):  # streamed units keep their mapped tensors
+        if self.memory.keeps_tensors:  # streamed units keep their tensors: assigned once, here
             for unit in self.order:
                 if unit in self.unit_bytes:  # a whole unit, not a chunk
                     self._assign(unit, self.memory.tensors(unit))
@@ -226,11 +232,11 @@ class LayerRunner:
 
     def _materialize(self, unit: str, module: nn.Module) -> None:
         tensors = self._take(unit)
-        if not isinstance(self.memory, MappedMemory):  # mapped units keep their tensors
+        if not self.memory.keeps_tensors:  # else the module holds them since set-up
             self._assign(unit, tensors, module)
 
     def _evict(self, unit: str, module: nn.Module) -> None:
-        if not isinstance(self.memory, MappedMemory):
+        if not self.memory.keeps_tensors:
             _to_meta(module)
         self._give_back(unit)
 
@@ -239,7 +245,7 @@ class LayerRunner:
         self.streamer.stop()
         dropped = sorted(self._taken)  # taken and never given back
         self._taken.clear()
-        if not isinstance(self.memory, MappedMemory):
+        if not self.memory.keeps_tensors:
             for unit in dropped:
                 _to_meta(self._module(unit))
         self.streamer.restart(dropped)

@@ -9,7 +9,10 @@ before it runs and releases it right after.
   failed forward or a loader that died. It knows nothing of devices.
 - :class:`HostMemory`: where a CPU stage's weights live and how long a forward takes:
   host memory, held within a byte budget, timed by the host's clock.
-  ``cuda_stream.CudaMemory`` is its GPU counterpart; both offer the same methods.
+- :class:`MappedMemory`: a CPU stage's shards mapped in place, paged in and out.
+
+Both are memory tiers (``memory.WeightMemory``, which names every call the runner and
+the streamer make on one, and its contract); ``cuda_stream.CudaMemory`` is the GPU's.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 import torch
 
 from .errors import StageError, StoreError
+from .memory import WeightMemory
 from .units import chunk_rows, chunk_unit
 
 # How often a forward that waits for a unit checks that the loader thread still runs.
@@ -29,7 +33,7 @@ LOADER_CHECK_S = 1.0
 
 class HostMemory:
     """A CPU stage's weights: units read from the store into host memory, held within a
-    byte budget; forwards timed with the host's clock.
+    byte budget; forwards timed with the host's clock. A ``memory.WeightMemory``.
 
     Args:
         store: the layer store.
@@ -39,6 +43,9 @@ class HostMemory:
         unit_bytes: bytes of each unit in ``dtype``.
         stage: stage index, for messages.
     """
+
+    # each fetch reads a unit into new tensors, which go with the forward that used them
+    keeps_tensors = False
 
     def __init__(self, store, dtype: torch.dtype, device: torch.device, budget: int | None,
                  unit_bytes: dict[str, int], stage: int):
@@ -70,6 +77,15 @@ class HostMemory:
         with self.cond:
             self.held -= nbytes
             self.cond.notify_all()
+
+    def held_bytes(self) -> int:
+        """Bytes of weights counted held: resident units and streamed ones not yet freed."""
+        return self.held
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Not here: streamed units are read anew by each fetch (``keeps_tensors`` is False)."""
+        raise TypeError(f"{type(self).__name__} hands a streamed unit's tensors over at each fetch: "
+                        "it keeps none for the stage's lifetime")
 
     def load_resident(self, unit: str) -> dict[str, torch.Tensor]:
         """A resident unit's tensors, held for the stage's lifetime."""
@@ -174,6 +190,9 @@ class MappedMemory(HostMemory):
             the vocabulary); each chunk ``units.chunk_unit(unit, j)`` streams on its own.
         Others as :class:`HostMemory`.
     """
+
+    # a streamed unit's tensors are views of its map for the stage's lifetime (:meth:`tensors`)
+    keeps_tensors = True
 
     def __init__(self, store, dtype: torch.dtype, device: torch.device, budget: int | None,
                  unit_bytes: dict[str, int], stage: int, chunks: dict[str, int] | None = None):
@@ -283,14 +302,15 @@ class Streamer:
     """Hands a stage's streamed units to its forwards in step order.
 
     Args:
-        memory: where the units live (:class:`HostMemory` or ``cuda_stream.CudaMemory``).
+        memory: where the units live (a ``memory.WeightMemory``: :class:`HostMemory`,
+            :class:`MappedMemory` or ``cuda_stream.CudaMemory``).
         units: the streamed units, in forward order.
         stage: stage index, for messages.
         prefetch: load on a background thread ahead of use (else each forward loads the
             unit it needs itself).
     """
 
-    def __init__(self, memory, units: list[str], stage: int, prefetch: bool):
+    def __init__(self, memory: WeightMemory, units: list[str], stage: int, prefetch: bool):
         self.memory, self.units, self.stage, self.prefetch = memory, list(units), stage, prefetch
         self.next = 0  # index into units of the next unit a forward needs
         self.queue: queue.Queue = queue.Queue()

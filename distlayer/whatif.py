@@ -34,7 +34,8 @@ from pathlib import Path
 from .config import PipelineConfig, parse_bytes
 from .cost import Prediction, Rates, Timer, predict
 from .errors import ConfigError
-from .planner import ModelShape, Plan, Site, kv_bytes_per_token, pipeline_layout, plan_pipeline
+from .planner import (ModelShape, Plan, Site, kv_bytes_per_token, micro_batch_choices, pipeline_layout,
+                      plan_pipeline)
 from .survey import balance_for
 from .units import EMBED, HEAD, NORM, layer_unit
 
@@ -323,7 +324,9 @@ def plan_cluster(model: str, cluster, cfg: PipelineConfig) -> WhatIf:
     rates = stage_rates(nodes)
     timer = None if balance_for(cfg.balance, [s.node_id for s in where]) == "bytes" else \
         Timer(shape, tuple(rates), cfg.max_rows, layout.concurrency[0], cfg.context or 0)
+    choices = micro_batch_choices(device, [s.node_id for s in where], layout.concurrency[0],
+                                  cfg.micro_batches is not None)
     plan = plan_pipeline(shape, where, cfg.budgets(len(where)), device, layout.concurrency, cfg.max_rows, cfg.context,
-                         timer)
+                         timer, choices)
     prediction = predict(shape, plan, rates, cfg.max_rows, plan.micro_batches, cfg.context or 0)
     return WhatIf(tuple(nodes), shape, plan, prediction, str(dtype).removeprefix("torch."))

@@ -241,3 +241,31 @@ def test_a_busy_node_with_more_overhead_per_layer_gets_fewer_layers():
     plan, _ = speed_plan(EVEN, [quiet, busy, quiet], batch=3, micro=3)
     counts = [p.end - p.start for p in plan.stages]
     assert counts[1] < counts[0] and counts[1] < counts[2] and sum(counts) == 12
+
+
+@pytest.mark.parametrize("device, nodes, micro, given, expected", [
+    ("cpu", ["a", "b", "c"], 3, False, (1, 2, 3)),  # a stage per node: the threads do not depend on the count
+    ("cpu", ["a", "a", "b"], 2, False, ()),         # two stages of node a share its cores by the count
+    ("cuda", ["a", "a"], 2, False, (1, 2)),
+    ("cpu", ["a", "b"], 2, True, ()),               # the settings fix the count
+])
+def test_micro_batch_choices(device, nodes, micro, given, expected):
+    from distlayer.planner import micro_batch_choices
+
+    assert micro_batch_choices(device, nodes, micro, given) == expected
+
+
+def test_placement_by_speed_also_picks_the_micro_batches():
+    # weight-bound: each micro-batch reads every weight again, so one is best once the
+    # slow stage keeps a single layer and cannot work beside the other to any purpose
+    slow = Rates(flops=1e12, mem_bw=500, disk_bw=1e3)
+    fast = Rates(flops=1e12, mem_bw=1e3, disk_bw=1e3)
+    timer = Timer(EVEN, (slow, fast), 4, 2)
+    plan = plan_pipeline(EVEN, sites(2), [None, None], "cpu", (2, [1, 1]), 4, timer=timer, micro_choices=(1, 2))
+    assert plan.micro_batches == 1 and ranges(plan) == [(0, 1), (1, 12)]
+    assert "in 1 micro-batch rather than 2" in plan.balance_note
+    # compute-bound like stages: two micro-batches let them work at once, and stay
+    like = Rates(flops=1e3, mem_bw=1e12, disk_bw=1e12)
+    plan = plan_pipeline(EVEN, sites(2), [None, None], "cpu", (2, [1, 1]), 4,
+                         timer=Timer(EVEN, (like, like), 4, 2), micro_choices=(1, 2))
+    assert plan.micro_batches == 2 and ranges(plan) == [(0, 6), (6, 12)] and plan.balance == "bytes"

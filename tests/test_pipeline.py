@@ -196,7 +196,9 @@ def test_two_ray_nodes_one_stage_each(tiny_dir, hf_model, tmp_path):
     got = json.loads(line[0][len("RESULT "):])
     node_ids = [p["node_id"] for p in got["plan"]]
     assert len(set(node_ids)) == 2 and all(node_ids)
-    assert got["micro_batches"] == 2  # stages on separate nodes work at once
+    # stages on separate nodes work at once, in two micro-batches, unless placement by speed
+    # predicts one faster (each micro-batch reads every weight again) and says so
+    assert got["micro_batches"] == (1 if "in 1 micro-batch rather than 2" in got["note"] else 2), got["note"]
     assert got["transport"] == "tcp"  # between nodes the channel runs over TCP
     # on two nodes, balance="auto" measures them (each once, in its own stage) and the link between
     measured = got["measured"]
