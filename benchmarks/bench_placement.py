@@ -12,16 +12,18 @@ cgroup v1 cpu quota (``cpu.cfs_quota_us``) that every process on it shares: its 
 (raylet, GCS, workers: stage 0) and the driver, which runs there too. Host 1 is not
 limited. Both read the one store in place (none is hidden).
 
-For each batch size (``--batches``, ``max_rows`` = the batch) two pipelines of the same
+For each batch size (``--batches``, ``max_rows`` = the batch) pipelines of the same
 model are loaded on the same two stages (``stage_resources``: stage 0, the first layers,
 on the slowed host 0; stage 1 on host 1; ``cpus_per_stage`` 0.5, one thread a stage):
-``balance="bytes"`` (layers split by their bytes, as before) and ``balance="speed"``
-(each node measured, ``distlayer/rates.py``, and layers placed to minimise the cost
-model's predicted step). Default model: the embedded SmolLM2-135M-Instruct, float32,
+``balance="bytes"`` (layers split by their bytes, as before, in the default two
+micro-batches, one per node), ``bytes/m1`` (the same in one micro-batch, for batches
+over 1: what the micro-batch count alone gives) and ``balance="speed"`` (each node
+measured, ``distlayer/rates.py``, and the layer ranges and micro-batch count taken that
+minimise the cost model's predicted step). Default model: the embedded SmolLM2-135M-Instruct, float32,
 greedy, ``--new`` tokens a row (no stop at EOS). Needs root (``ip netns``, cgroups).
 
 Measured: the time of a decode step after the first token (a generate streamer notes
-each token; ``distlayer.bench.measure.timed_run``); after a warm-up run each, the two
+each token; ``distlayer.bench.measure.timed_run``); after a warm-up run each, the
 placements take turns (``take_turns``); best run and median. tokens/s is the batch over
 the step. ``pred s`` is ``model.prediction.step_s`` (the cost model's step for the plan
 that runs, at ``max_rows`` rows); a ``balance="bytes"`` pipeline measures nothing, so its
@@ -48,7 +50,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 WITHIN = 0.25   # a prediction within this share of the measured step counts as right
-BALANCES = ("bytes", "speed")
+BALANCES = ("bytes", "bytes/m1", "speed")  # "bytes/m1": by bytes in one micro-batch (batches over 1)
 
 DRIVER = textwrap.dedent("""
     import json, sys, time
@@ -68,8 +70,12 @@ DRIVER = textwrap.dedent("""
     for batch in batches:
         models, load_s = {}, {}
         for balance in balances:
+            if balance.endswith("/m1") and batch == 1:
+                continue  # one row is one micro-batch anyway
             t = time.perf_counter()
-            models[balance] = AutoModel.from_pretrained(model_dir, balance=balance, max_rows=batch, **kw)
+            extra = {"micro_batches": 1} if balance.endswith("/m1") else {}
+            models[balance] = AutoModel.from_pretrained(model_dir, balance=balance.split("/")[0], max_rows=batch,
+                                                        **extra, **kw)
             load_s[balance] = time.perf_counter() - t
         tok = next(iter(models.values())).tokenizer
         ids, mask = prompt_batch(tok, batch)
@@ -185,7 +191,7 @@ def print_table(rows: list[dict], quota: float) -> dict:
     summary = {}
     for batch in sorted({r["batch"] for r in rows}):
         by = {r["balance"]: r for r in rows if r["batch"] == batch}
-        if set(BALANCES) <= set(by):
+        if {"speed", "bytes"} <= set(by):
             s, b = by["speed"], by["bytes"]
             summary[batch] = {"speed_over_bytes_tok_s": s["tok_s"] / b["tok_s"],
                               "speed_over_bytes_tok_s_median": s["tok_s_median"] / b["tok_s_median"],
@@ -193,6 +199,13 @@ def print_table(rows: list[dict], quota: float) -> dict:
             print(f"batch {batch}: speed/bytes tokens/s {s['tok_s'] / b['tok_s']:.2f} (best) "
                   f"{s['tok_s_median'] / b['tok_s_median']:.2f} (median); greedy texts "
                   f"{'identical' if s['texts'] == b['texts'] else 'DIFFER'}")
+            if "bytes/m1" in by:
+                one = by["bytes/m1"]
+                summary[batch].update(speed_over_bytes_m1_tok_s=s["tok_s"] / one["tok_s"],
+                                      speed_over_bytes_m1_tok_s_median=s["tok_s_median"] / one["tok_s_median"],
+                                      same_texts=summary[batch]["same_texts"] and one["texts"] == s["texts"])
+                print(f"batch {batch}: speed/(bytes, 1 micro-batch) tokens/s {s['tok_s'] / one['tok_s']:.2f} (best) "
+                      f"{s['tok_s_median'] / one['tok_s_median']:.2f} (median)")
     return summary
 
 
