@@ -89,7 +89,8 @@ DISK_BYTES = 128 * 2**20   # at most this many bytes of layer shards are read fo
 H2D_BYTES = 64 * 2**20     # a host-to-device copy of this many bytes (GPU)
 PREFILL = 64               # tokens a row of the prefill that measures FLOP/s (and the decode steps' context)
 LAYERS = 4                 # decoder layers of the longer stage the overheads are measured with
-REPEAT = 3                 # runs of each timing; the best counts
+REPEAT = 5                 # runs of each timing; the best counts
+STEPS = 4                  # decode steps a run of the overheads' timing takes the mean of, as a decode does
 WINDOW_S = 0.5             # seconds the CPU share is measured over (several CPU-quota periods)
 REFILL_S = 0.25            # under a CPU quota, the wait before a timed run (over two default periods)
 LINK_BYTES = 16 * 2**20    # bytes sent to time a link's bandwidth
@@ -193,22 +194,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _best(fn, device: torch.device, before=None) -> float:
-    """Seconds of the best of :data:`REPEAT` calls of ``fn`` (``before`` runs untimed ahead
-    of each). Under a CPU quota each call waits :data:`REFILL_S` first, so it starts with
-    a period's whole quota and runs as the device does, not as the quota lets it."""
-    times, quota = [], hardware.cpu_quota() is not None
+def _best(fn, device: torch.device, before=None, calls: int = 1) -> float:
+    """Seconds of a call of ``fn``: the best of :data:`REPEAT` means of ``calls`` calls
+    (``before`` runs untimed ahead of each call). Under a CPU quota each call waits
+    :data:`REFILL_S` first, so it starts with a period's whole quota and runs as the
+    device does, not as the quota lets it."""
+    means, quota = [], hardware.cpu_quota() is not None
     for _ in range(REPEAT):
-        if before is not None:
-            before()
-        _sync(device)
-        if quota:
-            time.sleep(REFILL_S)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return min(times)
+        timed = 0.0
+        for _ in range(calls):
+            if before is not None:
+                before()
+            _sync(device)
+            if quota:
+                time.sleep(REFILL_S)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            timed += time.perf_counter() - t
+        means.append(timed / calls)
+    return min(means)
 
 
 def cpu_share(threads: int, seconds: float = WINDOW_S) -> float:
@@ -312,7 +317,7 @@ def _compute(store: LayerStore, dtype, device: torch.device, batch: int, threads
             if span == 1:
                 times["prefill_s"] = _best(lambda: stage.forward(PREFILL), device, flush)
                 stage.forward(PREFILL)
-            times[f"step_{span}_s"] = _best(lambda: stage.forward(1), device, flush)
+            times[f"step_{span}_s"] = _best(lambda: stage.forward(1), device, flush, STEPS)
         finally:
             stage.close()
     flops = unit_flops(shape, unit, nbytes, batch * PREFILL, (PREFILL + 1) // 2) / times["prefill_s"]
