@@ -215,6 +215,12 @@ def stage_cost(shape: ModelShape, p: StagePlan, rates: Rates, rows: int, context
         overhead_s=rates.step_overhead_s + (p.end - p.start) * rates.layer_overhead_s)
 
 
+def mean_context(context: int | None) -> int:
+    """Tokens of KV cache the mean decode step attends over when sequences grow to
+    ``context`` tokens (prompt and new): half of it; 0 without one."""
+    return (context or 0) // 2
+
+
 def predict(shape: ModelShape, plan: Plan, rates: list[Rates], batch: int = 1, micro_batches: int | None = None,
             context: int = 0) -> Prediction:
     """Predict ``plan``'s decode step on devices of ``rates`` (one per stage).

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .cost import Rates, Timer
+from .cost import Rates, Timer, mean_context
 from .fill import fill_stages
 from .placement import PlacedPlan, PlacedStage, Placement
 from .planner import ModelShape, Plan, StagePlan
@@ -140,6 +140,6 @@ def _links(stages, plan: PlacedPlan) -> list[dict | None]:
 
 
 def timer_for(shape: ModelShape, rates: list[Rates], plan: Plan, rows: int, context: int | None) -> Timer:
-    """The cost model's timer for ``plan``'s pipeline at ``rows`` rows a step, at half of
-    ``context`` tokens of KV cache (0 without one)."""
-    return Timer(shape, tuple(rates), rows, plan.micro_batches, (context or 0) // 2)
+    """The cost model's timer for ``plan``'s pipeline at ``rows`` rows a step, for
+    sequences of ``context`` tokens (``cost.mean_context``)."""
+    return Timer(shape, tuple(rates), rows, plan.micro_batches, mean_context(context))

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import PipelineConfig, parse_bytes
-from .cost import Prediction, Rates, Timer, predict
+from .cost import Prediction, Rates, Timer, mean_context, predict
 from .errors import ConfigError
 from .planner import (ModelShape, Plan, Site, kv_bytes_per_token, micro_batch_choices, pipeline_layout,
                       plan_pipeline)
@@ -301,7 +301,8 @@ class WhatIf:
 def plan_cluster(model: str, cluster, cfg: PipelineConfig) -> WhatIf:
     """Plan ``model`` (from its config) on the what-if cluster file ``cluster`` with ``cfg``'s
     budgets, dtype, micro-batches, rows and context, and predict its decode step at
-    ``cfg.max_rows`` rows and ``cfg.context`` tokens (0 if unset).
+    ``cfg.max_rows`` rows for sequences of ``cfg.context`` tokens (``cost.mean_context``:
+    the mean step attends over half of them; 0 if unset).
 
     Raises:
         ConfigError: a bad cluster file, or settings that the file decides.
@@ -323,10 +324,10 @@ def plan_cluster(model: str, cluster, cfg: PipelineConfig) -> WhatIf:
                              stage_nodes=[s.node_id for s in where], node_cores={n.name: n.cores for n in nodes})
     rates = stage_rates(nodes)
     timer = None if balance_for(cfg.balance, [s.node_id for s in where]) == "bytes" else \
-        Timer(shape, tuple(rates), cfg.max_rows, layout.concurrency[0], cfg.context or 0)
+        Timer(shape, tuple(rates), cfg.max_rows, layout.concurrency[0], mean_context(cfg.context))
     choices = micro_batch_choices(device, [s.node_id for s in where], layout.concurrency[0],
                                   cfg.micro_batches is not None)
     plan = plan_pipeline(shape, where, cfg.budgets(len(where)), device, layout.concurrency, cfg.max_rows, cfg.context,
                          timer, choices)
-    prediction = predict(shape, plan, rates, cfg.max_rows, plan.micro_batches, cfg.context or 0)
+    prediction = predict(shape, plan, rates, cfg.max_rows, plan.micro_batches, mean_context(cfg.context))
     return WhatIf(tuple(nodes), shape, plan, prediction, str(dtype).removeprefix("torch."))
