@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from distlayer import AutoModel, LayerStore, split  # noqa: E402
+from distlayer.bench import measure  # noqa: E402
 from distlayer.bench.synthetic import llama_shape, write_random_llama  # noqa: E402
 from distlayer.planner import ModelShape  # noqa: E402
 
@@ -45,20 +46,8 @@ DEVICE = "cuda"
 
 def copy_bandwidth(nbytes: int = 2**29, reps: int = 8) -> dict:
     """Host-to-device GB/s of ``torch`` copies from pinned and from pageable memory."""
-    out = {}
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
-    for name, pinned in (("pinned", True), ("pageable", False)):
-        src = torch.ones(nbytes, dtype=torch.uint8, pin_memory=pinned)
-        dst.copy_(src, non_blocking=pinned)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            dst.copy_(src, non_blocking=pinned)
-        end.record()
-        end.synchronize()
-        out[f"h2d_{name}_GBps"] = round(reps * nbytes / (start.elapsed_time(end) / 1000) / GB, 2)
-    return out
+    return {f"h2d_{name}_GBps": round(measure.host_to_device_rate(nbytes, reps, pinned, DEVICE) / GB, 2)
+            for name, pinned in (("pinned", True), ("pageable", False))}
 
 
 def make_model(path: pathlib.Path, layers: int, hidden: int, dtype: torch.dtype, device: str = DEVICE) -> pathlib.Path:

@@ -3,12 +3,14 @@
 #   1. what the machine has (GPU, torch, transformers, Ray);
 #   2. wheels shipped in benchmarks/wheels/, if any, installed offline;
 #   3. tests/test_cuda.py (the `cuda` tests and the CPU checks of the GPU path);
-#   4. benchmarks/bench_gpu.py: tokens/s and host-to-device GB/s, transformers beside.
+#   4. benchmarks/bench_gpu.py: tokens/s and host-to-device GB/s, transformers beside;
+#   5. benchmarks/bench_loader.py: the loader's GB/s from the page cache into pinned staging
+#      with 1, 2 and 4 threads, with and without the host-to-device copy (under 60 s).
 #
 #   bash benchmarks/gpu_check.sh RESULTS_DIR
 #
 # RESULTS_DIR gets summary.txt (what ran, and how it went), env.txt, nvidia-smi.txt,
-# cuda-tests.txt and cuda-tests.xml, bench.txt, bench.json and bench.md.
+# cuda-tests.txt and cuda-tests.xml, bench.txt, bench.json and bench.md, loader.txt and loader.json.
 # The machine needs PyTorch with CUDA, transformers and accelerate; pytest for step 3.
 # With Ray importable (or its wheel in benchmarks/wheels/) the stages that share the GPU
 # run as Ray actors with fractional GPUs; without, in one process (in_process=True).
@@ -100,6 +102,18 @@ if [ "$rc" -eq 0 ]; then
 else
     tail -n 20 "$OUT/bench.txt"
     say "FAILED: the benchmark (exit $rc$([ "$rc" -eq 124 ] && echo ', out of time'); bench.txt)"
+    STATUS=1
+fi
+
+# 5. the loader: page cache into pinned staging buffers, 1, 2 and 4 threads
+timeout 60 "$PY" benchmarks/bench_loader.py --threads 1 2 4 --repeat 2 --json "$OUT/loader.json" > "$OUT/loader.txt" 2>&1
+rc=$?
+if [ "$rc" -eq 0 ]; then
+    grep -v '^{' "$OUT/loader.txt"
+    say "loader benchmark done: loader.txt, loader.json"
+else
+    tail -n 20 "$OUT/loader.txt"
+    say "FAILED: the loader benchmark (exit $rc$([ "$rc" -eq 124 ] && echo ', out of time'); loader.txt)"
     STATUS=1
 fi
 

@@ -29,11 +29,11 @@ import torch
 
 from . import arch, hardware, versions
 from .config import PipelineConfig, leave_out, parse_address, spell
+from .cost import Prediction, predict
 from .errors import ConfigError, StageError, StageLost
 from .fill import fill_stages
 from .liveness import HEALTH, Heartbeat
 from .placement import PlacedPlan, PlacedStage, Placement
-from .cost import Prediction, predict
 from .planner import Layout, ModelShape, Site, check_stages, micro_batch_choices, pipeline_layout, plan_pipeline
 from .recovery import Recovering, Restarts
 from .stage import StageActor

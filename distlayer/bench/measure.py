@@ -209,3 +209,21 @@ def seconds_of(stats: list[dict] | None) -> dict[str, float]:
             if k.endswith("_s") and isinstance(v, (int, float)):
                 out[k] = out.get(k, 0.0) + float(v)
     return out
+
+
+def host_to_device_rate(nbytes: int, reps: int, pinned: bool = True, device: str = "cuda") -> float:
+    """Bytes/s of ``torch`` copies of ``nbytes`` from host memory (pinned, else pageable)
+    to ``device``, timed with CUDA events over ``reps`` copies after one untimed."""
+    import torch
+
+    src = torch.ones(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src, non_blocking=pinned)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        dst.copy_(src, non_blocking=pinned)
+    end.record()
+    end.synchronize()
+    return reps * nbytes / (start.elapsed_time(end) / 1000)
