@@ -10,6 +10,7 @@ pid and store) is the driver's record, ``placement.Placement``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -659,6 +660,7 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
     micro, stage_threads = concurrency
     n = len(budgeted)
 
+    @functools.cache  # the speed search asks for each range once per micro-batch count
     def stage(i: int, a: int, b: int) -> StagePlan:
         budget, source = budgeted[i]
         r = LayerRange(a, b, i == 0, i == n - 1)
