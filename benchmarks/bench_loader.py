@@ -27,9 +27,9 @@ with no model and no forwards, and how it scales with more threads.
 - **Methods**: ``readinto``: the unit's whole shard file read into the buffer with
   ``readinto`` on an unbuffered file (sequential ``read`` calls straight into the buffer's
   memory; bytes: the shard files'). ``read_into``: the store's own path,
-  ``LayerStore.read_into(unit, None, buffer)`` (the shard mapped, each tensor copied by
-  ``torch`` into the buffer at its aligned offset; bytes: the tensors'), as the loader does
-  it. ``torch``'s copies may themselves use its intra-op threads (printed).
+  ``LayerStore.read_into(unit, None, buffer)`` (each tensor read with ``preadv`` into the
+  buffer at its aligned offset, as no cast is needed; bytes: the tensors'), as the loader
+  does it. ``torch``'s copies may themselves use its intra-op threads (printed).
 - **With CUDA**: each configuration runs again with the host-to-device copy of every
   staged unit (``+h2d``): after its read, the thread starts a non-blocking copy of the
   buffer into a device buffer on one copy stream shared by all threads, and waits for that
@@ -70,7 +70,7 @@ from distlayer.cuda_stream import pinned_empty  # noqa: E402
 
 GB = 1e9
 MiB = 2**20
-SLOTS = 2           # staging buffers per thread, as the stage's loader keeps (cuda_stream.STAGING_BUFFERS)
+SLOTS = 2           # staging buffers per thread (the stage's loader: cuda_stream.STAGING_SLOTS among LOADER_THREADS)
 LINK_BYTES = 64 * MiB
 VOCAB = 32000       # the embeddings do not stream: a small vocabulary keeps the checkpoint quick to write
 METHODS = ("readinto", "read_into")

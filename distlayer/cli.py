@@ -284,7 +284,8 @@ def cmd_plan(args) -> int:
     plan, store, dtype = (plan_model if cfg.address is None else plan_on_cluster)(resolve_model(args.model), cfg)
     if args.json:
         keys = ("stage", "node_ip", "start", "end", "budget_bytes", "budget_source", "reserve_bytes", "resident_bytes",
-                "streamed_bytes", "resident_units", "streamed_units", "device", "threads")
+                "streamed_bytes", "resident_units", "streamed_units", "host_units", "host_bytes", "host_budget_bytes",
+                "host_source", "device", "threads")
         measured = {} if plan.survey is None else {"measured": plan.survey.as_dicts(),
                                                    "prediction": plan.prediction.as_dict()}
         print(json.dumps({"model": str(store.path), "dtype": str(dtype).removeprefix("torch."),

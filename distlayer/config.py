@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .planner import HOST_FRACTION, HOST_RESERVE, fmt_bytes
 from .transport import NAMES as TRANSPORTS
 
 COMPRESSED = ("8bit", "4bit")      # the block-wise compressions a store can have
@@ -225,6 +226,11 @@ class PipelineConfig:
     gpus_per_stage: float | None = setting(
         "Ray GPUs per stage on a GPU cluster: 1 gives each stage a GPU of its own; a fraction such as 0.25 puts "
         "four stages on one GPU, each with its own budget (default: 1)", float)
+    host_memory_per_node: Any = setting(
+        "pinned host memory per node for its GPU stages' streamed units, shared equally by them: a size like 16GiB "
+        "or bytes; each stage reads the units that fit once, at start, and copies them to its GPU each step "
+        f"instead of reading them from disk; 0 turns this off (default: {HOST_FRACTION * 100:g}%% of the node's "
+        f"available RAM, less {fmt_bytes(HOST_RESERVE)})", str, aliases=("--host-memory",))
     # How the user named these settings, for messages (spell, leave_out): "--" from the CLI,
     # "pipeline." from a job file, "" from Python. Set by build; not a setting.
     messages_prefix: str = field(default="", repr=False, compare=False, metadata={"internal": True})
@@ -233,6 +239,13 @@ class PipelineConfig:
         p = "pipeline."
         _check_int(p + "stages", self.stages, minimum=0, optional=True)
         self.memory_per_stage = self._parse_budget(p + "memory_per_stage", self.memory_per_stage)
+        try:
+            self.host_memory_per_node = parse_bytes(self.host_memory_per_node)
+        except ValueError as e:
+            raise ConfigError(f"{p}host_memory_per_node: {e} (0 turns the pinned host tier off)") from None
+        if self.host_memory_per_node is not None and self.host_memory_per_node < 0:
+            raise _bad(p + "host_memory_per_node", self.host_memory_per_node,
+                       "use a size of 0 or more, such as 16GiB (0 turns the pinned host tier off)")
         _check_choice(p + "compression", self.compression, COMPRESSIONS)
         _check_str(p + "address", self.address, optional=True)
         if self.address is not None and self.address != "auto" and parse_address(self.address) is None:

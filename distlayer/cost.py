@@ -73,6 +73,10 @@ class Rates:
         step_overhead_s: seconds each forward of a stage costs beyond its units' FLOPs
             and reads, whatever its layers.
         layer_overhead_s: seconds each decoder layer's forward costs beyond its FLOPs and reads.
+        cpu_quota: the share of its threads' time a CPU quota on the stage's node allows
+            (a cgroup's ``cpu.cfs_quota_us``: cores of quota over the stage's threads, at
+            most 1), or None: no quota. The other rates are the device's at full speed;
+            the quota bounds the step instead (:meth:`Timer.step_s`).
     """
 
     flops: float
@@ -84,6 +88,7 @@ class Rates:
     device: str = ""
     step_overhead_s: float = 0.0
     layer_overhead_s: float = 0.0
+    cpu_quota: float | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,11 @@ class StageCost:
     @property
     def streaming_s(self) -> float:
         return self.disk_s + self.h2d_s
+
+    def cpu_s(self, gpu: bool) -> float:
+        """Seconds the stage's threads run on the CPU: its compute on a CPU, only the
+        overhead (Python, launches) on a GPU."""
+        return self.overhead_s if gpu else self.compute_s
 
     @property
     def step_s(self) -> float:
@@ -204,6 +214,8 @@ def stage_cost(shape: ModelShape, p: StagePlan, rates: Rates, rows: int, context
     if EMBED in sizes:  # a lookup reads one row of the embeddings per row
         touched += rows * sizes[EMBED] // max(shape.vocab, 1)
     touched += rows * context * shape.kv_bytes_per_token * (p.end - p.start)
+    # every streamed unit is copied to the device each step, a pinned host unit (one of them,
+    # StagePlan.host_units) too; only p.streamed_bytes, which leaves host units out, is read from disk
     decoded = sum(sizes[u] for u in p.streamed_units if u != EMBED)
     handoff = 0.0
     if not p.last and rates.link_bw:
@@ -243,7 +255,10 @@ def predict(shape: ModelShape, plan: Plan, rates: list[Rates], batch: int = 1, m
     timer = Timer(shape, tuple(rates), batch, micro_batches or plan.micro_batches, context)
     costs = tuple(timer.stage_cost(p) for p in plan.stages)
     formula = "sum(stage) + (micro_batches - 1) x max(device)" if timer.micro_batches > 1 else "sum(stage)"
-    return Prediction(costs, batch, timer.micro_batches, context, timer.step_s([c.step_s for c in costs]), formula)
+    step = timer.step_s(plan.stages)
+    if step > timer.flow_s(costs) * (1 + 1e-9):
+        formula = "a CPU quota: micro_batches x the device's CPU seconds / its quota"
+    return Prediction(costs, batch, timer.micro_batches, context, step, formula)
 
 
 @dataclass(frozen=True)
@@ -285,12 +300,42 @@ class Timer:
         """Seconds of stage ``plan`` for one micro-batch."""
         return self.stage_cost(plan).step_s
 
-    def step_s(self, times: list[float]) -> float:
-        """Seconds of a decode step of the whole batch from each stage's ``times`` for
-        one micro-batch (module docstring): ``sum + (m - 1) x`` the busiest device's."""
+    def step_s(self, plans) -> float:
+        """Seconds of a decode step of the whole batch through stages ``plans`` (module
+        docstring): the flow of micro-batches (:meth:`flow_s`), or, where a node's CPU
+        quota is the tighter bound, a device's CPU seconds per step over its quota."""
+        costs = [self.stage_cost(p) for p in plans]
+        return max(self.flow_s(costs), self.quota_s(costs))
+
+    def bound_s(self, plan: StagePlan) -> float:
+        """The least step stage ``plan`` allows alone: its CPU seconds per step over its
+        node's CPU quota (:meth:`quota_s`), 0 without one."""
+        return self.quota_s([self.stage_cost(plan)])
+
+    def flow_s(self, costs) -> float:
+        """``sum + (m - 1) x`` the busiest device's seconds, from each stage's cost for
+        one micro-batch."""
         busy: dict[str, float] = {}  # each device's seconds per micro-batch
-        for i, (r, t) in enumerate(zip(self.rates, times)):
-            key = r.device or f"stage {i}"
-            busy[key] = busy.get(key, 0.0) + t
-        return sum(times) + (self.micro_batches - 1) * max(busy.values())
+        for c in costs:
+            key = self.rates[c.stage].device or f"stage {c.stage}"
+            busy[key] = busy.get(key, 0.0) + c.step_s
+        return sum(c.step_s for c in costs) + (self.micro_batches - 1) * max(busy.values())
+
+    def quota_s(self, costs) -> float:
+        """The least step a CPU quota allows: each quota'd device's CPU seconds per step
+        (every micro-batch through its stages) over its quota; 0 without quotas.
+
+        A quota (a cgroup's CFS bandwidth) grants so much CPU time per period: a stage
+        runs at full speed while its node has quota left, and a stage that idles while
+        others work banks it. So a quota slows a step only when the device's CPU seconds
+        per step exceed the quota's share of the whole step, and then the step is that
+        work over the quota, not each forward slowed by it."""
+        work: dict[str, tuple[float, float]] = {}  # device: (CPU seconds per micro-batch, quota)
+        for c in costs:
+            r = self.rates[c.stage]
+            if r.cpu_quota:
+                key = r.device or f"stage {c.stage}"
+                seconds = work.get(key, (0.0, r.cpu_quota))[0] + c.cpu_s(r.h2d_bw is not None)
+                work[key] = (seconds, r.cpu_quota)
+        return max((self.micro_batches * w / q for w, q in work.values()), default=0.0)
 

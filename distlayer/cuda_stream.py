@@ -13,29 +13,46 @@ the runner make, and their contract); ``streaming.HostMemory`` is the CPU's. On 
   ahead while device memory stays at the arena's size. No tensor is freed and
   reallocated per step, so ``torch.cuda.memory_allocated`` for weights is the resident
   units plus the arena, and that is ``peak_weight_bytes``.
-- **Host side**: a unit is read from disk straight into one of two reusable pinned
-  staging buffers (``LayerStore.read_into``: one copy from the page cache, with the cast
-  to the compute dtype done in that copy), then copied to its arena slice with one
-  non-blocking copy on a side stream. A staging buffer is refilled only after the copy
-  out of it has finished.
+- **Host units** (the plan's ``host_units``: streamed units the stage keeps in host RAM)
+  are read from the store once, at :meth:`CudaMemory.prepare`, into one pinned host
+  region of exactly their bytes (:class:`PinnedRegion`: ``cudaHostRegister`` on an
+  ordinary allocation, since PyTorch's pinned allocator rounds each block up to a power of
+  two). Each step copies a host unit from its slice of that region to its arena slice
+  with one non-blocking copy on the copy stream: no read from the store, no page cache.
+- **Units streamed from the store**: :data:`LOADER_THREADS` threads
+  (:class:`ReadAhead`) read the next units, in forward order, from the page cache into
+  :data:`STAGING_SLOTS` pinned staging slots (``LayerStore.read_into``: one copy, with
+  the cast to the compute dtype done in it), up to that many units ahead of the copy
+  stream; each unit then goes to its arena slice with one non-blocking copy. A slot is
+  refilled only after the copy out of it has finished: the thread that refills it waits
+  for that copy's event alone, so neither the forwards nor the other reads wait on it.
 - **Timing** is measured with CUDA events (:class:`EventClock`): ``compute_s`` is the
   GPU time of forwards less ``stall_s``, the GPU time the compute stream spent waiting
-  for weights; ``h2d_s`` is copy-stream time, and ``load_s`` the host's disk reads plus it.
+  for weights; ``h2d_s`` is copy-stream time, and ``load_s`` the host's reads (summed
+  over the loader threads) plus it.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import threading
 import time
 from dataclasses import dataclass
 
 import torch
 
+from .errors import PlanError, StageError
+from .planner import fmt_bytes
 from .store.format import READ_ALIGN, align_up
 
-# Staging buffers in pinned host memory: one filled from disk while the other is copied.
-STAGING_BUFFERS = 2
+# Threads that read a stage's units from the store into staging slots, side by side.
+LOADER_THREADS = 3
+# Pinned staging slots, each the size of the largest unit streamed from the store: reads
+# run up to this many units ahead of the copy stream (one slot copying while the others fill).
+STAGING_SLOTS = 4
+# cudaHostRegister's flags: cudaHostRegisterDefault (page-locked, for this process's copies).
+HOST_REGISTER_FLAGS = 0
 
 
 def pinned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
@@ -118,12 +135,147 @@ class EventClock:
             return dict(self.totals)
 
 
+class PinnedRegion:
+    """One host buffer of exactly ``nbytes``, page-locked for asynchronous copies with
+    ``cudaHostRegister`` (and unregistered by :meth:`close`).
+
+    Args:
+        nbytes: its size.
+        what: what it holds, for messages (``"stage 2's host units"``).
+        advice: what to change when the host cannot lock that much memory.
+
+    Raises:
+        StageError: the host cannot allocate or page-lock ``nbytes``; says what to change.
+    """
+
+    def __init__(self, nbytes: int, what: str, advice: str):
+        self.nbytes, self.registered = nbytes, False
+        try:
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8)
+        except RuntimeError as e:
+            raise StageError(f"{what}: {fmt_bytes(nbytes)} of host memory cannot be allocated ({e}): {advice}") from e
+        if nbytes:
+            err = int(torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), nbytes, HOST_REGISTER_FLAGS))
+            if err:
+                self.buffer = torch.empty(0, dtype=torch.uint8)
+                raise StageError(f"{what}: cudaHostRegister could not pin {fmt_bytes(nbytes)} of host memory "
+                                 f"(cudaError {err}; the locked-memory limit, `ulimit -l`, or the host's free RAM "
+                                 f"is too small): {advice}")
+            self.registered = True
+
+    def close(self) -> None:
+        """Unpin and free the buffer (after every copy out of it has finished)."""
+        if self.registered:
+            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
+            self.registered = False
+        self.buffer = torch.empty(0, dtype=torch.uint8)
+
+
 @dataclass
-class Staging:
-    """A pinned host buffer and the event of the last copy out of it."""
+class Slot:
+    """A pinned staging slot and the event of the last copy out of it."""
 
     buffer: torch.Tensor
     copied: torch.cuda.Event | None = None
+
+
+@dataclass
+class Packed:
+    """A unit's bytes in host memory as ``LayerStore.read_into`` packs them: ``source``
+    (the ``uint8`` bytes to copy, from the first tensor to the end of the last) and each
+    tensor's offset in it, dtype and shape."""
+
+    source: torch.Tensor
+    layout: dict[str, tuple[int, torch.dtype, torch.Size]]
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor], buffer: torch.Tensor) -> Packed:
+        """The packing of ``tensors``, views of ``buffer`` (a flat ``uint8`` tensor)."""
+        base = buffer.data_ptr()
+        layout = {k: (t.data_ptr() - base, t.dtype, t.shape) for k, t in tensors.items()}
+        used = max((off + t.numel() * t.element_size() for (off, _, _), t in zip(layout.values(), tensors.values())),
+                   default=0)
+        return cls(buffer[:used], layout)
+
+    def views(self, dest: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensors as views of ``dest``, a ``uint8`` tensor holding a copy of :attr:`source`."""
+        return {k: dest[off:off + shape.numel() * dtype.itemsize].view(dtype).view(shape)
+                for k, (off, dtype, shape) in self.layout.items()}
+
+
+class ReadAhead:
+    """Reads units from the store into pinned staging slots on several threads, ahead of
+    their use, in a fixed cyclic order (the units a step streams from the store).
+
+    :meth:`take` hands over the next unit's slot once its read is done; the caller starts
+    the copy out of the slot and hands it back with that copy's event (:meth:`done`); the
+    slot then takes the next read of the order, which waits for that event before it
+    overwrites the slot. A :meth:`take` of another unit than the next (the order
+    restarted after a failed step) forgets the reads ahead and starts again there.
+
+    Args:
+        read: ``read(unit, buffer)`` reads a unit into a slot's buffer and returns its tensors there.
+        order: the units, in the order they are taken (cyclically).
+        slots: the staging slots.
+        threads: reads at once.
+        name: the threads' name prefix.
+    """
+
+    def __init__(self, read, order: list[str], slots: list[Slot], threads: int, name: str):
+        self.read, self.order = read, list(order)
+        self.free: collections.deque[Slot] = collections.deque(slots)
+        self.pending: collections.deque[tuple[str, Slot, concurrent.futures.Future]] = collections.deque()
+        self.next = 0  # index into order of the next unit to read
+        self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix=name)
+        self.lock = threading.Lock()
+
+    def take(self, unit: str) -> tuple[Slot, dict[str, torch.Tensor]]:
+        """``unit``'s slot and its tensors there, once read (the read's error, if it failed)."""
+        with self.lock:
+            if not self.pending or self.pending[0][0] != unit:
+                self._drop()
+                self.next = self.order.index(unit)
+                self._top_up()
+            _, slot, future = self.pending.popleft()
+            try:
+                return slot, future.result()
+            except BaseException:
+                self.free.append(slot)
+                raise
+
+    def done(self, slot: Slot, copied: torch.cuda.Event | None) -> None:
+        """A taken slot is copied out of once ``copied`` has passed (None: nothing was
+        copied out of it); the next read goes into it after that."""
+        with self.lock:
+            if copied is not None:
+                slot.copied = copied
+            self.free.append(slot)
+            if copied is not None:
+                self._top_up()
+
+    def _top_up(self) -> None:
+        while self.free:
+            slot = self.free.popleft()
+            unit = self.order[self.next % len(self.order)]
+            self.next += 1
+            self.pending.append((unit, slot, self.pool.submit(self._fill, unit, slot)))
+
+    def _fill(self, unit: str, slot: Slot) -> dict[str, torch.Tensor]:
+        if slot.copied is not None:
+            slot.copied.synchronize()  # the copy out of this slot has finished (this event only)
+        return self.read(unit, slot.buffer)
+
+    def _drop(self) -> None:
+        """Forget the reads ahead: wait for those running, and free their slots."""
+        concurrent.futures.wait([future for _, _, future in self.pending])
+        while self.pending:
+            self.free.append(self.pending.popleft()[1])
+
+    def close(self) -> None:
+        """Wait for the reads running, and end the threads."""
+        with self.lock:
+            self._drop()
+        self.pool.shutdown(wait=True)
 
 
 @dataclass
@@ -137,8 +289,8 @@ class Loaded:
 
 class CudaMemory:
     """A CUDA stage's weights (see the module docstring). Resident units are loaded first
-    (:meth:`load_resident`); :meth:`prepare` then sizes the arena and staging buffers
-    for the streamed ones.
+    (:meth:`load_resident`); :meth:`prepare` then sizes the arena, fills the pinned host
+    units, and sizes the staging slots for the streamed ones.
 
     Args:
         store: the layer store.
@@ -147,18 +299,21 @@ class CudaMemory:
         budget: bytes of weights the stage may hold; None: unlimited (nothing streams).
         unit_bytes: bytes of each unit in ``dtype``.
         stage: stage index, for messages.
+        host_units: streamed units kept in pinned host memory (the plan's ``host_units``).
     """
 
     # each fetch copies a unit into an arena slice that a later unit overwrites
     keeps_tensors = False
 
     def __init__(self, store, dtype: torch.dtype, device: torch.device, budget: int | None,
-                 unit_bytes: dict[str, int], stage: int):
+                 unit_bytes: dict[str, int], stage: int, host_units=()):
         self.store, self.dtype, self.device, self.budget = store, dtype, device, budget
         self.unit_bytes, self.stage = unit_bytes, stage
+        self.host_units = tuple(host_units)
         self.resident_bytes = 0
         self.clock = EventClock()
         self.read_s = 0.0
+        self.read_lock = threading.Lock()  # read_s, from the loader threads
         self.h2d_bytes = 0
         self.cond = threading.Condition()
         self.freed: list[tuple[int, int, torch.cuda.Event]] = []  # arena slices given back, and when
@@ -166,23 +321,78 @@ class CudaMemory:
         self.arena = torch.empty(0, dtype=torch.uint8)
         self.ring = Ring(0)
         self.copy_stream = None
-        self.staging: list[Staging] = []
-        self.turn = 0
+        self.host: dict[str, Packed] = {}  # host unit -> its bytes in the pinned host region
+        self.host_region: PinnedRegion | None = None
+        self.staging_region: PinnedRegion | None = None
+        self.reader: ReadAhead | None = None
 
     def prepare(self, streamed: list[str]) -> None:
         """Allocate the arena (the budget less the resident units, no more than all the
-        streamed units and no less than the largest) and the staging buffers."""
+        streamed units and no less than the largest); read the host units into their
+        pinned region; pin the staging slots of the units streamed from the store.
+
+        Raises:
+            PlanError: a host unit is not one of ``streamed``.
+            StageError: the host cannot pin the host units' or the slots' bytes.
+        """
+        stray = [u for u in self.host_units if u not in streamed]
+        if stray:
+            raise PlanError(f"stage {self.stage}'s plan keeps {stray} in pinned host memory, but only units it "
+                            "streams whole can be kept there (not resident ones, nor the embeddings, which are read "
+                            "by row): plan it again")
         if not streamed:
             return
-        sizes = [self.store.packed_bytes(u, self.dtype) for u in streamed]
-        largest = max(sizes)
-        room = sum(sizes) if self.budget is None else self.budget - self.resident_bytes
-        self.arena_bytes = max(largest, min(room, sum(sizes))) // READ_ALIGN * READ_ALIGN
+        sizes = {u: self.store.packed_bytes(u, self.dtype) for u in streamed}
+        largest = max(sizes.values())
+        room = sum(sizes.values()) if self.budget is None else self.budget - self.resident_bytes
+        self.arena_bytes = max(largest, min(room, sum(sizes.values()))) // READ_ALIGN * READ_ALIGN
+        from_store = [u for u in streamed if u not in self.host_units]
         with torch.cuda.device(self.device):
-            self.arena = torch.empty(self.arena_bytes, dtype=torch.uint8, device=self.device)
-            self.ring = Ring(self.arena_bytes)
-            self.copy_stream = torch.cuda.Stream(self.device)
-            self.staging = [Staging(pinned_empty(largest, torch.uint8)) for _ in range(STAGING_BUFFERS)]
+            try:
+                self._allocate(streamed, from_store, sizes)
+            except BaseException:
+                self.close()
+                raise
+
+    def _allocate(self, streamed: list[str], from_store: list[str], sizes: dict[str, int]) -> None:
+        """The arena and copy stream, the host units' region (filled), the staging slots and their readers."""
+        self.arena = torch.empty(self.arena_bytes, dtype=torch.uint8, device=self.device)
+        self.ring = Ring(self.arena_bytes)
+        self.copy_stream = torch.cuda.Stream(self.device)
+        self._fill_host([u for u in streamed if u in self.host_units], sizes)
+        if from_store:
+            n, each = min(STAGING_SLOTS, len(from_store)), max(sizes[u] for u in from_store)
+            self.staging_region = PinnedRegion(n * each, f"stage {self.stage}'s {n} staging slots",
+                                               "free host memory, or give the stage a budget that keeps more "
+                                               "units resident")
+            slots = [Slot(self.staging_region.buffer[i * each:(i + 1) * each]) for i in range(n)]
+            self.reader = ReadAhead(self.read, from_store, slots, min(LOADER_THREADS, n),
+                                    f"read-stage{self.stage}")
+
+    def _fill_host(self, units: list[str], sizes: dict[str, int]) -> None:
+        """Read the host units from the store, once, into one pinned region of their bytes."""
+        if not units:
+            return
+        self.host_region = PinnedRegion(
+            sum(sizes[u] for u in units), f"stage {self.stage}'s host units ({len(units)} units)",
+            "lower the host memory the plan keeps units in (host_memory_per_node) so fewer units stay in host RAM, "
+            "or free host memory")
+        buffers, offset = {}, 0
+        for u in units:
+            buffers[u] = self.host_region.buffer[offset:offset + sizes[u]]
+            offset += sizes[u]
+        with concurrent.futures.ThreadPoolExecutor(LOADER_THREADS, f"fill-stage{self.stage}") as pool:
+            read = {u: pool.submit(self.read, u, b) for u, b in buffers.items()}
+            for u, b in buffers.items():
+                self.host[u] = Packed.of(read[u].result(), b)
+
+    def read(self, unit: str, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Read ``unit`` from the store into ``buffer`` (a flat ``uint8`` host tensor)."""
+        t0 = time.perf_counter()
+        tensors = self.store.read_into(unit, self.dtype, buffer)
+        with self.read_lock:
+            self.read_s += time.perf_counter() - t0
+        return tensors
 
     def compute_stream(self) -> torch.cuda.Stream:
         """The stream this thread's forwards run on."""
@@ -212,35 +422,39 @@ class CudaMemory:
     # ------------------------------------------------------------------ streamed units
 
     def fetch(self, unit: str, stopped: threading.Event | None = None) -> Loaded | None:
-        """Read ``unit`` into a staging buffer, wait for a slice of the arena, and start
-        its copy there. With ``stopped`` (the loader thread), returns None once it is set;
-        without (a forward loading for itself), the slice must be free."""
+        """Wait for ``unit``'s bytes in host memory (its pinned slice for a host unit, else
+        its staging slot, read ahead) and a slice of the arena, and start its copy there.
+        With ``stopped`` (the loader thread), returns None once it is set; without (a
+        forward loading for itself), the slice must be free.
+
+        Raises:
+            StoreError: its read from the store failed.
+        """
         with torch.cuda.device(self.device):
-            staging = self.staging[self.turn]
-            self.turn = (self.turn + 1) % len(self.staging)
-            if staging.copied is not None:
-                staging.copied.synchronize()  # the copy out of it has finished
-            t0 = time.perf_counter()
-            host = self.store.read_into(unit, self.dtype, staging.buffer)
-            self.read_s += time.perf_counter() - t0
-            base = staging.buffer.data_ptr()
-            offsets = {k: t.data_ptr() - base for k, t in host.items()}
-            used = max((offsets[k] + t.numel() * t.element_size() for k, t in host.items()), default=0)
-            start, waits = self._slice(align_up(max(used, 1)), stopped)
-            if start is None:
-                return None
-            with torch.cuda.stream(self.copy_stream):
-                for event in waits:  # the units that held this slice are done with it
-                    self.copy_stream.wait_event(event)
-                begin = self.clock.mark(self.copy_stream)
-                self.arena[start:start + used].copy_(staging.buffer[:used], non_blocking=True)
-                end = self.clock.mark(self.copy_stream)
+            slot = None
+            if unit in self.host:
+                packed = self.host[unit]
+            else:
+                slot, tensors = self.reader.take(unit)
+                packed = Packed.of(tensors, slot.buffer)
+            end = None
+            try:
+                used = packed.source.numel()
+                start, waits = self._slice(align_up(max(used, 1)), stopped)
+                if start is None:
+                    return None
+                with torch.cuda.stream(self.copy_stream):
+                    for event in waits:  # the units that held this slice are done with it
+                        self.copy_stream.wait_event(event)
+                    begin = self.clock.mark(self.copy_stream)
+                    self.arena[start:start + used].copy_(packed.source, non_blocking=True)
+                    end = self.clock.mark(self.copy_stream)
+            finally:
+                if slot is not None:
+                    self.reader.done(slot, end)
             self.clock.add("h2d", begin, end)
-            staging.copied = end
             self.h2d_bytes += used
-            tensors = {k: self.arena[start + offsets[k]:start + offsets[k] + t.numel() * t.element_size()]
-                       .view(t.dtype).view(t.shape) for k, t in host.items()}
-            return Loaded(tensors, end)
+            return Loaded(packed.views(self.arena[start:start + used]), end)
 
     def _slice(self, n: int, stopped: threading.Event | None) -> tuple[int | None, list[torch.cuda.Event]]:
         """Take ``n`` bytes of the arena once there is room; returns their start and the
@@ -317,8 +531,8 @@ class CudaMemory:
         return host
 
     def stats(self) -> dict:
-        """Weight bytes on the device, GPU seconds, host-to-device bytes, pinned bytes and the
-        device's peak allocation."""
+        """Weight bytes on the device, GPU seconds, host-to-device bytes, pinned host bytes
+        (staging slots; host units) and the device's peak allocation."""
         t = self.clock.collect(wait=True)
         return {
             "peak_weight_bytes": self.resident_bytes + self.arena_bytes,
@@ -327,15 +541,24 @@ class CudaMemory:
             "compute_s": round(max(0.0, t.get("forward", 0.0) - t.get("stall", 0.0)), 4),
             "h2d_s": round(t.get("h2d", 0.0), 4),
             "h2d_bytes": self.h2d_bytes,
-            "pinned_bytes": sum(s.buffer.numel() for s in self.staging),
+            "pinned_bytes": self.staging_region.nbytes if self.staging_region else 0,
+            "host_pinned_bytes": self.host_region.nbytes if self.host_region else 0,
+            "host_units": len(self.host_units),
             "device_peak_bytes": torch.cuda.max_memory_allocated(self.device),
         }
 
     def close(self) -> None:
-        """Wait for copies in flight, then free the arena (and its slices) and the staging buffers."""
+        """Wait for the reads and copies in flight, then free the arena (and its slices) and
+        unpin and free the host units' region and the staging slots."""
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
         if self.copy_stream is not None:
             self.copy_stream.synchronize()
         with self.cond:
             self.ring.clear()
         self.arena = torch.empty(0, dtype=torch.uint8)
-        self.staging = []
+        self.host = {}
+        for region in (self.host_region, self.staging_region):
+            if region is not None:
+                region.close()

@@ -34,8 +34,10 @@ def gpu_id(device: str) -> str:
 
 def where(device: str) -> dict:
     """What a stage on ``device`` reports of where it runs: the node's address and cores,
-    the bytes the device has free, and which physical GPU it is (``""`` on a CPU)."""
-    return {"node_ip": local_ip(), "cores": cores(), "free_bytes": free_bytes(device), "gpu": gpu_id(device)}
+    the bytes the device has free, the node's available RAM (for a GPU stage's pinned host
+    tier) and which physical GPU it is (``""`` on a CPU)."""
+    return {"node_ip": local_ip(), "cores": cores(), "free_bytes": free_bytes(device),
+            "host_free_bytes": free_bytes("cpu"), "gpu": gpu_id(device)}
 
 
 def cores() -> int:

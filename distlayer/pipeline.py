@@ -439,8 +439,8 @@ def plan_for(store: LayerStore, cfg: PipelineConfig, dtype: torch.dtype, describ
     balanced by bytes, for the prediction. The plan carries what was measured and its
     predicted step (``PlacedPlan.survey``, ``.prediction``).
     """
-    sites = [Site(d["node_id"], d["node_ip"], d["free_bytes"], d["cores"], d.get("gpu", ""), d["device"])
-             for d in described]
+    sites = [Site(d["node_id"], d["node_ip"], d["free_bytes"], d["cores"], d.get("gpu", ""), d["device"],
+                  d.get("host_free_bytes", 0)) for d in described]
     shape = ModelShape.from_store(store, dtype)
 
     choices = micro_batch_choices(layout.device, [s.node_id for s in sites], layout.concurrency[0],
@@ -448,7 +448,7 @@ def plan_for(store: LayerStore, cfg: PipelineConfig, dtype: torch.dtype, describ
 
     def placed(timer=None) -> PlacedPlan:
         plan = plan_pipeline(shape, sites, cfg.budgets(len(sites)), layout.device, layout.concurrency, cfg.max_rows,
-                             cfg.context, timer, choices)
+                             cfg.context, timer, choices, cfg.host_memory_per_node)
         return PlacedPlan(plan, tuple(PlacedStage(p, Placement(d["node_ip"], d["node_id"], d.get("pid")))
                                       for p, d in zip(plan.stages, described)))
 

@@ -1,5 +1,6 @@
 """Pure planning: which layers each stage owns, what its budget is and where that number
-came from, which units it keeps resident and which it streams, and how many micro-batches
+came from, which units it keeps resident and which it streams (on a GPU, which of those it
+keeps in pinned host memory and which it reads from disk), and how many micro-batches
 and threads the stages run with. No torch, no Ray, no I/O: the driver measures (unit
 bytes from the manifest, each stage's node, free memory and cores), :func:`pipeline_layout`
 decides the device, the number of stages and their concurrency, and :func:`plan_pipeline`
@@ -29,6 +30,11 @@ GPU_CONTEXT = 2048
 # activation estimate does not count: cuBLAS workspaces, prefill temporaries (MLP
 # intermediates, attention scores) and the allocator's rounding.
 GPU_WORKSPACE = 256 * 2**20
+# The pinned host tier (:func:`host_budgets`): without host_memory_per_node, the GPU stages
+# of a node may pin this share of its available RAM between them, less HOST_RESERVE for
+# what the node runs besides (the OS, Ray, the stages' staging buffers, the page cache).
+HOST_FRACTION = 0.5
+HOST_RESERVE = 2**30
 # Placement by speed keeps the bytes-balanced ranges unless its own are predicted at least
 # this share faster: noise in the measured rates of like nodes must not move layers.
 SPEED_MARGIN = 0.05
@@ -270,30 +276,33 @@ class _Cuts:
                 lo = mid + 1
         return lo
 
-    def fastest(self, time_of, step_of) -> list[tuple[int, int]] | None:
+    def fastest(self, time_of, step_of, bound_of=None) -> list[tuple[int, int]] | None:
         """Cuts whose stage times (``time_of(i, a, b)``, inf where stage ``i`` cannot
-        hold layers ``[a, b)``) give the least ``step_of(times)``; None when no cuts fit.
+        hold layers ``[a, b)``) give the least step (``step_of(cuts)``); None when no cuts fit.
 
         Exact for the sum of the stages (one micro-batch: one stage works at a time) and
         for their maximum; for ``sum + k x max`` (micro-batches in flight) it takes, for
         each of :data:`SPEED_LIMITS` limits on the slowest stage between the least
-        possible and the slowest stage of the least sum, the least sum within it.
+        possible and the slowest stage of the least sum, the least sum within it. A
+        stage's ``bound_of(i, a, b)`` (the least step it allows alone, such as a CPU
+        quota's) counts toward the limits as its time does.
         """
         n, s = self.n, self.s
         t = {(i, a, b): time_of(i, a, b) for i in range(s) for a in range(i, n - s + i + 1)
              for b in range(a + 1, n - s + i + 2)}
+        held = t if bound_of is None else {k: max(v, bound_of(*k)) for k, v in t.items()}
 
         def best(limit: float, join) -> list[tuple[int, int]] | None:
             # score[b]: the best score of stages 0..i ending at layer b; back[i][b]: where stage i began
             inf = float("inf")
-            score = {b: t[0, 0, b] if t[0, 0, b] <= limit else inf for b in range(1, n - s + 2)}
+            score = {b: t[0, 0, b] if held[0, 0, b] <= limit else inf for b in range(1, n - s + 2)}
             back = [{b: 0 for b in score}]
             for i in range(1, s):
                 nxt, came = {}, {}
                 for b in range(i + 1, n - s + i + 2):
                     nxt[b], came[b] = inf, None
                     for a in range(i, b):
-                        if score.get(a, inf) == inf or t[i, a, b] > limit:
+                        if score.get(a, inf) == inf or held[i, a, b] > limit:
                             continue
                         v = join(score[a], t[i, a, b])
                         if v < nxt[b]:
@@ -309,13 +318,13 @@ class _Cuts:
                 b = a
             return cuts[::-1]
 
-        def times(cuts):
-            return [t[i, a, b] for i, (a, b) in enumerate(cuts)]
+        def most(cuts):
+            return max(held[i, a, b] for i, (a, b) in enumerate(cuts))
 
         quickest = best(float("inf"), lambda x, y: x + y)
         if quickest is None:
             return None
-        lo, hi = max(times(best(float("inf"), max))), max(times(quickest))
+        lo, hi = most(best(float("inf"), max)), most(quickest)
         found = [quickest]
         for k in range(SPEED_LIMITS + 1):
             if hi <= lo * (1 + 1e-9):
@@ -324,7 +333,7 @@ class _Cuts:
                         lambda x, y: x + y)
             if cuts is not None:
                 found.append(cuts)
-        return min(found, key=lambda c: step_of(times(c)))
+        return min(found, key=step_of)
 
 
 def plan_stages(shape: ModelShape, budgets: list[int | None], kv_bytes_per_layer: int = 0,
@@ -517,6 +526,11 @@ class Site:
     cores: int
     gpu: str = ""
     device: str = ""  # the stage's device as it names it (``"cuda:0"``: its own GPU); "": the pipeline's
+    host_free_bytes: int = 0  # the node's available RAM (0: unknown), for the pinned host tier of GPU stages
+
+    def on_gpu(self, device: str) -> bool:
+        """Whether the stage runs on a GPU: its own device if it names one, else the pipeline's ``device``."""
+        return not (self.device or device).startswith("cpu")
 
 
 @dataclass(frozen=True)
@@ -537,13 +551,23 @@ class StagePlan:
     resident_units: tuple[str, ...] = ()
     streamed_units: tuple[str, ...] = ()
     resident_bytes: int = 0         # weight bytes of the resident units in memory
-    streamed_bytes: int = 0         # bytes a step reads of the streamed units (compressed, in a compressed store)
+    streamed_bytes: int = 0         # bytes a step reads of the streamed units from the store (compressed, in a
+    #                                 compressed store); host units are not read from it after start
     maps_shards: bool = False       # streams by mapping its shards' pages in and out (a CPU stage, no copy)
     head_chunks: int = 1            # vocabulary chunks a streamed head runs in
+    host_units: tuple[str, ...] = ()  # streamed units a GPU stage keeps in pinned host memory, filled once at
+    #                                   start; each step copies them host-to-device, with no read from the store
+    host_bytes: int = 0             # pinned host bytes of the host units (counted against the node's host budget)
+    host_budget_bytes: int = 0      # the stage's share of its node's pinned host budget (:func:`host_budgets`)
+    host_source: str = ""           # where that share came from, in words
 
     def __post_init__(self):
-        for name in ("resident_units", "streamed_units"):  # a list given is kept as a tuple
+        for name in ("resident_units", "streamed_units", "host_units"):  # a list given is kept as a tuple
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        stray = set(self.host_units) - set(self.streamed_units)
+        if stray:
+            raise ValueError(f"stage {self.stage}: host units {sorted(stray)} are not streamed units: a pinned host "
+                             "unit is one of the units a step streams")
 
     @property
     def layer_range(self) -> LayerRange:
@@ -600,6 +624,73 @@ def default_budgets(budgets: list[int | None], sites: list[Site], device: str,
     return out
 
 
+def host_budgets(sites: list[Site], device: str, host_memory: int | None = None) -> list[tuple[int, str]]:
+    """Each stage's pinned host budget (bytes of its streamed units it may keep in pinned
+    host memory, :func:`choose_host`) and where it came from.
+
+    The GPU stages of a node share its host budget equally: ``host_memory`` bytes when
+    given (0: no host tier), else :data:`HOST_FRACTION` of the node's available RAM (the
+    least any of its stages reported) less :data:`HOST_RESERVE`. A CPU stage gets none:
+    its weights are in host memory already (it maps or holds them there).
+
+    Raises:
+        PlanError: ``host_memory`` is more than a node has available.
+    """
+    gpu_sites = [s for s in sites if s.on_gpu(device)]
+    out = []
+    for site in sites:
+        if not site.on_gpu(device):
+            out.append((0, "a CPU stage computes from host memory: nothing to pin"))
+            continue
+        mine = [s for s in gpu_sites if s.node_id == site.node_id]
+        share = len(mine)
+        free = min(s.host_free_bytes for s in mine)
+        shared = f", shared by the node's {share} GPU stages" if share > 1 else ""
+        if host_memory == 0:
+            out.append((0, "host_memory_per_node is 0: no pinned host tier"))
+        elif host_memory is not None:
+            if free and host_memory > free:
+                raise PlanError(
+                    f"host_memory_per_node is {fmt_bytes(host_memory)} but {site.node_ip} has {fmt_bytes(free)} of RAM "
+                    f"available: lower host_memory_per_node (--host-memory) to at most that, or leave it out for "
+                    f"{HOST_FRACTION:.0%} of the available RAM less {fmt_bytes(HOST_RESERVE)}")
+            out.append((host_memory // share,
+                        f"host_memory_per_node {fmt_bytes(host_memory)} on {site.node_ip}{shared}"))
+        elif not free:
+            out.append((0, f"the available RAM of {site.node_ip} is unknown (set --host-memory)"))
+        else:
+            out.append((max(0, int(free * HOST_FRACTION) - HOST_RESERVE) // share,
+                        f"{HOST_FRACTION:.0%} of the {fmt_bytes(free)} available RAM on {site.node_ip}, less "
+                        f"{fmt_bytes(HOST_RESERVE)}{shared}"))
+    return out
+
+
+def choose_host(unit_bytes: dict[str, int], streamed: list[str], budget: int,
+                row_read: tuple[str, ...] = ()) -> list[str]:
+    """The streamed units a GPU stage keeps in pinned host memory within ``budget`` bytes.
+
+    Each pinned unit spares a step its read from the store and costs its bytes in
+    memory, so the most bytes pinned spare the most reads: units are taken in forward
+    order, each that still fits (a unit after one that does not fit may). A unit read
+    by row (``row_read``: the embeddings) is not pinned: a step reads one row of it.
+
+    Args:
+        unit_bytes: bytes of each unit in memory.
+        streamed: the stage's streamed units, in forward order.
+        budget: the stage's pinned host budget (:func:`host_budgets`).
+        row_read: units a step reads by row.
+
+    Returns:
+        The names of the pinned host units, in forward order.
+    """
+    chosen, held = [], 0
+    for u in streamed:
+        if u not in row_read and held + unit_bytes[u] <= budget:
+            chosen.append(u)
+            held += unit_bytes[u]
+    return chosen
+
+
 def reserved_context(context: int | None, device: str) -> int | None:
     """The tokens per sequence budgets reserve KV cache and activations for: ``context``
     if given; on a GPU, :data:`GPU_CONTEXT`; else None (a CPU budget bounds weights alone)."""
@@ -610,12 +701,15 @@ def reserved_context(context: int | None, device: str) -> int | None:
 
 class StageTimer(Protocol):
     """What placement by speed asks of a cost model (``cost.Timer``): a stage's predicted
-    seconds for one micro-batch, the pipeline's step from those of its stages, and the
-    same timer for another number of micro-batches."""
+    seconds for one micro-batch, the pipeline's step through given stages, the least
+    step a stage allows alone (a CPU quota's bound; 0 for none), and the same timer for
+    another number of micro-batches."""
 
     def stage_s(self, plan: StagePlan) -> float: ...
 
-    def step_s(self, times: list[float]) -> float: ...
+    def step_s(self, plans: list["StagePlan"]) -> float: ...
+
+    def bound_s(self, plan: "StagePlan") -> float: ...
 
     def with_micro_batches(self, m: int) -> "StageTimer": ...
 
@@ -623,14 +717,19 @@ class StageTimer(Protocol):
 def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None], device: str,
                   concurrency: tuple[int, list[int | None]], batch_size: int = 1,
                   context: int | None = None, timer: StageTimer | None = None,
-                  micro_choices: tuple[int, ...] = ()) -> Plan:
+                  micro_choices: tuple[int, ...] = (), host_memory: int | None = None) -> Plan:
     """The complete plan of a pipeline: ranges, budgets and where they came from, KV and
-    activation reserves, resident and streamed units, threads and micro-batches.
+    activation reserves, resident, pinned host and streamed units, threads and micro-batches.
 
-    Ranges are balanced by bytes (:func:`plan_stages`). With a ``timer`` (the cost model
-    over each stage's measured rates), the ranges that minimise the predicted step are
-    found too, within the same budgets, and taken when they are predicted at least
-    :data:`SPEED_MARGIN` faster: a slow stage gets fewer layers. With ``micro_choices``,
+    A GPU stage keeps the streamed units its share of the node's host budget holds in
+    pinned host memory (:func:`host_budgets`, :func:`choose_host`); the rest it reads
+    from the store each step.
+
+    Ranges are balanced by bytes (:func:`plan_stages`: the bytes streamed to the device, from
+    either tier). With a ``timer`` (the cost model over each stage's measured rates), the
+    ranges that minimise the predicted step are found too, within the same budgets, and
+    taken when they are predicted at least :data:`SPEED_MARGIN` faster: a slow stage gets
+    fewer layers. With ``micro_choices``,
     each of those micro-batch counts is tried as well (fewer micro-batches read every
     weight fewer times a step; more let separate devices work at once).
 
@@ -648,11 +747,15 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
         timer: predicts stage and step times (``cost.Timer``); None: by bytes alone.
         micro_choices: other micro-batch counts placement by speed may take instead of
             ``concurrency``'s (those that leave every stage's threads as they are).
+        host_memory: bytes of pinned host memory per node for its GPU stages; None: a
+            share of its available RAM (:func:`host_budgets`); 0: none.
 
     Raises:
-        PlanError: the stages or budgets cannot hold the model.
+        PlanError: the stages or budgets cannot hold the model, or ``host_memory`` is
+            more than a node has.
     """
     budgeted = default_budgets(budgets, sites, device.split(":")[0])
+    hosted = host_budgets(sites, device, host_memory)
     context = reserved_context(context, device)
     kv = shape.kv_bytes_per_layer(batch_size, context)
     act = shape.activation_bytes(batch_size, context)
@@ -668,18 +771,25 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
         sizes = shape.unit_bytes(r)
         resident, chunks = stage_units(shape, r, None if budget is None else budget - reserve, maps, i)
         streamed = [u for u in sizes if u not in resident]
+        host_budget, host_source = hosted[i]
+        host = choose_host(sizes, streamed, host_budget, (EMBED,))
         return StagePlan(
             i, a, b, r.last, sites[i].device or device, threads=stage_threads[i], budget_bytes=budget,
             budget_source=source, reserve_bytes=reserve, resident_units=tuple(resident),
             streamed_units=tuple(streamed), resident_bytes=sum(sizes[u] for u in resident),
-            streamed_bytes=shape.streamed_bytes(streamed), maps_shards=maps, head_chunks=chunks)
+            streamed_bytes=shape.streamed_bytes([u for u in streamed if u not in host]), maps_shards=maps,
+            head_chunks=chunks, host_units=tuple(host), host_bytes=sum(sizes[u] for u in host),
+            host_budget_bytes=host_budget, host_source=host_source)
 
     cuts = plan_stages(shape, [b for b, _ in budgeted], kv, act, maps)
     if timer is None:
         return Plan(tuple(stage(i, a, b) for i, (a, b) in enumerate(cuts)), micro, "bytes", "by bytes")
 
     def step_of(t: StageTimer, cuts_: list[tuple[int, int]]) -> float:
-        return t.step_s([time_of(t, i, a, b) for i, (a, b) in enumerate(cuts_)])
+        try:
+            return t.step_s([stage(i, a, b) for i, (a, b) in enumerate(cuts_)])
+        except PlanError:  # a stage's budget cannot hold its layers
+            return float("inf")
 
     def time_of(t: StageTimer, i: int, a: int, b: int) -> float:
         try:
@@ -687,12 +797,19 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
         except PlanError:  # the stage's budget cannot hold these layers
             return float("inf")
 
+    def bound_of(t: StageTimer, i: int, a: int, b: int) -> float:
+        try:
+            return t.bound_s(stage(i, a, b))
+        except PlanError:
+            return float("inf")
+
     by_bytes = step_of(timer.with_micro_batches(micro), cuts)
     best = (by_bytes, micro, cuts)
     for m in dict.fromkeys((micro, *micro_choices)):  # the plan's micro-batches first: ties keep them
         t = timer.with_micro_batches(m)
         found = _Cuts(shape, [b for b, _ in budgeted], kv, act, maps).fastest(
-            lambda i, a, b, t=t: time_of(t, i, a, b), t.step_s) or cuts
+            lambda i, a, b, t=t: time_of(t, i, a, b), lambda c, t=t: step_of(t, c),
+            lambda i, a, b, t=t: bound_of(t, i, a, b)) or cuts
         if step_of(t, found) < best[0]:
             best = (step_of(t, found), m, found)
     by_speed, m, fast = best

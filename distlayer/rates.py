@@ -43,9 +43,16 @@ rest, so a short timing misses the wait, and a mean depends on which run it fall
 (under a quota each timed run first waits :data:`REFILL_S`, to start a period with the
 whole quota). The share is the CPU seconds the stage's threads get in :data:`WINDOW_S`
 seconds of matrix products on all of them, over the wall seconds times the threads (at
-most 1). On a CPU, ``flops``, ``mem_bw`` and the page-cache rates are multiplied by it
-and the overheads divided by it; on a GPU only the overheads (the host launches the
-work); the cold disk read, which waits on the disk, not at all.
+most 1). A quota and load differ: a quota grants so much CPU time per period, which a
+stage that idles while others work banks, so the rates stay the device's at full speed
+and the quota goes into ``cpu_quota`` (cores of quota over the threads, at most 1), for
+the cost model to bound the step with (``cost.Timer.quota_s``); load takes its share
+while the stage runs. What the share falls short of the quota (of 1 without one) is
+load: on a CPU, ``flops``, ``mem_bw`` and the page-cache rates are multiplied by that
+part and the overheads divided by it; on a GPU only the overheads (the host launches
+the work); the cold disk read, which waits on the disk, not at all.
+
+The timings run on a thread of their own that ends with them (:func:`on_own_thread`).
 
 The layers measured are :data:`LAYERS` of the model's (by default from its middle;
 ``layers`` picks others, such as those a stage will hold, so a node needs only their
@@ -84,6 +91,7 @@ from .store import LayerStore
 from .units import layer_unit
 
 REMEASURE_ENV = "DISTLAYER_REMEASURE"
+METHOD = 2                 # how rates are measured and what they mean: results of another are measured again
 READ_BYTES = 256 * 2**20   # the large read (mem_bw), which also evicts caches before each timed forward
 DISK_BYTES = 128 * 2**20   # at most this many bytes of layer shards are read for disk_bw
 H2D_BYTES = 64 * 2**20     # a host-to-device copy of this many bytes (GPU)
@@ -110,7 +118,7 @@ def node_key(store: LayerStore, dtype: torch.dtype, device: str, batch: int, thr
     shape = ModelShape.from_store(store, dtype)
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    return {"node": socket.gethostname(), "device": name, "cores": hardware.cores(), "cpu_quota": hardware.cpu_quota(),
+    return {"method": METHOD, "node": socket.gethostname(), "device": name, "cores": hardware.cores(), "cpu_quota": hardware.cpu_quota(),
             "threads": threads or torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
             "batch": batch, "store_disk": os.stat(store.path).st_dev,
             "model": {"layers": len(shape.layer_bytes), "layer_bytes": max(shape.layer_bytes, default=0),
@@ -170,7 +178,8 @@ def measure_node(store: LayerStore | str | os.PathLike, dtype: torch.dtype | Non
     if cached_only:
         return None
     t0 = time.perf_counter()
-    got = _measure(store, dtype, torch.device(device), batch, threads, layers or measured_layers(store.num_layers))
+    got = on_own_thread(_measure, store, dtype, torch.device(device), batch, threads,
+                        layers or measured_layers(store.num_layers))
     got.update(key=key, measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                seconds=round(time.perf_counter() - t0, 3))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +196,34 @@ def measure_rates(store, dtype=None, device: str = "cpu", batch: int = 1, thread
 
 
 # --------------------------------------------------------------------------- timing
+
+
+def on_own_thread(fn, *args):
+    """``fn(*args)`` on a thread of its own, which ends with it; its result, or its error.
+
+    A CPU stage computes on one thread (the transport's loop, the scheduler's), and torch
+    runs its work there in an OpenMP thread team. Each thread that runs parallel torch
+    work keeps a team of its own, and while the teams together hold more threads than
+    the node has cores, libgomp lets their idle threads spin only briefly before they
+    sleep, so every small kernel of a decode step waits for its threads to wake: about a
+    quarter slower on a 2-core machine. Measuring on the caller's thread would leave such
+    a second team in the stage's process, slowing its forwards from then on; a thread
+    that ends takes its team with it.
+    """
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn(*args)
+        except BaseException as e:  # handed to the caller
+            out["error"] = e
+
+    t = threading.Thread(target=run, name="distlayer-measure")
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def _sync(device: torch.device) -> None:
@@ -286,16 +323,25 @@ def _measure(store: LayerStore, dtype, device: torch.device, batch: int, threads
         torch.set_num_threads(before)
     disk = _disk(store, maps_shards(ModelShape.from_store(store, dtype), device.type), layers)
     share = cpu_share(threads or before)
+    quota = quota_share(threads or before)
+    slowed = share if quota is None else min(1.0, share / quota)  # what the node's load takes, beyond its quota
     cpu = device.type == "cpu"
-    rates = {**rates, "step_overhead_s": rates["step_overhead_s"] / share,
-             "layer_overhead_s": rates["layer_overhead_s"] / share}
+    rates = {**rates, "step_overhead_s": rates["step_overhead_s"] / slowed,
+             "layer_overhead_s": rates["layer_overhead_s"] / slowed, "cpu_quota": quota}
     if cpu:
-        rates.update(flops=rates["flops"] * share, mem_bw=rates["mem_bw"] * share)
-    page_cache = {k: v * share if cpu and v is not None else v
+        rates.update(flops=rates["flops"] * slowed, mem_bw=rates["mem_bw"] * slowed)
+    page_cache = {k: v * slowed if cpu and v is not None else v
                   for k, v in (("page_cache_bw", disk["page_cache_bw"]), ("mapped_page_cache_bw", disk["mapped_page_cache_bw"]))}
     rates.update(disk_bw=disk["disk_bw"], h2d_bw=_h2d(device) if device.type == "cuda" else None)
     return {"rates": dataclasses.asdict(Rates(**rates)), **page_cache, "cpu_share": share,
             "timings": {**timings, "disk_read_bytes": disk["bytes"]}}
+
+
+def quota_share(threads: int) -> float | None:
+    """The share of ``threads`` cores' time this process's CPU quota allows (at most 1),
+    or None without a quota (``hardware.cpu_quota``)."""
+    quota = hardware.cpu_quota()
+    return None if quota is None else min(1.0, quota / threads)
 
 
 def _compute(store: LayerStore, dtype, device: torch.device, batch: int, threads,

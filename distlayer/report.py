@@ -28,11 +28,29 @@ def table(rows: list[dict]) -> str:
 
 
 def plan_row(p) -> dict:
-    """A stage plan's layers and bytes, as :func:`format_plan` and :func:`format_whatif` show them."""
+    """A stage plan's layers and bytes, as :func:`format_plan` and :func:`format_whatif` show
+    them: the bytes of its units in each tier (resident on its device, pinned in host
+    memory, and read from disk each step)."""
     return {"layers": f"{p.start}-{p.end - 1}",
             "budget": fmt_bytes(p.budget_bytes) if p.budget_bytes is not None else "unlimited",
             "kv+act": fmt_bytes(p.reserve_bytes), "resident": fmt_bytes(p.resident_bytes),
-            "streamed": fmt_bytes(p.streamed_bytes)}
+            "pinned": fmt_bytes(p.host_bytes), "from disk": fmt_bytes(p.streamed_bytes)}
+
+
+def tier_note(p) -> str:
+    """Where a stage plan's streamed units are, and why, in a line: pinned in host memory
+    (how much of the stage's host budget, and where that budget came from) or read from disk."""
+    if not p.streamed_units:
+        return f"stage {p.stage}: all resident, nothing streams"
+    budget = f"{fmt_bytes(p.host_budget_bytes)} host budget ({p.host_source})"
+    left = [u for u in p.streamed_units if u not in p.host_units]
+    if p.host_units:
+        rest = f"; {len(left)} from disk ({', '.join(left)})" if left else ""
+        return (f"stage {p.stage}: pinned {len(p.host_units)} of {len(p.streamed_units)} streamed units, "
+                f"{fmt_bytes(p.host_bytes)} of its {budget}{rest}")
+    if p.host_budget_bytes:
+        return f"stage {p.stage}: disk: no streamed unit it may pin fits its {budget}"
+    return f"stage {p.stage}: disk ({p.host_source})"
 
 
 def format_plan(plans) -> str:
@@ -59,7 +77,13 @@ def format_whatif(w) -> str:
     return "\n".join([
         table(rows), "", f"dtype: {w.dtype}; " + prediction_lines(pred), f"layers placed {w.plan.balance_note} (--balance)",
         "Predictions for devices described in a file are not yet checked against measurements: they use peak "
-        "figures and no per-layer overhead, so read them as an upper bound."])
+        "figures and no per-layer overhead, so read them as an upper bound.", "", tier_lines(w.plan.stages)])
+
+
+def tier_lines(plans) -> str:
+    """Each stage's :func:`tier_note`, under a line that says what the tiers are."""
+    return "\n".join(["streamed units: pinned in host memory (copied to the device each step, read from disk once, "
+                      "--host-memory) or read from disk each step", *(tier_note(p) for p in plans)])
 
 
 def prediction_lines(pred) -> str:
@@ -128,6 +152,7 @@ def plan_notes(plan, cfg, dtype) -> str:
                           "at once", "--threads-per-stage"))
     lines.append(f"micro-batches: {plan.micro_batches} "
                  + origin(cfg.micro_batches is not None, "one per device", "--micro-batches"))
+    lines.append(tier_lines(plan.stages))
     return "\n".join(lines)
 
 

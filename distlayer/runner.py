@@ -120,7 +120,8 @@ class LayerRunner:
         self.unit_bytes = {u: store.unit_bytes(u, self.dtype) for u in self.range.units()}
         self.resident = list(plan.resident_units)
         self.streamed = list(plan.streamed_units)
-        self.streamed_bytes = plan.streamed_bytes  # a step's reads, at batch 1 (the planner's count)
+        self.streamed_bytes = plan.streamed_bytes  # a step's reads from the store, at batch 1 (the planner's count)
+        self.host_bytes = plan.host_bytes  # of the streamed units, those kept in pinned host memory
         if set(self.resident) | set(self.streamed) != set(self.unit_bytes):
             raise PlanError(f"stage {self.stage}'s plan names units {sorted(set(self.resident) | set(self.streamed))} "
                             f"but its range holds {sorted(self.unit_bytes)}: plan it again for this store")
@@ -132,6 +133,10 @@ class LayerRunner:
             [chunk_unit(u, j) for j in range(self.head_chunks)] if u == arch.HEAD and self.head_chunks > 1 else [u])]
         self._taken: set[str] = set()  # handed to the running forward, not yet given back
         self.memory: WeightMemory
+        tier = MappedMemory if plan.maps_shards else CudaMemory if self.device.type == "cuda" else HostMemory
+        if plan.host_units and tier is not CudaMemory:  # which units it may keep there, CudaMemory checks
+            raise PlanError(f"stage {self.stage}'s plan keeps units in pinned host memory, which only a GPU stage "
+                            f"does, but it runs on {self.device}: plan it again for this device")
         if plan.maps_shards:
             self.memory = MappedMemory(store, self.dtype, self.device, self.budget, self.unit_bytes, self.stage,
                                        {arch.HEAD: self.head_chunks} if self.head_chunks > 1 else None)
@@ -139,8 +144,8 @@ class LayerRunner:
             raise PlanError(f"stage {self.stage}'s plan streams the head in chunks, which only a CPU stage that "
                             "maps its shards does: plan it again for this store and device")
         else:
-            memory = CudaMemory if self.device.type == "cuda" else HostMemory
-            self.memory = memory(store, self.dtype, self.device, self.budget, self.unit_bytes, self.stage)
+            host = {"host_units": plan.host_units} if plan.host_units else {}
+            self.memory = tier(store, self.dtype, self.device, self.budget, self.unit_bytes, self.stage, **host)
 
         self.model = arch.build_skeleton(config, dtype=self.dtype)
         self.parts = arch.parts(self.model)
@@ -323,6 +328,7 @@ class LayerRunner:
             "streamed_bytes": self.streamed_bytes,
             "resident_units": list(self.resident),
             "streamed_units": list(self.streamed),
+            "host_bytes": self.host_bytes,
             "kv_bytes": self.kv_bytes(),
             "peak_rss_bytes": peak_rss_bytes(),
             **measured,

@@ -246,9 +246,10 @@ def stage_rates(nodes: list[Node]) -> list[Rates]:
 
 
 def sites(nodes: list[Node]) -> list[Site]:
-    """One planner ``Site`` per device, its memory as what it has free."""
+    """One planner ``Site`` per device, its memory as what it has free (and its node's
+    ``host_ram`` as the RAM free for the pinned host tier)."""
     return [Site(n.name, n.name, d.memory, n.cores, f"{n.name}/{d.index}" if d.kind == "cuda" else "",
-                 "cuda:0" if d.kind == "cuda" else "cpu")
+                 "cuda:0" if d.kind == "cuda" else "cpu", n.host_ram)
             for n in nodes for d in n.devices]
 
 
@@ -328,6 +329,6 @@ def plan_cluster(model: str, cluster, cfg: PipelineConfig) -> WhatIf:
     choices = micro_batch_choices(device, [s.node_id for s in where], layout.concurrency[0],
                                   cfg.micro_batches is not None)
     plan = plan_pipeline(shape, where, cfg.budgets(len(where)), device, layout.concurrency, cfg.max_rows, cfg.context,
-                         timer, choices)
+                         timer, choices, cfg.host_memory_per_node)
     prediction = predict(shape, plan, rates, cfg.max_rows, plan.micro_batches, mean_context(cfg.context))
     return WhatIf(tuple(nodes), shape, plan, prediction, str(dtype).removeprefix("torch."))

@@ -176,7 +176,7 @@ def test_cuda_resident_and_streamed_agree(tiny_src):
     runs = []
     for kw in ({}, {"memory_per_stage": budget}):
         with AutoModel.from_pretrained(tiny_src, compression="4bit", stages=0, device="cuda", context=32,
-                                       progress=False, **kw) as model:
+                                       host_memory_per_node=0, progress=False, **kw) as model:  # read each step
             runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False).tolist())
             streams = bool(model.plan[0].streamed_units)
     assert streams and runs[0] == runs[1]

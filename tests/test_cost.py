@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from distlayer.cost import Rates, predict, stage_cost, unit_flops
@@ -180,10 +182,10 @@ def brute_force(shape, timer, n_stages) -> float:
     """The least predicted step over every way of cutting the layers (all resident)."""
     best = float("inf")
     for cuts in every_cut(len(shape.layer_bytes), n_stages):
-        times = [timer.stage_s(StagePlan(i, a, b, i == n_stages - 1, "cpu", resident_units=tuple(
-            shape.unit_bytes(StagePlan(i, a, b, i == n_stages - 1, "cpu").layer_range))))
+        plans = [StagePlan(i, a, b, i == n_stages - 1, "cpu", resident_units=tuple(
+            shape.unit_bytes(StagePlan(i, a, b, i == n_stages - 1, "cpu").layer_range)))
             for i, (a, b) in enumerate(cuts)]
-        best = min(best, timer.step_s(times))
+        best = min(best, timer.step_s(plans))
     return best
 
 
@@ -269,3 +271,59 @@ def test_placement_by_speed_also_picks_the_micro_batches():
     plan = plan_pipeline(EVEN, sites(2), [None, None], "cpu", (2, [1, 1]), 4,
                          timer=Timer(EVEN, (like, like), 4, 2), micro_choices=(1, 2))
     assert plan.micro_batches == 2 and ranges(plan) == [(0, 6), (6, 12)] and plan.balance == "bytes"
+
+
+@pytest.mark.parametrize("host_memory, host_units, disk_bytes, bound", [
+    (0, (), 3412, "disk"),                                     # no host tier: every streamed unit from disk
+    (3000, (layer_unit(1), layer_unit(2), layer_unit(3)), 412, "disk"),  # the layers pinned, norm and head not
+    (10**5, (layer_unit(1), layer_unit(2), layer_unit(3), NORM, HEAD), 4, "h2d"),  # all but the embedding's row
+])
+def test_a_pinned_host_unit_takes_host_to_device_time_and_no_disk_time(host_memory, host_units, disk_bytes, bound):
+    # one GPU stage of 4 layers of 1000 bytes that keeps layer 0 resident and streams the rest:
+    # whichever tier a streamed unit is in, a step copies it to the device (3408 decoded
+    # bytes at 1e4 B/s); only the units not pinned are read from disk (at 1e3 B/s)
+    shape = ModelShape(layer_bytes=(1000,) * 4, embed=400, norm=8, head=400, hidden=2, vocab=100, itemsize=2)
+    gpu = [Site("a", "10.0.0.1", 10**6, 8, "GPU-0", "cuda:0", host_free_bytes=10**6)]
+    (p,) = plan_pipeline(shape, gpu, [3500], "cuda", (1, [None]), context=1, host_memory=host_memory).stages
+    assert p.resident_units == (layer_unit(0),) and p.host_units == host_units
+    c = stage_cost(shape, p, Rates(flops=1e12, mem_bw=1e12, disk_bw=1e3, h2d_bw=1e4), rows=1)
+    assert p.streamed_bytes == disk_bytes and c.disk_s == pytest.approx(disk_bytes / 1e3)
+    assert c.h2d_s == pytest.approx(3408 / 1e4) and c.bound == bound
+
+
+# A node under a CPU quota runs at full speed while it has quota left: the quota bounds
+# the step by the device's CPU seconds over it, instead of slowing every forward.
+@pytest.mark.parametrize("quota, micro, batch, step", [
+    (None, 1, 1, 8 + 4),         # no quota: the sum of the stages
+    (0.9, 1, 1, 8 + 4),          # 8 s of work in a 12 s step: under 90%
+    (0.5, 1, 1, 16),             # 8 s over half a core: 16 s, more than 12
+    (0.25, 1, 1, 32),
+    (0.5, 2, 2, 2 * 8 / 0.5),    # two micro-batches: the device works 2 x 8 s a step
+])
+def test_a_cpu_quota_bounds_the_step_by_the_work_over_it(quota, micro, batch, step):
+    shape = ModelShape(layer_bytes=(1000,) * 12, embed=0, norm=0, head=0, hidden=2, vocab=100, itemsize=2)
+    plan = Plan((StagePlan(0, 0, 8, False, "cpu", resident_units=tuple(f"layer.{i}" for i in range(8))),
+                 StagePlan(1, 8, 12, True, "cpu", resident_units=tuple(f"layer.{i}" for i in range(8, 12)))), micro)
+    # each layer reads 1000 bytes at 1000 B/s per row: 1 s a layer and row
+    quotaed = Rates(flops=1e12, mem_bw=1e3 * (batch // micro), disk_bw=1e3, cpu_quota=quota)
+    pred = predict(shape, plan, [quotaed, Rates(flops=1e12, mem_bw=1e3 * (batch // micro), disk_bw=1e3)],
+                   batch, micro)
+    assert pred.step_s == pytest.approx(step)
+    assert ("quota" in pred.formula) == (step > 8 + 4 + (micro - 1) * 8)
+
+
+def test_a_gpu_stage_under_a_quota_counts_only_its_overhead_as_cpu_time():
+    shape = ModelShape(layer_bytes=(1000,) * 4, embed=0, norm=0, head=0, hidden=2, vocab=100, itemsize=2)
+    plan = Plan((StagePlan(0, 0, 4, True, "cuda:0", resident_units=tuple(f"layer.{i}" for i in range(4))),), 1)
+    gpu = Rates(flops=1e12, mem_bw=1e3, disk_bw=1e3, h2d_bw=1e3, layer_overhead_s=0.25, cpu_quota=0.5)
+    assert predict(shape, plan, [gpu]).step_s == pytest.approx(4 + 1)   # 1 s of overhead over 0.5: 2 s < 5 s
+    slow_host = dataclasses.replace(gpu, cpu_quota=0.1)
+    assert predict(shape, plan, [slow_host]).step_s == pytest.approx(1 / 0.1)
+
+
+def test_placement_by_speed_moves_layers_off_a_quota_bound_node():
+    quotaed = Rates(flops=1e12, mem_bw=1e3, disk_bw=1e3, cpu_quota=0.25)
+    free = Rates(flops=1e12, mem_bw=1e3, disk_bw=1e3)
+    plan, timer = speed_plan(EVEN, [quotaed, free])
+    assert plan.balance == "speed" and ranges(plan)[0][1] < 6
+    assert predict(EVEN, plan, [quotaed, free]).step_s == pytest.approx(brute_force(EVEN, timer, 2))

@@ -17,10 +17,13 @@ bookkeeping (arena slices, offsets, the loader thread, recovery) but not GPU ord
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -28,9 +31,11 @@ import torch
 
 from conftest import prompts
 from distlayer import AutoModel, LayerStore, StageError, split
-from distlayer import cuda_stream, planner, runner
+from distlayer import cuda_stream, planner, runner, streaming
 from distlayer.config import PipelineConfig
-from distlayer.errors import ConfigError, StoreError
+from distlayer.errors import ConfigError, PlanError, StoreError
+from distlayer.streaming import Streamer
+from distlayer.units import unit_order
 from distlayer.planner import (GPU_CONTEXT, GPU_WORKSPACE, ModelShape, Site, plan_concurrency, plan_pipeline,
                                reserved_context)
 
@@ -166,17 +171,38 @@ class StandInStream:
         pass
 
 
+class StandInCudart:
+    """CUDA's runtime on the CPU: page-locking host memory succeeds, and is recorded."""
+
+    def __init__(self):
+        self.registered: dict[int, int] = {}  # address -> bytes, registered now
+        self.unregistered: list[int] = []
+
+    def cudaHostRegister(self, ptr, nbytes, flags):  # noqa: N802 (CUDA's name)
+        assert ptr not in self.registered and nbytes > 0 and flags == cuda_stream.HOST_REGISTER_FLAGS
+        self.registered[ptr] = nbytes
+        return 0
+
+    def cudaHostUnregister(self, ptr):  # noqa: N802
+        self.unregistered.append(ptr)
+        return 0 if self.registered.pop(ptr, None) else 1
+
+
 @pytest.fixture
 def stand_in_cuda(monkeypatch):
     """``cuda_stream.CudaMemory`` as every stage's memory, on the CPU, with CUDA's
-    streams, events and pinned memory replaced by stand-ins."""
+    streams, events, runtime and pinned memory replaced by stand-ins; returns the
+    runtime's stand-in (:class:`StandInCudart`)."""
+    cudart = StandInCudart()
     for name, value in {"Event": StandInEvent, "Stream": StandInStream, "current_stream": lambda device=None:
                         StandInStream(), "stream": lambda s: contextlib.nullcontext(),
-                        "device": lambda d: contextlib.nullcontext(), "max_memory_allocated": lambda d=None: 0}.items():
+                        "device": lambda d: contextlib.nullcontext(), "max_memory_allocated": lambda d=None: 0,
+                        "cudart": lambda: cudart}.items():
         monkeypatch.setattr(torch.cuda, name, value)
     monkeypatch.setattr(cuda_stream, "pinned_empty", lambda shape, dtype: torch.empty(shape, dtype=dtype))
     monkeypatch.setattr(runner, "HostMemory", cuda_stream.CudaMemory)
     monkeypatch.setattr(planner, "maps_shards", lambda shape, device: False)  # as a GPU stage: no mapped shards
+    return cudart
 
 
 @pytest.mark.parametrize("arch, stages, units", [
@@ -202,6 +228,157 @@ def test_cuda_memory_bookkeeping_streams_exactly(stand_in_cuda, arch, stages, un
     for s in stats:
         assert s["peak_weight_bytes"] <= weights + 256 * len(store.units["layer.0"]["tensors"])
         assert s["h2d_bytes"] > 0 or not s["streamed_units"]
+
+
+class CountingStore(LayerStore):
+    """A layer store that counts its reads into buffers (the reads a GPU stage streams
+    with) per unit, how many ran at once at most, and can slow them (``delay`` seconds,
+    longer for even layers, so reads started later may finish first) or fail one read
+    (``fail``: a unit, and which of its reads, from 1)."""
+
+    def __init__(self, path, delay: float = 0.0):
+        super().__init__(path)
+        self.reads: collections.Counter[str] = collections.Counter()
+        self.delay, self.fail = delay, None
+        self.lock = threading.Lock()
+        self.running = self.most_at_once = 0
+
+    def read_into(self, name, dtype, out, *args, **kwargs):
+        with self.lock:
+            self.reads[name] += 1
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            time.sleep(self.delay * (3 if name.endswith(("0", "2")) else 1))
+            if (name, self.reads[name]) == self.fail:
+                raise StoreError(f"unit {name}: this read fails (the test's store)")
+            return super().read_into(name, dtype, out, *args, **kwargs)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def units_and_host(store: LayerStore) -> tuple[list[str], list[str], list[str]]:
+    """A stage's streamed units (all but the embeddings, in forward order), the host units
+    among them (interleaved with the others), and those read from the store each step."""
+    order = unit_order(store.num_layers)[1:]
+    host = [order[1], order[-1]]
+    return order, host, [u for u in order if u not in host]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
+def test_host_units_are_read_once_and_the_others_once_a_step(stand_in_cuda, tiny_dir, prefetch):
+    store = CountingStore(split(tiny_dir("llama"), progress=False), delay=0.01)
+    dtype = torch.float32
+    order, host, from_store = units_and_host(store)
+    packed = {u: store.packed_bytes(u, dtype) for u in order}
+    budget = int(2.5 * max(packed.values()))  # room for two units and a half: the loader waits for room
+    want = {u: store.load(u, dtype) for u in order}
+    unit_bytes = {u: store.unit_bytes(u, dtype) for u in order}
+    mem = cuda_stream.CudaMemory(store, dtype, torch.device("cpu"), budget, unit_bytes, 0, host_units=host)
+    mem.prepare(order)
+    assert store.reads == {u: 1 for u in host}  # at start, before any step
+    slots = min(cuda_stream.STAGING_SLOTS, len(from_store))
+    # one pinned region of exactly the host units' bytes, one of the staging slots'
+    assert sorted(stand_in_cuda.registered.values()) == sorted(
+        [sum(packed[u] for u in host), slots * max(packed[u] for u in from_store)])
+    streamer = Streamer(mem, order, 0, prefetch)
+    streamer.start()
+    steps = 3
+    try:
+        for step in range(steps):
+            begun = mem.begin_forward()
+            for u in order:
+                got = streamer.take(u)
+                assert mem.held_bytes() <= budget, u
+                for k, t in want[u].items():
+                    assert torch.equal(got[k], t), (step, u, k)
+                # read once a step: this step's read, and perhaps the next step's, ahead
+                assert store.reads[u] == 1 if u in host else step + 1 <= store.reads[u] <= step + 2, (step, u)
+                streamer.release(u)
+            mem.end_forward(begun)
+        stats = mem.stats()
+    finally:
+        streamer.stop(timeout=10)
+        mem.close()
+    assert all(store.reads[u] == 1 for u in host)
+    # the loader may have fetched into the next step, each unit it fetched read ahead once more
+    assert all(steps <= store.reads[u] <= steps + 2 for u in from_store), store.reads
+    assert store.most_at_once >= 2  # the loader threads read side by side
+    assert stats["host_pinned_bytes"] == sum(packed[u] for u in host) and stats["host_units"] == len(host)
+    assert stats["pinned_bytes"] == slots * max(packed[u] for u in from_store)
+    assert stats["peak_weight_bytes"] <= budget
+    assert not stand_in_cuda.registered and len(stand_in_cuda.unregistered) == 2  # both unpinned at close
+
+
+def host_plan(store: LayerStore, dtype: torch.dtype, weights: int, host: list[str], device: str = "cpu",
+              reserve: int = 0) -> planner.StagePlan:
+    """One stage of the whole model: the embeddings resident, the rest streamed within
+    ``weights`` bytes of weights (``reserve`` more for KV cache and activations), ``host``
+    of them kept in pinned host memory."""
+    order = unit_order(store.num_layers)
+    streamed = order[1:]
+    shape = ModelShape.from_store(store, dtype)
+    return planner.StagePlan(0, 0, store.num_layers, True, device, budget_bytes=weights + reserve,
+                             reserve_bytes=reserve, resident_units=order[:1], streamed_units=streamed,
+                             resident_bytes=store.unit_bytes(order[0], dtype),
+                             streamed_bytes=shape.streamed_bytes([u for u in streamed if u not in host]),
+                             host_units=host, host_bytes=sum(store.unit_bytes(u, dtype) for u in host))
+
+
+@pytest.mark.timeout(120)
+def test_a_stage_with_host_units_matches_transformers_and_a_failed_read_fails_the_forward(
+        stand_in_cuda, tiny_dir, hf_model):
+    store = CountingStore(split(tiny_dir("llama"), progress=False))
+    dtype = torch.float32
+    order, host, from_store = units_and_host(store)
+    weights = int(2.5 * max(store.packed_bytes(u, dtype) for u in order)) + store.unit_bytes("embed", dtype)
+    ids, _ = prompts(1)
+    positions = torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        ref = hf_model("llama")(ids).logits
+    store.fail = (from_store[1], 2)  # the second step's read (read ahead during the first, perhaps)
+    stage = runner.LayerRunner(store, host_plan(store, dtype, weights, host), "cpu", dtype)
+    try:
+        torch.testing.assert_close(stage.forward(ids, None, positions, "a", logits_to_keep=0), ref)
+        t0 = time.monotonic()
+        with pytest.raises(StoreError, match="this read fails"):
+            stage.forward(ids, None, positions, "b", logits_to_keep=0)
+        assert time.monotonic() - t0 < 30
+        torch.testing.assert_close(stage.forward(ids, None, positions, "c", logits_to_keep=0), ref)
+        stats = stage.stats()
+    finally:
+        stage.close()
+    assert all(store.reads[u] == 1 for u in host)  # read at start only, through a failed step too
+    assert all(store.reads[u] >= 3 for u in from_store)
+    assert stats["host_bytes"] == sum(store.unit_bytes(u, dtype) for u in host) and stats["host_pinned_bytes"] > 0
+    assert not stand_in_cuda.registered
+
+
+def test_host_units_are_a_gpu_stages_own(tiny_dir, stand_in_cuda, monkeypatch):
+    store = LayerStore(split(tiny_dir("llama"), progress=False))
+    dtype = torch.float32
+    weights = 10 * max(store.packed_bytes(u, dtype) for u in store.units)
+    # a unit that is not streamed from the arena (the embeddings, read by row) cannot be a host unit
+    plan = host_plan(store, dtype, weights, ["layer.0"])
+    with pytest.raises(PlanError, match=r"keeps \['embed'\] in pinned host memory.*plan it again"):
+        runner.LayerRunner(store, dataclasses.replace(plan, host_units=("embed",), resident_units=(),
+                                                      streamed_units=tuple(store.units)), "cpu", dtype)
+    monkeypatch.setattr(runner, "HostMemory", streaming.HostMemory)  # a CPU stage again
+    with pytest.raises(PlanError, match="only a GPU stage does"):
+        runner.LayerRunner(store, plan, "cpu", dtype)
+
+
+def test_a_host_that_cannot_pin_says_what_to_change(tiny_dir, stand_in_cuda, monkeypatch):
+    store = LayerStore(split(tiny_dir("llama"), progress=False))
+    dtype = torch.float32
+    order, host, _ = units_and_host(store)
+    monkeypatch.setattr(stand_in_cuda, "cudaHostRegister", lambda ptr, n, flags: 2)  # cudaErrorMemoryAllocation
+    mem = cuda_stream.CudaMemory(store, dtype, torch.device("cpu"), None, {}, 3, host_units=host)
+    with pytest.raises(StageError, match="stage 3's host units.*cudaError 2.*lower .*host_memory_per_node"):
+        mem.prepare(order)
+    mem.close()
 
 
 def kill_the_loader(model) -> None:
@@ -243,12 +420,26 @@ def hf_on_gpu(path, dtype):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to("cuda").eval()
 
 
-MODES = {  # name: (stages, weights per stage as a function of the store and dtype)
-    "resident": (0, lambda s, d: sum(s.unit_bytes(u, d) for u in s.units)),
-    "streamed-25%": (0, lambda s, d: max(sum(s.unit_bytes(u, d) for u in s.units) // 4,
-                                         int(1.1 * max(s.packed_bytes(u, d) for u in s.units)))),
-    "2-stages-sharing": (2, lambda s, d: int(1.5 * max(s.packed_bytes(u, d) for u in s.units))),
-    "4-stages-sharing": (4, lambda s, d: int(1.5 * max(s.packed_bytes(u, d) for u in s.units))),
+def quarter(s: LayerStore, d: torch.dtype) -> int:
+    """A quarter of the weights, and at least a unit and a tenth."""
+    return max(sum(s.unit_bytes(u, d) for u in s.units) // 4, int(1.1 * max(s.packed_bytes(u, d) for u in s.units)))
+
+
+def one_and_a_half(s: LayerStore, d: torch.dtype) -> int:
+    return int(1.5 * max(s.packed_bytes(u, d) for u in s.units))
+
+
+def half_the_layers(s: LayerStore, d: torch.dtype) -> int:
+    """Pinned host memory for about half of the decoder layers."""
+    return sum(s.unit_bytes(f"layer.{i}", d) for i in range(s.num_layers // 2)) + 1
+
+
+MODES = {  # name: (stages, weights per stage, pinned host memory per node: functions of the store and dtype)
+    "resident": (0, lambda s, d: sum(s.unit_bytes(u, d) for u in s.units), lambda s, d: 0),
+    "streamed-25%": (0, quarter, lambda s, d: 0),
+    "streamed-25%-host": (0, quarter, half_the_layers),  # some units pinned in host memory, the rest read
+    "2-stages-sharing": (2, one_and_a_half, lambda s, d: 0),
+    "4-stages-sharing": (4, one_and_a_half, lambda s, d: 0),
 }
 
 
@@ -260,7 +451,7 @@ MODES = {  # name: (stages, weights per stage as a function of the store and dty
 def test_gpu_matches_transformers_within_budget(arch, mode, dtype, tiny_dir):
     path = tiny_dir(arch)
     store = LayerStore(split(path, progress=False))
-    stages, weights = MODES[mode]
+    stages, weights, host = MODES[mode]
     batch = 4
     ids, mask = prompts(batch)
     hf = hf_on_gpu(path, dtype)
@@ -273,7 +464,7 @@ def test_gpu_matches_transformers_within_budget(arch, mode, dtype, tiny_dir):
     per_stage = budget(store, dtype, weights(store, dtype), batch)
     with AutoModel.from_pretrained(path, stages=stages, in_process=True, device="cuda", dtype=str(dtype),
                                    memory_per_stage=per_stage, max_rows=batch, context=CONTEXT,
-                                   progress=False) as model:
+                                   host_memory_per_node=host(store, dtype), progress=False) as model:
         loaded = torch.cuda.memory_allocated() - base  # the weights: resident units and arenas
         out = generate(model, ids, mask)
         stats = model.stats()
@@ -283,6 +474,8 @@ def test_gpu_matches_transformers_within_budget(arch, mode, dtype, tiny_dir):
     assert all(p.device == "cuda:0" for p in plan)
     streamed = sum(p.streamed_bytes for p in plan)
     assert (streamed == 0) == (mode == "resident")
+    hosted = [u for p in plan for u in p.host_units]
+    assert bool(hosted) == mode.endswith("-host"), plan
     # the budget holds on the device: the weights within the weight budgets from the start,
     # and at the peak weights, KV cache and activations within the budgets
     assert loaded <= sum(p.weight_budget_bytes for p in plan) + 2**16, (loaded, plan)
@@ -292,6 +485,49 @@ def test_gpu_matches_transformers_within_budget(arch, mode, dtype, tiny_dir):
         assert s["peak_weight_bytes"] <= p.weight_budget_bytes + 256 * len(store.units["layer.0"]["tensors"])
         assert s["compute_s"] > 0 and s["stall_s"] >= 0
         assert (s["h2d_bytes"] > 0) == bool(p.streamed_units) and s["load_s"] >= s["h2d_s"]
+        assert s["host_units"] == len(p.host_units) and (s["host_pinned_bytes"] >= p.host_bytes)
+        assert (s["pinned_bytes"] > 0) == bool(set(p.streamed_units) - set(p.host_units) - {"embed"})
+
+
+@pytest.mark.cuda
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_host_units_and_parallel_reads_match_transformers_within_budget(dtype, tiny_dir):
+    """One stage run by its runner from a plan made here: two streamed units pinned in host
+    memory, the others read by the loader threads; logits as transformers' on the same GPU,
+    host units read once, the device within the budget, every pinned byte unpinned at close."""
+    path = tiny_dir("llama")
+    store = CountingStore(split(path, progress=False), delay=0.002)
+    order, host, from_store = units_and_host(store)
+    weights = int(2.5 * max(store.packed_bytes(u, dtype) for u in order)) + store.unit_bytes("embed", dtype)
+    per_stage = budget(store, dtype, weights, 1)
+    ids, _ = prompts(1)
+    positions = torch.arange(ids.shape[1])[None]
+    hf = hf_on_gpu(path, dtype)
+    with torch.no_grad():
+        ref = hf(ids.cuda()).logits
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    stage = runner.LayerRunner(store, host_plan(store, dtype, weights, host, "cuda:0", per_stage - weights),
+                               "cuda:0", dtype)
+    try:
+        for step in range(3):
+            got = stage.forward(ids, None, positions, f"step{step}", logits_to_keep=0)
+            rtol, atol = TOLERANCE[dtype]
+            torch.testing.assert_close(got.float().cpu(), ref.float().cpu(), rtol=rtol, atol=atol)
+        torch.cuda.synchronize()
+        stats = stage.stats()
+        peak = torch.cuda.max_memory_allocated() - base
+    finally:
+        stage.close()
+    assert all(store.reads[u] == 1 for u in host)
+    assert all(3 <= store.reads[u] <= 5 for u in from_store), store.reads
+    assert store.most_at_once >= 2
+    assert stats["peak_weight_bytes"] <= weights + 256 * len(store.units["layer.0"]["tensors"])
+    assert peak <= per_stage + OUTSIDE_BUDGET, (peak, per_stage)
+    assert stats["host_pinned_bytes"] == sum(store.packed_bytes(u, dtype) for u in host)
+    assert stats["h2d_bytes"] >= 3 * sum(store.unit_bytes(u, dtype) for u in order)
 
 
 @pytest.mark.cuda

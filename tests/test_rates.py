@@ -129,10 +129,24 @@ def test_a_link_is_timed_over_tcp():
     assert got["rtt_s"] == pytest.approx(2 * got["link_latency_s"])
 
 
+def test_measuring_runs_on_a_thread_that_ends_with_it():
+    import threading
+
+    ran = rates.on_own_thread(threading.current_thread)
+    assert ran is not threading.current_thread() and not ran.is_alive()
+
+    def fail():
+        raise ValueError("bad layer")
+
+    with pytest.raises(ValueError, match="bad layer"):
+        rates.on_own_thread(fail)
+
+
 SHARE = """
 import json
 from distlayer import hardware, rates
-print(json.dumps({"quota": hardware.cpu_quota(), "share": rates.cpu_share(1, seconds=1.0)}))
+print(json.dumps({"quota": hardware.cpu_quota(), "share": rates.cpu_share(1, seconds=1.0),
+                  "quota_share": [rates.quota_share(1), rates.quota_share(2)]}))
 """
 
 
@@ -159,4 +173,5 @@ def test_a_cpu_quota_shows_in_the_measured_share(tmp_path):
         group.rmdir()
     held, free = json.loads(held.stdout), json.loads(free.stdout)
     assert held["quota"] == 0.5 and free["quota"] is None
+    assert held["quota_share"] == [0.5, 0.25] and free["quota_share"] == [None, None]
     assert 0.4 < held["share"] < 0.6 and free["share"] > held["share"] + 0.2, (held, free)

@@ -65,11 +65,13 @@ def test_70b_on_four_8gb_gpus_from_its_config_alone(tmp_path):
 
 
 def test_placement_by_speed_streams_on_one_gpu_and_keeps_three_whole(tmp_path, capsys):
+    # without the pinned host tier: with it, each of the four stages pins an equal share of
+    # the box's RAM, and one stage streaming everything pins only its share
     model = config_dir(tmp_path, LLAMA_70B)
     steps = {}
     for balance in ("bytes", "speed"):
         code, out, err = run_plan(capsys, model, "--cluster", CLUSTER / "four-8gb-gpus.yaml", "--json",
-                                  "--balance", balance)
+                                  "--balance", balance, "--host-memory", "0")
         assert code == 0, err
         data = json.loads(out)
         steps[balance] = data["prediction"]["step_s"]
@@ -77,7 +79,8 @@ def test_placement_by_speed_streams_on_one_gpu_and_keeps_three_whole(tmp_path, c
     # one micro-batch: the stages take turns, so one GPU streaming everything that does not
     # fit beats four each keeping room for a streaming window
     assert steps["speed"] < steps["bytes"] * 0.95
-    code, out, _ = run_plan(capsys, model, "--cluster", CLUSTER / "four-8gb-gpus.yaml", "--balance", "speed")
+    code, out, _ = run_plan(capsys, model, "--cluster", CLUSTER / "four-8gb-gpus.yaml", "--balance", "speed",
+                            "--host-memory", "0")
     bounds = [line.split()[-1] for line in out.splitlines()[1:5]]
     assert bounds == ["disk", "memory", "memory", "memory"] and "layers placed by speed: predicted" in out
 
@@ -191,3 +194,37 @@ def test_the_cli_prints_errors_for_bad_files_and_models_that_do_not_fit(tmp_path
     assert code == 2 and "leave --stages out" in err
     code, _, err = run_plan(capsys, tmp_path / "nowhere", "--cluster", CLUSTER / "four-8gb-gpus.yaml")
     assert code == 2 and "config.json" in err
+
+
+def test_plan_shows_the_pinned_host_tier_of_gpu_stages(tmp_path, capsys):
+    """A GPU too small for the model streams it; the node's host RAM holds what it streams
+    (pinned, read from disk once), unless the host budget is 0."""
+    model = config_dir(tmp_path, SMOLLM2)
+    cluster = tmp_path / "one-small-gpu.yaml"
+    cluster.write_text(yaml.safe_dump({MARKER: 1, "nodes": [
+        {"name": "box", "host_ram": "4GiB", "disk_gbps": 1.0, "link_gbps": 10, "cores": 8,
+         "devices": [{"kind": "cuda", "memory": "360MiB", "tflops": 10, "mem_gbps": 200, "h2d_gbps": 12}]}]}))
+    code, out, err = run_plan(capsys, model, "--cluster", cluster, "--context", "256")
+    assert code == 0, err
+    header, row = out.splitlines()[:2]
+    assert ["resident", "pinned", "from"] == header.split()[7:10]
+    assert row.split()[-1] == "h2d"  # the pinned units are copied, not read from disk
+    assert "stage 0: pinned 31 of 32 streamed units" in out and "1 from disk (embed)" in out  # its 30 layers, norm, head
+    assert "of its 1.00 GiB host budget (50% of the 4.00 GiB available RAM on box, less 1.00 GiB)" in out
+
+    code, out, err = run_plan(capsys, model, "--cluster", cluster, "--context", "256", "--host-memory", "0")
+    assert code == 0, err
+    assert out.splitlines()[1].split()[-1] == "disk"
+    assert "stage 0: disk (host_memory_per_node is 0: no pinned host tier)" in out
+
+    code, out, err = run_plan(capsys, model, "--cluster", cluster, "--context", "256", "--json",
+                              "--host-memory", "100MiB")
+    assert code == 0, err
+    (stage,) = json.loads(out)["stages"]
+    assert stage["host_units"] and set(stage["host_units"]) < set(stage["streamed_units"])
+    assert 0 < stage["host_bytes"] <= stage["host_budget_bytes"] == 100 * 2**20
+
+    code, _, err = run_plan(capsys, model, "--cluster", cluster, "--host-memory", "8GiB")
+    assert code == 2 and "lower host_memory_per_node (--host-memory)" in err
+    code, _, err = run_plan(capsys, model, "--cluster", cluster, "--host-memory", "lots")
+    assert code == 2 and "host_memory_per_node" in err and "0 turns the pinned host tier off" in err

@@ -233,16 +233,10 @@ class LayerStore:
             return self._read_compressed_into(name, f, dtype, out, align)
         size, header = self._header(name, f)
         try:
-            with open(f, "rb") as fh:
-                mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            with open(f, "rb", buffering=0) as fh:
+                return _copy_tensors(fh, 8 + size, header, dtype, out, align, f"unit {name}")
         except OSError as e:
             raise StoreError(f"shard {f} of unit {name} cannot be read ({e}): {self.repair_hint()}") from e
-        try:
-            mapped.madvise(mmap.MADV_SEQUENTIAL)
-            return _copy_tensors(mapped, 8 + size, header, dtype, out, align, f"unit {name}")
-        finally:
-            with contextlib.suppress(BufferError):  # a view of the map still alive after an error
-                mapped.close()
 
     def _header(self, name: str, f: Path) -> tuple[int, dict]:
         """A shard's safetensors header: its length in bytes, and the header itself."""
@@ -321,23 +315,49 @@ def _header_tensors(header: dict, what: str) -> dict[str, tuple[torch.dtype, tup
     return tensors
 
 
-def _copy_tensors(mapped: mmap.mmap, data_start: int, header: dict, dtype, out: torch.Tensor, align: int,
+def _copy_tensors(fh, data_start: int, header: dict, dtype, out: torch.Tensor, align: int,
                   what: str) -> dict[str, torch.Tensor]:
-    """Copy the tensors a safetensors ``header`` describes from the mapped file into ``out``."""
-    tensors, offset = {}, 0
-    for key, (stored, shape, begin, end) in _header_tensors(header, what).items():
-        want = _loaded_dtype(stored, dtype)
-        numel = (end - begin) // stored.itemsize
-        nbytes = tensor_bytes(shape, want)
-        if offset + nbytes > out.numel():
-            raise StoreError(f"{what} needs more than the {out.numel()} bytes of its buffer: size the buffer "
-                             "with LayerStore.packed_bytes")
-        view = out[offset:offset + nbytes].view(want).view(shape)
-        if numel:
-            view.copy_(torch.frombuffer(mapped, dtype=stored, count=numel, offset=data_start + begin).view(shape))
-        tensors[key] = view
-        offset += align_up(nbytes, align)
+    """Copy the tensors a safetensors ``header`` describes from the open file ``fh`` into
+    ``out``. A tensor loaded in its stored dtype is read straight into ``out`` (``preadv``:
+    the kernel copies from the page cache, without the GIL or torch's threads, so several
+    loader threads read side by side); one cast on the way is read through a map of the
+    file and cast by torch in its copy."""
+    tensors, offset, mapped = {}, 0, None
+    try:
+        for key, (stored, shape, begin, end) in _header_tensors(header, what).items():
+            want = _loaded_dtype(stored, dtype)
+            numel = (end - begin) // stored.itemsize
+            nbytes = tensor_bytes(shape, want)
+            if offset + nbytes > out.numel():
+                raise StoreError(f"{what} needs more than the {out.numel()} bytes of its buffer: size the buffer "
+                                 "with LayerStore.packed_bytes")
+            flat = out[offset:offset + nbytes]
+            if numel and want == stored:
+                _pread_exact(fh, memoryview(flat.numpy()), data_start + begin, what)
+            elif numel:
+                if mapped is None:
+                    mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+                    mapped.madvise(mmap.MADV_SEQUENTIAL)
+                flat.view(want).view(shape).copy_(
+                    torch.frombuffer(mapped, dtype=stored, count=numel, offset=data_start + begin).view(shape))
+            tensors[key] = flat.view(want).view(shape)
+            offset += align_up(nbytes, align)
+    finally:
+        if mapped is not None:
+            with contextlib.suppress(BufferError):  # a view of the map still alive after an error
+                mapped.close()
     return tensors
+
+
+def _pread_exact(fh, view: memoryview, at: int, what: str) -> None:
+    """Fill ``view`` with the file's bytes from offset ``at``."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fh.fileno(), [view[got:]], at + got)
+        if not n:
+            raise StoreError(f"{what}: its shard ended {len(view) - got} bytes early (truncated while read): "
+                             "split the model again")
+        got += n
 
 
 def open_configured(model: str | os.PathLike, cfg, progress: bool = True) -> LayerStore:
