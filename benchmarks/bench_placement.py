@@ -121,6 +121,7 @@ DRIVER = textwrap.dedent("""
                 "stats_ms_per_token": {k: round(1e3 * (after[k] - before[balance].get(k, 0.0)) / tokens, 3)
                                        for k in ("compute_s", "load_s", "stall_s") if k in after},
                 "prediction": pred.as_dict() if pred else None,
+                "survey": measured.as_dicts() if measured else None,
                 "texts": texts[balance]})
         for m in models.values():
             m.close()

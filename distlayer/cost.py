@@ -43,6 +43,10 @@ for ``batch / m`` rows, weights read once per micro-batch):
   make the step slower.
 - stages that share a device take turns, so the general form is ``sum(t_i) + (m - 1) x
   max over devices of the sum of its stages' t_i``: ``m x sum(t_i)`` when all share one.
+- a node under a CPU quota (``Rates.cpu_quota``) runs its stages at full speed while it
+  has quota left, and banks quota while they wait on other stages; so the step is at
+  least each such device's CPU seconds per step (``m`` micro-batches through its stages:
+  their compute on a CPU, their overhead on a GPU) over its quota, and otherwise as above.
 
 Predictions are checked against measured decode steps of SmolLM2-135M on a CPU by
 ``benchmarks/bench_cost.py`` (results: benchmarks/README.md).

@@ -43,16 +43,18 @@ rest, so a short timing misses the wait, and a mean depends on which run it fall
 (under a quota each timed run first waits :data:`REFILL_S`, to start a period with the
 whole quota). The share is the CPU seconds the stage's threads get in :data:`WINDOW_S`
 seconds of matrix products on all of them, over the wall seconds times the threads (at
-most 1). A quota and load differ: a quota grants so much CPU time per period, which a
-stage that idles while others work banks, so the rates stay the device's at full speed
-and the quota goes into ``cpu_quota`` (cores of quota over the threads, at most 1), for
-the cost model to bound the step with (``cost.Timer.quota_s``); load takes its share
-while the stage runs. What the share falls short of the quota (of 1 without one) is
-load: on a CPU, ``flops``, ``mem_bw`` and the page-cache rates are multiplied by that
-part and the overheads divided by it; on a GPU only the overheads (the host launches
-the work); the cold disk read, which waits on the disk, not at all.
+most 1; the best of :data:`SHARES` windows). A quota and load differ. A quota grants so
+much CPU time per period, which a stage that idles while others work banks: under one
+the rates stay the device's at full speed, and the share (at most the quota's cores over
+the threads; less where the node's other processes use part of the quota) goes into
+``cpu_quota``, for the cost model to bound the step with (``cost.Timer.quota_s``).
+Load takes its share while the stage runs: without a quota, on a CPU, ``flops``,
+``mem_bw`` and the page-cache rates are multiplied by the share and the overheads
+divided by it; on a GPU only the overheads (the host launches the work); the cold disk
+read, which waits on the disk, not at all.
 
-The timings run on a thread of their own that ends with them (:func:`on_own_thread`).
+The timings run on the process's compute thread (``compute.run``), where its CPU stages'
+forwards run too.
 
 The layers measured are :data:`LAYERS` of the model's (by default from its middle;
 ``layers`` picks others, such as those a stage will hold, so a node needs only their
@@ -81,7 +83,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import arch, hardware
+from . import arch, compute, hardware
 from .bench.measure import read_bandwidth
 from .cost import Rates, unit_flops
 from .planner import ModelShape, StagePlan, maps_shards
@@ -100,6 +102,7 @@ LAYERS = 4                 # decoder layers of the longer stage the overheads ar
 REPEAT = 5                 # runs of each timing; the best counts
 STEPS = 4                  # decode steps a run of the overheads' timing takes the mean of, as a decode does
 WINDOW_S = 0.5             # seconds the CPU share is measured over (several CPU-quota periods)
+SHARES = 3                 # windows the share is measured in; the best counts, as the best run of a timing does
 REFILL_S = 0.25            # under a CPU quota, the wait before a timed run (over two default periods)
 LINK_BYTES = 16 * 2**20    # bytes sent to time a link's bandwidth
 LINK_PINGS = 20            # one-byte round trips to time a link's latency
@@ -178,8 +181,8 @@ def measure_node(store: LayerStore | str | os.PathLike, dtype: torch.dtype | Non
     if cached_only:
         return None
     t0 = time.perf_counter()
-    got = on_own_thread(_measure, store, dtype, torch.device(device), batch, threads,
-                        layers or measured_layers(store.num_layers))
+    got = compute.run(_measure, store, dtype, torch.device(device), batch, threads,
+                      layers or measured_layers(store.num_layers))
     got.update(key=key, measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                seconds=round(time.perf_counter() - t0, 3))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,34 +199,6 @@ def measure_rates(store, dtype=None, device: str = "cpu", batch: int = 1, thread
 
 
 # --------------------------------------------------------------------------- timing
-
-
-def on_own_thread(fn, *args):
-    """``fn(*args)`` on a thread of its own, which ends with it; its result, or its error.
-
-    A CPU stage computes on one thread (the transport's loop, the scheduler's), and torch
-    runs its work there in an OpenMP thread team. Each thread that runs parallel torch
-    work keeps a team of its own, and while the teams together hold more threads than
-    the node has cores, libgomp lets their idle threads spin only briefly before they
-    sleep, so every small kernel of a decode step waits for its threads to wake: about a
-    quarter slower on a 2-core machine. Measuring on the caller's thread would leave such
-    a second team in the stage's process, slowing its forwards from then on; a thread
-    that ends takes its team with it.
-    """
-    out: dict = {}
-
-    def run():
-        try:
-            out["value"] = fn(*args)
-        except BaseException as e:  # handed to the caller
-            out["error"] = e
-
-    t = threading.Thread(target=run, name="distlayer-measure")
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
 
 
 def _sync(device: torch.device) -> None:
@@ -322,9 +297,11 @@ def _measure(store: LayerStore, dtype, device: torch.device, batch: int, threads
     finally:
         torch.set_num_threads(before)
     disk = _disk(store, maps_shards(ModelShape.from_store(store, dtype), device.type), layers)
-    share = cpu_share(threads or before)
+    share = max(cpu_share(threads or before) for _ in range(SHARES))
     quota = quota_share(threads or before)
-    slowed = share if quota is None else min(1.0, share / quota)  # what the node's load takes, beyond its quota
+    if quota is not None:  # what the stage gets of the quota, which the node's other processes share
+        quota = min(quota, share)
+    slowed = share if quota is None else 1.0  # under a quota the rates stay at full speed
     cpu = device.type == "cpu"
     rates = {**rates, "step_overhead_s": rates["step_overhead_s"] / slowed,
              "layer_overhead_s": rates["layer_overhead_s"] / slowed, "cpu_quota": quota}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .planner import fmt_bytes, reserved_context
+from .units import unit_names
 
 STATS_COLUMNS = ("peak_weight_bytes", "peak_rss_bytes", "kv_bytes", "load_s", "stall_s", "compute_s", "transfer_s")
 
@@ -45,7 +46,7 @@ def tier_note(p) -> str:
     budget = f"{fmt_bytes(p.host_budget_bytes)} host budget ({p.host_source})"
     left = [u for u in p.streamed_units if u not in p.host_units]
     if p.host_units:
-        rest = f"; {len(left)} from disk ({', '.join(left)})" if left else ""
+        rest = f"; {len(left)} from disk ({unit_names(left)})" if left else ""
         return (f"stage {p.stage}: pinned {len(p.host_units)} of {len(p.streamed_units)} streamed units, "
                 f"{fmt_bytes(p.host_bytes)} of its {budget}{rest}")
     if p.host_budget_bytes:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import arch
+from . import arch, compute
 from .cache import StageCache
 from .cuda_stream import CudaMemory
 from .errors import PlanError, StoreError
@@ -110,8 +110,14 @@ class LayerRunner:
     """
 
     def __init__(self, store: LayerStore, plan: StagePlan, device="cpu", dtype=None, prefetch: bool = True):
-        self.store, self.range, self.stage = store, plan.layer_range, plan.stage
         self.device = torch.device(device)
+        if self.device.type == "cpu":  # a CPU stage is set up and computes on the process's compute thread
+            compute.run(self._setup, store, plan, dtype, prefetch)
+        else:
+            self._setup(store, plan, dtype, prefetch)
+
+    def _setup(self, store: LayerStore, plan: StagePlan, dtype, prefetch: bool) -> None:
+        self.store, self.range, self.stage = store, plan.layer_range, plan.stage
         config = store.config
         self.config = config
         self.dtype = dtype or arch.checkpoint_dtype(config)
@@ -274,6 +280,8 @@ class LayerRunner:
             Hidden states ``[B, T, H]``, or logits ``[B, logits_to_keep or T, V]`` on the last
             stage (``[B, 0, H]`` there with ``logits_to_keep`` None).
         """
+        if self.device.type == "cpu" and not compute.current():
+            return compute.run(self.forward, x, attention_mask, position_ids, cache_id, logits_to_keep)
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             begun = self.memory.begin_forward()
             self._set_threads()

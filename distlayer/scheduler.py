@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import compute
 from .cache import StageCache
 from .config import GenerationConfig
 from .errors import ConfigError, DistlayerError
@@ -340,6 +341,7 @@ class Scheduler:
     # ------------------------------------------------------------------ the loop
 
     def _loop(self) -> None:
+        compute.single_threaded()  # the stages compute on the compute thread; this one picks tokens
         try:
             while True:
                 with self._cond:

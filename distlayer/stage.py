@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import arch, hardware, rates, versions
+from . import arch, compute, hardware, rates, versions
 from .errors import StageError, StoreError
 from .planner import StagePlan
 from .runner import LayerRunner
@@ -109,6 +109,7 @@ class StageActor:
         With ``work.pick`` the last stage returns the greedy next token of each row
         (``[B]``) instead of logits, so only token ids travel on.
         """
+        compute.single_threaded()  # the forward computes on the compute thread; this thread only hands over
         self.transfer_s += max(0.0, time.time() - payload.sent_at)
         x = payload.x
         if x.dim() == 1:  # tokens the last stage picked in the previous step

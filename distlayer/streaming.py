@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from . import compute
 from .errors import StageError, StoreError
 from .memory import WeightMemory
 from .units import chunk_rows, chunk_unit
@@ -328,6 +329,7 @@ class Streamer:
         self.thread.start()
 
     def _load_ahead(self, first: int, out: queue.Queue) -> None:
+        compute.single_threaded()  # a loader's copies leave the cores to the compute thread's team
         i = first
         while not self.stopped.is_set():
             unit = self.units[i % len(self.units)]

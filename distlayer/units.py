@@ -47,6 +47,30 @@ class LayerRange:
             + ([NORM, HEAD] if self.last else [])
 
 
+def unit_names(units) -> str:
+    """``units`` in words, consecutive layers as one range: ``"embed, layer.6-19, head"``."""
+    out: list[str] = []
+    run: list[int] = []
+
+    def close():
+        if run:
+            out.append(layer_unit(run[0]) + (f"-{run[-1]}" if len(run) > 1 else ""))
+            run.clear()
+
+    for u in units:
+        i = layer_index(u)
+        if i is not None and run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        close()
+        if i is None:
+            out.append(u)
+        else:
+            run.append(i)
+    close()
+    return ", ".join(out)
+
+
 def chunk_unit(unit: str, index: int) -> str:
     """Name of chunk ``index`` of a unit streamed in chunks (the head, in vocabulary chunks)."""
     return f"{unit}:{index}"

@@ -187,6 +187,10 @@ class NetnsHosts:
     def run(self, host: int, cmd: list[str], hide: list | None = None, **kw) -> subprocess.CompletedProcess:
         """Run ``cmd`` on ``host`` (in its namespaces) with :meth:`env_of`; ``hide``: dirs it must not see."""
         mounts = "".join(f"mount -t tmpfs -o size=1m dlhide {shlex.quote(str(d))} && " for d in hide or [])
+        if self.cgroups[host]:  # `ip netns exec` mounts a fresh /sys: show the cpu controller again, so the
+            # host's processes see their quota (hardware.cpu_quota) as on a machine of their own
+            mounts += (f"mount -t tmpfs -o size=1m dlcg /sys/fs/cgroup && mkdir /sys/fs/cgroup/cpu && "
+                       f"mount -t cgroup -o cpu dlcpu /sys/fs/cgroup/cpu && ")
         shell = ["sh", "-c", f'{mounts}exec "$@"', "sh", *cmd]
         argv = ["ip", "netns", "exec", self.names[host], *shell]
         if self.cgroups[host]:  # join the host's cpu group first: `ip netns exec` hides /sys/fs/cgroup

@@ -120,3 +120,15 @@ def test_tier_notes_say_where_and_why():
     assert "from disk" in tier_note(some)
     assert tier_note(none_) == "stage 0: disk (host_memory_per_node is 0: no pinned host tier)"
     assert tier_note(all_) == "stage 0: all resident, nothing streams"
+
+
+@pytest.mark.parametrize("units, words", [
+    (["embed", "layer.6", "layer.7", "layer.8", "layer.10", "head"], "embed, layer.6-8, layer.10, head"),
+    (["layer.3"], "layer.3"),
+    (["layer.0", "layer.1", "norm", "layer.2"], "layer.0-1, norm, layer.2"),
+    ([], ""),
+])
+def test_units_are_named_with_consecutive_layers_as_ranges(units, words):
+    from distlayer.units import unit_names
+
+    assert unit_names(units) == words

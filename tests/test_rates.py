@@ -129,19 +129,6 @@ def test_a_link_is_timed_over_tcp():
     assert got["rtt_s"] == pytest.approx(2 * got["link_latency_s"])
 
 
-def test_measuring_runs_on_a_thread_that_ends_with_it():
-    import threading
-
-    ran = rates.on_own_thread(threading.current_thread)
-    assert ran is not threading.current_thread() and not ran.is_alive()
-
-    def fail():
-        raise ValueError("bad layer")
-
-    with pytest.raises(ValueError, match="bad layer"):
-        rates.on_own_thread(fail)
-
-
 SHARE = """
 import json
 from distlayer import hardware, rates
