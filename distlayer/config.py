@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import devices
 from .errors import ConfigError
 from .planner import HOST_FRACTION, HOST_RESERVE, fmt_bytes
 from .transport import NAMES as TRANSPORTS
@@ -41,7 +42,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 PLACEMENTS = ("pack", "spread")
 BALANCES = ("auto", "speed", "bytes")  # how layers are split among the stages
-DEVICES = ("cpu", "cuda")
+DEVICES = tuple(devices.KINDS)  # the device kinds, by name (devices.KINDS)
 
 
 def setting(help: str, cli: type | None = None, default: Any = None, aliases: tuple[str, ...] = (), **kw) -> Any:
@@ -262,7 +263,7 @@ class PipelineConfig:
             _check_bool(p + key, getattr(self, key))
         if self.device is not None:
             _check_str(p + "device", self.device)
-            _check_choice(p + "device", self.device.split(":")[0], DEVICES)
+            _check_choice(p + "device", devices.type_of(self.device), DEVICES)
         _check_choice(p + "placement", self.placement, PLACEMENTS)
         _check_choice(p + "balance", self.balance, BALANCES)
         _check_choice(p + "transport", self.transport, TRANSPORTS)

@@ -77,10 +77,11 @@ class Rates:
         step_overhead_s: seconds each forward of a stage costs beyond its units' FLOPs
             and reads, whatever its layers.
         layer_overhead_s: seconds each decoder layer's forward costs beyond its FLOPs and reads.
-        cpu_quota: the share of its threads' time a CPU quota on the stage's node allows
-            (a cgroup's ``cpu.cfs_quota_us``: cores of quota over the stage's threads, at
-            most 1), or None: no quota. The other rates are the device's at full speed;
-            the quota bounds the step instead (:meth:`Timer.step_s`).
+        cpu_quota: under a CPU quota on the stage's node (a cgroup's ``cpu.cfs_quota_us``),
+            the share of its threads' time the stage gets of it (at most the quota's cores
+            over its threads; less where the node's other processes use part of it), or
+            None: no quota. The other rates are the device's at full speed; the quota
+            bounds the step instead (:meth:`Timer.step_s`).
     """
 
     flops: float

@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from . import devices
 from .config import GenerationConfig, PipelineConfig, build, rows_set_by, temperature_settings
 from .errors import ConfigError, DistlayerError
 from .prompts import NoChatTemplate, check_prompt, context_error, model_context, tokenize
@@ -135,13 +136,13 @@ class Processor:
         share = cfg.cpus_per_stage or min(1.0, math.floor(max(0.0, cpus - DATA_CPUS) / stages * 100) / 100)
         budgets = cfg.budgets(n)
         held = 0  # weights in host memory per pipeline (a GPU pipeline's are on its GPUs)
-        if device == "cpu":
+        if devices.kind_of(device).host:
             held = sum(budgets) if all(budgets) else store_bytes(store.path)
         short = []
         if share < MIN_STAGE_CPUS or stages * share > cpus - DATA_CPUS + 1e-6:
             short.append(f"{stages} stages need {max(share, MIN_STAGE_CPUS):g} CPUs each and {DATA_CPUS:g} is left to "
                          f"Ray Data's tasks, but the cluster has {cpus:g} CPUs")
-        if device == "cuda" and stages * (cfg.gpus_per_stage or 1) > gpus + 1e-6:
+        if devices.kind_of(device).ray_resource == "GPU" and stages * (cfg.gpus_per_stage or 1) > gpus + 1e-6:
             short.append(f"{stages} stages need {cfg.gpus_per_stage or 1:g} GPU each, but the cluster has {gpus:g}")
         if memory and c.concurrency * held > memory:
             short.append(f"each pipeline holds {held / 2**30:.2f} GiB of weights in host memory, but Ray has "

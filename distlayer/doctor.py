@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import canary, hardware, versions
+from . import canary, devices, hardware, versions
 from .config import PipelineConfig
 from .errors import DistlayerError
 from .pipeline import cluster_nodes, own_ray
@@ -232,7 +232,7 @@ def _kind_rows(kind: str, path: Path, streaming: dict, ids, mask, pad: int, cfg:
     skip = _ray_skip(kind, ray_row)
     rows.append(Row(name, SKIP, skip) if skip else _canary_row(
         name, path, ref, ids, mask, pad, stages=2, device=kind, address=cfg.address, connect_timeout=cfg.connect_timeout,
-        **streaming, **({"gpus_per_stage": 0.5} if kind == "cuda" else {})))
+        **streaming, **({"gpus_per_stage": 0.5} if devices.kind_of(kind).ray_resource else {})))
     return rows
 
 
@@ -240,7 +240,7 @@ def _ray_skip(kind: str, ray_row: Row) -> str | None:
     """Why the Ray canary on ``kind`` cannot run, or None."""
     if ray_row.status != OK:
         return "no Ray: see the ray cluster row"
-    if kind == "cuda" and not ray_row.numbers.get("gpus"):
+    if devices.kind_of(kind).ray_resource == "GPU" and not ray_row.numbers.get("gpus"):
         return "the Ray cluster has no GPU"
     return None
 

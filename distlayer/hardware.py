@@ -9,23 +9,37 @@ import shutil
 import socket
 import subprocess
 
+from . import devices
+
 
 def free_bytes(device: str) -> int:
-    """Bytes ``device`` has free now: a GPU's free memory, or the node's available RAM."""
-    if device.startswith("cuda"):
-        import torch
+    """Bytes ``device`` has free now: a GPU's free memory, or the node's available RAM
+    (its kind's ``free_bytes``, ``devices.DeviceKind``)."""
+    return devices.kind_of(device).free(device)
 
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+
+def ram_free_bytes(device: str = "cpu") -> int:
+    """The node's available RAM (a CPU's free bytes)."""
     import psutil
 
     return int(psutil.virtual_memory().available)
 
 
+def cuda_free_bytes(device: str) -> int:
+    """A CUDA GPU's free memory."""
+    import torch
+
+    return int(torch.cuda.mem_get_info(torch.device(device))[0])
+
+
 def gpu_id(device: str) -> str:
     """Which physical GPU ``device`` is (its UUID, the same in every process whatever
     ``CUDA_VISIBLE_DEVICES`` calls it); ``""`` for a CPU."""
-    if not device.startswith("cuda"):
-        return ""
+    return devices.kind_of(device).physical(device)
+
+
+def cuda_id(device: str) -> str:
+    """Which physical CUDA GPU ``device`` is: its UUID (else its name and index)."""
     import torch
 
     props = torch.cuda.get_device_properties(torch.device(device))
@@ -37,7 +51,7 @@ def where(device: str) -> dict:
     the bytes the device has free, the node's available RAM (for a GPU stage's pinned host
     tier) and which physical GPU it is (``""`` on a CPU)."""
     return {"node_ip": local_ip(), "cores": cores(), "free_bytes": free_bytes(device),
-            "host_free_bytes": free_bytes("cpu"), "gpu": gpu_id(device)}
+            "host_free_bytes": ram_free_bytes(), "gpu": gpu_id(device)}
 
 
 def cores() -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import arch, hardware, versions
+from . import arch, devices, hardware, versions
 from .config import PipelineConfig, leave_out, parse_address, spell
 from .cost import Prediction, predict
 from .errors import ConfigError, StageError, StageLost
@@ -59,7 +59,7 @@ def stage_env(device: str, all_cores: bool, environ=None) -> dict[str, str]:
       are left unbound.
     """
     environ = os.environ if environ is None else environ
-    if device != "cpu":
+    if not devices.kind_of(device).sets_threads:
         return {}
     env = {}
     if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(environ):
@@ -255,7 +255,8 @@ class RayStages:
         res = ray.cluster_resources()
         share = math.floor(res.get("CPU", 1) / (n + spares) * 100) / 100
         cpus = cfg.cpus_per_stage or max(0.01, min(1.0, share))
-        bundles = [{"CPU": cpus, **({"GPU": cfg.gpus_per_stage or 1} if device == "cuda" else {}),
+        resource = devices.kind_of(device).ray_resource  # what a stage reserves besides CPUs (GPU), if anything
+        bundles = [{"CPU": cpus, **({resource: cfg.gpus_per_stage or 1} if resource else {}),
                     **(cfg.stage_resources[i] if cfg.stage_resources and i < n else {})} for i in range(n + spares)]
         what = f"{n} stages" + (f" and {spares} standby" if spares else "")
         cannot = StageError(f"the Ray cluster cannot place {what} of {bundles[0]} each (it has {dict(res)}): use "
@@ -501,13 +502,13 @@ def plan_model(model, cfg: PipelineConfig, progress: bool = True) -> tuple[Place
     gpus = torch.cuda.device_count()
     first = layout_for(cfg, gpus)
     device, n = first.device, first.stages
-    devices = [local_gpu(i, cfg) for i in range(n)] if device == "cuda" else [device] * n
-    measured = {d: hardware.where(d) for d in set(devices)}  # each stage sees its own GPU as cuda:0
-    described = [{**measured[d], "node_id": "local", "device": "cuda:0" if device == "cuda" else device}
-                 for d in devices]
+    kind = devices.kind_of(device)
+    on = [local_gpu(i, cfg) for i in range(n)] if kind.ray_resource == "GPU" else [device] * n
+    measured = {d: hardware.where(d) for d in set(on)}  # each stage sees its own GPU as cuda:0
+    described = [{**measured[d], "node_id": "local", "device": kind.stage_device or device} for d in on]
     placed = layout_for(cfg, gpus, ["local"] * n, {"local": described[0]["cores"]})
     stages = None if cfg.balance == "bytes" else \
-        LocalStages([StageActor(str(store.path), i, d, dtype, cfg.prefetch) for i, d in enumerate(devices)])
+        LocalStages([StageActor(str(store.path), i, d, dtype, cfg.prefetch) for i, d in enumerate(on)])
     return plan_for(store, cfg, dtype, described, placed, stages, measure=True), store, dtype
 
 

@@ -15,21 +15,18 @@ import functools
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
+from . import devices
 from .errors import PlanError
 from .units import EMBED, HEAD, NORM, LayerRange, layer_unit, unit_order
 
-# Share of a device's free memory a stage without a budget takes.
-FREE_FRACTION = 0.9
-
 GiB = 2**30
 
-# On a GPU, budgets reserve KV cache and activations for sequences of this many tokens
-# (prompt + new) when no context is set; `context` overrides it.
-GPU_CONTEXT = 2048
-# On a GPU, a budget taken from free memory also leaves this much for what the KV and
-# activation estimate does not count: cuBLAS workspaces, prefill temporaries (MLP
-# intermediates, attention scores) and the allocator's rounding.
-GPU_WORKSPACE = 256 * 2**20
+# What a budget of each device kind reserves is its record's (devices.DeviceKind); on a GPU,
+# budgets reserve KV cache and activations for sequences of GPU_CONTEXT tokens (prompt +
+# new) when no context is set (`context` overrides it), and a budget taken from free
+# memory also leaves GPU_WORKSPACE for what the KV and activation estimate does not count.
+GPU_CONTEXT = devices.CUDA.context
+GPU_WORKSPACE = devices.CUDA.workspace_bytes
 # The pinned host tier (:func:`host_budgets`): without host_memory_per_node, the GPU stages
 # of a node may pin this share of its available RAM between them, less HOST_RESERVE for
 # what the node runs besides (the OS, Ray, the stages' staging buffers, the page cache).
@@ -389,7 +386,7 @@ def check_stages(shape: ModelShape, budgets: list[int | None], device: str, batc
 def maps_shards(shape: ModelShape, device: str) -> bool:
     """Whether stages on ``device`` map their shards in place: CPU stages of a store that
     holds its units as they are computed (``ModelShape.in_place``)."""
-    return shape.in_place and device.split(":")[0] == "cpu"
+    return shape.in_place and devices.kind_of(device).maps_shards
 
 
 def _too_small(shape: ModelShape, budgets, kv: int, reserve: int) -> PlanError:
@@ -430,7 +427,7 @@ def plan_concurrency(stage_nodes: list[str], node_cores: dict[str, int], device:
     """
     if in_process:
         return 1, [threads] * len(stage_nodes)
-    if device != "cpu":
+    if not devices.kind_of(device).shares_node:
         return micro_batches or len(stage_nodes), [threads] * len(stage_nodes)
     m = micro_batches or len(set(stage_nodes))
     out = []
@@ -445,7 +442,7 @@ def micro_batch_choices(device: str, stage_nodes: list[str], micro_batches: int,
     ``micro_choices``): none when the settings fix them; else 1 up to the layout's, on
     GPUs, and on CPUs when no node runs two stages (the threads of stages that share a
     node depend on the count, :func:`plan_concurrency`, and are set before they start)."""
-    if given or (device.split(":")[0] == "cpu" and len(set(stage_nodes)) < len(stage_nodes)):
+    if given or (devices.kind_of(device).shares_node and len(set(stage_nodes)) < len(stage_nodes)):
         return ()
     return tuple(range(1, micro_batches + 1))
 
@@ -496,9 +493,10 @@ def pipeline_layout(gpus: float, device: str | None = None, stages: int | None =
         in_process: the stages run one after another in this process.
         stage_nodes, node_cores: where each stage was placed, and each node's CPU cores.
     """
-    device = (device or ("cuda" if gpus else "cpu")).split(":")[0]
+    kind = devices.kind_of(device) if device else devices.default({"GPU": gpus})
+    device = kind.name
     per_gpu = int(gpus / (gpus_per_stage or 1) + 1e-6)
-    n = stages if stages is not None else per_gpu if device == "cuda" and per_gpu else 1
+    n = stages if stages is not None else per_gpu if kind.ray_resource == "GPU" and per_gpu else 1
     if in_process:
         stage_nodes, node_cores = ["local"] * n, {}
     elif stage_nodes is None:
@@ -530,7 +528,7 @@ class Site:
 
     def on_gpu(self, device: str) -> bool:
         """Whether the stage runs on a GPU: its own device if it names one, else the pipeline's ``device``."""
-        return not (self.device or device).startswith("cpu")
+        return devices.kind_of(self.device or device).pinned_host
 
 
 @dataclass(frozen=True)
@@ -598,17 +596,20 @@ class Plan:
 
 
 def default_budgets(budgets: list[int | None], sites: list[Site], device: str,
-                    fraction: float = FREE_FRACTION) -> list[tuple[int | None, str]]:
+                    fraction: float | None = None) -> list[tuple[int | None, str]]:
     """Each stage's budget and where it came from. A stage without one gets ``fraction``
-    of what its device has free, shared equally by the stages on that device: on CPU the
-    node's available RAM among the node's stages; on a GPU its free memory among the
-    stages on the same physical GPU, less :data:`GPU_WORKSPACE`."""
+    (default: its device kind's ``free_fraction``) of what its device has free, shared
+    equally by the stages on that device: on CPU the node's available RAM among the node's
+    stages; on a GPU its free memory among the stages on the same physical GPU, less its
+    kind's ``workspace_bytes`` (:data:`GPU_WORKSPACE`)."""
+    kind = devices.kind_of(device)
+    fraction = kind.free_fraction if fraction is None else fraction
     out = []
     for b, site in zip(budgets, sites):
         if b is not None:
             out.append((b, "memory_per_stage"))
             continue
-        if device == "cpu":
+        if kind.shares_node:
             share, what = sum(s.node_id == site.node_id for s in sites), "available RAM"
             shared = f", shared by the node's {share} stages"
         else:
@@ -617,9 +618,9 @@ def default_budgets(budgets: list[int | None], sites: list[Site], device: str,
         budget = int(site.free_bytes * fraction) // share
         source = f"{fraction:.0%} of the {fmt_bytes(site.free_bytes)} {what} on {site.node_ip}" \
             + (shared if share > 1 else "")
-        if device != "cpu":
-            budget = max(0, budget - GPU_WORKSPACE)
-            source += f", less {fmt_bytes(GPU_WORKSPACE)} for cuBLAS workspaces and temporaries"
+        if kind.workspace_bytes:
+            budget = max(0, budget - kind.workspace_bytes)
+            source += f", less {fmt_bytes(kind.workspace_bytes)} for {kind.workspace_note}"
         out.append((budget, source))
     return out
 
@@ -693,10 +694,9 @@ def choose_host(unit_bytes: dict[str, int], streamed: list[str], budget: int,
 
 def reserved_context(context: int | None, device: str) -> int | None:
     """The tokens per sequence budgets reserve KV cache and activations for: ``context``
-    if given; on a GPU, :data:`GPU_CONTEXT`; else None (a CPU budget bounds weights alone)."""
-    if context is not None or device.split(":")[0] == "cpu":
-        return context
-    return GPU_CONTEXT
+    if given; else the device kind's ``context`` (on a GPU, :data:`GPU_CONTEXT`; on a CPU
+    None: a CPU budget bounds weights alone)."""
+    return context if context is not None else devices.kind_of(device).context
 
 
 class StageTimer(Protocol):
@@ -754,7 +754,7 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
         PlanError: the stages or budgets cannot hold the model, or ``host_memory`` is
             more than a node has.
     """
-    budgeted = default_budgets(budgets, sites, device.split(":")[0])
+    budgeted = default_budgets(budgets, sites, device)
     hosted = host_budgets(sites, device, host_memory)
     context = reserved_context(context, device)
     kv = shape.kv_bytes_per_layer(batch_size, context)

@@ -83,7 +83,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import arch, compute, hardware
+from . import arch, compute, devices, hardware
 from .bench.measure import read_bandwidth
 from .cost import Rates, unit_flops
 from .planner import ModelShape, StagePlan, maps_shards
@@ -202,8 +202,7 @@ def measure_rates(store, dtype=None, device: str = "cpu", batch: int = 1, thread
 
 
 def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    devices.kind_of(device).wait(device)
 
 
 def _best(fn, device: torch.device, before=None, calls: int = 1) -> float:
@@ -290,7 +289,7 @@ class _Stage:
 def _measure(store: LayerStore, dtype, device: torch.device, batch: int, threads: int | None,
              layers: tuple[int, int]) -> dict:
     before = torch.get_num_threads()
-    if threads and device.type == "cpu":
+    if threads and devices.kind_of(device).sets_threads:
         torch.set_num_threads(threads)
     try:
         rates, timings = _compute(store, dtype, device, batch, threads, layers)
@@ -302,14 +301,14 @@ def _measure(store: LayerStore, dtype, device: torch.device, batch: int, threads
     if quota is not None:  # what the stage gets of the quota, which the node's other processes share
         quota = min(quota, share)
     slowed = share if quota is None else 1.0  # under a quota the rates stay at full speed
-    cpu = device.type == "cpu"
+    cpu = devices.kind_of(device).host
     rates = {**rates, "step_overhead_s": rates["step_overhead_s"] / slowed,
              "layer_overhead_s": rates["layer_overhead_s"] / slowed, "cpu_quota": quota}
     if cpu:
         rates.update(flops=rates["flops"] * slowed, mem_bw=rates["mem_bw"] * slowed)
     page_cache = {k: v * slowed if cpu and v is not None else v
                   for k, v in (("page_cache_bw", disk["page_cache_bw"]), ("mapped_page_cache_bw", disk["mapped_page_cache_bw"]))}
-    rates.update(disk_bw=disk["disk_bw"], h2d_bw=_h2d(device) if device.type == "cuda" else None)
+    rates.update(disk_bw=disk["disk_bw"], h2d_bw=None if devices.kind_of(device).host else _h2d(device))
     return {"rates": dataclasses.asdict(Rates(**rates)), **page_cache, "cpu_share": share,
             "timings": {**timings, "disk_read_bytes": disk["bytes"]}}
 

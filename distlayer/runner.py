@@ -8,27 +8,25 @@ order and across step boundaries, as far as the budget allows
 (``streaming.Streamer``). Where the weights live and how forwards are timed is the
 device's business, behind one seam (``memory.WeightMemory``): ``streaming.MappedMemory``
 on a CPU stage that maps its shards, ``streaming.HostMemory`` on another CPU stage,
-``cuda_stream.CudaMemory`` on a GPU. The runner picks one and then asks only what the
-seam offers: whether streamed units keep their tensors (``keeps_tensors``) is the tier's
-to say, not a type test.
+``cuda_stream.CudaMemory`` on a GPU: the one its device kind names (``devices.DeviceKind``).
+The runner takes it and then asks only what the seam offers: whether streamed units keep
+their tensors (``keeps_tensors``) is the tier's to say, not a type test.
 """
 
 from __future__ import annotations
 
-import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import arch, compute
+from . import arch, compute, devices
 from .cache import StageCache
-from .cuda_stream import CudaMemory
 from .errors import PlanError, StoreError
 from .hardware import peak_rss_bytes
 from .memory import WeightMemory
 from .planner import StagePlan
 from .store import LayerStore
-from .streaming import HostMemory, MappedMemory, Streamer
+from .streaming import Streamer
 from .units import chunk_unit, layer_index
 
 class _Streamed(nn.Module):
@@ -111,7 +109,8 @@ class LayerRunner:
 
     def __init__(self, store: LayerStore, plan: StagePlan, device="cpu", dtype=None, prefetch: bool = True):
         self.device = torch.device(device)
-        if self.device.type == "cpu":  # a CPU stage is set up and computes on the process's compute thread
+        self.kind = devices.kind_of(self.device)
+        if self.kind.sets_threads:  # a CPU stage is set up and computes on the process's compute thread
             compute.run(self._setup, store, plan, dtype, prefetch)
         else:
             self._setup(store, plan, dtype, prefetch)
@@ -122,7 +121,7 @@ class LayerRunner:
         self.config = config
         self.dtype = dtype or arch.checkpoint_dtype(config)
         self.budget = plan.weight_budget_bytes
-        self.threads = plan.threads if self.device.type == "cpu" else None
+        self.threads = plan.threads if self.kind.sets_threads else None
         self.unit_bytes = {u: store.unit_bytes(u, self.dtype) for u in self.range.units()}
         self.resident = list(plan.resident_units)
         self.streamed = list(plan.streamed_units)
@@ -139,13 +138,16 @@ class LayerRunner:
             [chunk_unit(u, j) for j in range(self.head_chunks)] if u == arch.HEAD and self.head_chunks > 1 else [u])]
         self._taken: set[str] = set()  # handed to the running forward, not yet given back
         self.memory: WeightMemory
-        tier = MappedMemory if plan.maps_shards else CudaMemory if self.device.type == "cuda" else HostMemory
-        if plan.host_units and tier is not CudaMemory:  # which units it may keep there, CudaMemory checks
+        if plan.maps_shards and not self.kind.maps_shards:
+            raise PlanError(f"stage {self.stage}'s plan maps its shards in place, which only a CPU stage does, but it "
+                            f"runs on {self.device}: plan it again for this device")
+        tier = self.kind.tier_class(plan.maps_shards)  # its device kind's memory tier (devices.DeviceKind)
+        if plan.host_units and (plan.maps_shards or not self.kind.pinned_host):  # which ones, the tier checks
             raise PlanError(f"stage {self.stage}'s plan keeps units in pinned host memory, which only a GPU stage "
                             f"does, but it runs on {self.device}: plan it again for this device")
         if plan.maps_shards:
-            self.memory = MappedMemory(store, self.dtype, self.device, self.budget, self.unit_bytes, self.stage,
-                                       {arch.HEAD: self.head_chunks} if self.head_chunks > 1 else None)
+            self.memory = tier(store, self.dtype, self.device, self.budget, self.unit_bytes, self.stage,
+                               {arch.HEAD: self.head_chunks} if self.head_chunks > 1 else None)
         elif self.head_chunks > 1:
             raise PlanError(f"stage {self.stage}'s plan streams the head in chunks, which only a CPU stage that "
                             "maps its shards does: plan it again for this store and device")
@@ -156,8 +158,7 @@ class LayerRunner:
         self.model = arch.build_skeleton(config, dtype=self.dtype)
         self.parts = arch.parts(self.model)
         self.cache_keyword = arch.cache_keyword(self.parts)
-        if self.device.type != "cpu":
-            _buffers_to(self.model, self.device)
+        _buffers_to(self.model, self.device)  # no-op on the CPU
         self._prepare_modules()
         for unit in self.resident:
             self._assign(unit, self.memory.load_resident(unit))
@@ -280,9 +281,9 @@ class LayerRunner:
             Hidden states ``[B, T, H]``, or logits ``[B, logits_to_keep or T, V]`` on the last
             stage (``[B, 0, H]`` there with ``logits_to_keep`` None).
         """
-        if self.device.type == "cpu" and not compute.current():
+        if self.kind.sets_threads and not compute.current():
             return compute.run(self.forward, x, attention_mask, position_ids, cache_id, logits_to_keep)
-        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+        with self.kind.make_current(self.device):
             begun = self.memory.begin_forward()
             self._set_threads()
             cache = self.caches.get(cache_id)

@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import arch, compute, hardware, rates, versions
+from . import arch, compute, devices, hardware, rates, versions
 from .errors import StageError, StoreError
 from .planner import StagePlan
 from .runner import LayerRunner
@@ -37,7 +37,7 @@ class StageActor:
         self.store_path = store_path  # fill.use_store points it at this node's copy before setup
         self.store: LayerStore | None = None
         self.stage = stage
-        self.device = "cuda:0" if device.startswith("cuda") else device
+        self.device = devices.kind_of(device).stage_device or device  # a Ray actor sees its GPU as cuda:0
         self.dtype, self.prefetch = dtype, prefetch
         self.runner: LayerRunner | None = None
         self.transfer_s = 0.0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from . import devices
 from .cost import Rates, Timer, mean_context
 from .fill import fill_stages
 from .placement import PlacedPlan, PlacedStage, Placement
@@ -82,7 +83,7 @@ def stage_rates(plan: PlacedPlan, nodes: list[dict], links: list[dict | None], f
     out = []
     for i, (p, node, link) in enumerate(zip(plan.stages, nodes, links)):
         on_node = [q for q in plan.stages if q.node_id == p.node_id]
-        turns = p.device == "cpu" and len(on_node) > 1 and p.threads is not None and \
+        turns = devices.kind_of(p.device).shares_node and len(on_node) > 1 and p.threads is not None and \
             p.threads >= node["key"]["cores"]
         device = gpus[i] or (p.node_id if turns else "")
         fields = {**node["rates"], "disk_bw": warm_disk(node, free[i], model_bytes), "device": device}

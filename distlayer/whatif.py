@@ -31,6 +31,7 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import devices
 from .config import PipelineConfig, parse_bytes
 from .cost import Prediction, Rates, Timer, mean_context, predict
 from .errors import ConfigError
@@ -148,17 +149,17 @@ def parse_device(data, where: str, node: str, index: int, default_memory: int) -
     if spec.get("kind") not in KINDS:
         raise ConfigError(f"{where}.kind: got {spec.get('kind')!r}; write cuda or cpu (or known: a known device)")
     kind = spec["kind"]
-    need = ("tflops", "mem_gbps", *(("memory", "h2d_gbps") if kind == "cuda" else ()))
+    need = ("tflops", "mem_gbps", *(() if devices.kind_of(kind).host else ("memory", "h2d_gbps")))
     for key in need:
         if key not in spec:
             raise ConfigError(f"missing required key '{where}.{key}': a {kind} device needs "
                               f"{', '.join(need)} (or known: a known device)")
-    if kind == "cpu" and spec.get("h2d_gbps") is not None:
+    if devices.kind_of(kind).host and spec.get("h2d_gbps") is not None:
         raise ConfigError(f"{where}.h2d_gbps: a cpu device copies nothing to a device; leave h2d_gbps out")
     memory = size(f"{where}.memory", spec["memory"]) if "memory" in spec else default_memory
     return Device(node, index, kind, memory, number(f"{where}.tflops", spec["tflops"]),
                   number(f"{where}.mem_gbps", spec["mem_gbps"]),
-                  number(f"{where}.h2d_gbps", spec["h2d_gbps"]) if kind == "cuda" else None,
+                  None if devices.kind_of(kind).host else number(f"{where}.h2d_gbps", spec["h2d_gbps"]),
                   data.get("known") or kind)
 
 
@@ -248,8 +249,8 @@ def stage_rates(nodes: list[Node]) -> list[Rates]:
 def sites(nodes: list[Node]) -> list[Site]:
     """One planner ``Site`` per device, its memory as what it has free (and its node's
     ``host_ram`` as the RAM free for the pinned host tier)."""
-    return [Site(n.name, n.name, d.memory, n.cores, f"{n.name}/{d.index}" if d.kind == "cuda" else "",
-                 "cuda:0" if d.kind == "cuda" else "cpu", n.host_ram)
+    return [Site(n.name, n.name, d.memory, n.cores, "" if devices.kind_of(d.kind).host else f"{n.name}/{d.index}",
+                 devices.kind_of(d.kind).stage_device or d.kind, n.host_ram)
             for n in nodes for d in n.devices]
 
 

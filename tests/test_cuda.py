@@ -31,7 +31,7 @@ import torch
 
 from conftest import prompts
 from distlayer import AutoModel, LayerStore, StageError, split
-from distlayer import cuda_stream, planner, runner, streaming
+from distlayer import cuda_stream, devices, planner, runner
 from distlayer.config import PipelineConfig
 from distlayer.errors import ConfigError, PlanError, StoreError
 from distlayer.streaming import Streamer
@@ -200,8 +200,12 @@ def stand_in_cuda(monkeypatch):
                         "cudart": lambda: cudart}.items():
         monkeypatch.setattr(torch.cuda, name, value)
     monkeypatch.setattr(cuda_stream, "pinned_empty", lambda shape, dtype: torch.empty(shape, dtype=dtype))
-    monkeypatch.setattr(runner, "HostMemory", cuda_stream.CudaMemory)
+    # a CPU stage's memory is CUDA's tier, which keeps host units where its plan names them
+    monkeypatch.setitem(devices.KINDS, "cpu", dataclasses.replace(devices.CPU, tier=devices.CUDA.tier, pinned_host=True))
     monkeypatch.setattr(planner, "maps_shards", lambda shape, device: False)  # as a GPU stage: no mapped shards
+    # the planner still gives no pinned host tier, as to a CPU stage; the tests that want one name its units
+    monkeypatch.setattr(planner, "host_budgets", lambda sites, device, host_memory=None: [
+        (0, "a CPU stage computes from host memory: nothing to pin")] * len(sites))
     return cudart
 
 
@@ -365,7 +369,7 @@ def test_host_units_are_a_gpu_stages_own(tiny_dir, stand_in_cuda, monkeypatch):
     with pytest.raises(PlanError, match=r"keeps \['embed'\] in pinned host memory.*plan it again"):
         runner.LayerRunner(store, dataclasses.replace(plan, host_units=("embed",), resident_units=(),
                                                       streamed_units=tuple(store.units)), "cpu", dtype)
-    monkeypatch.setattr(runner, "HostMemory", streaming.HostMemory)  # a CPU stage again
+    monkeypatch.setitem(devices.KINDS, "cpu", devices.CPU)  # a CPU stage again
     with pytest.raises(PlanError, match="only a GPU stage does"):
         runner.LayerRunner(store, plan, "cpu", dtype)
 
