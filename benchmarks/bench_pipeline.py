@@ -9,6 +9,10 @@ Each configuration runs once to warm up, then ``--repeat`` timed runs, alternati
 between transformers and distlayer (one pipeline per ``--transports`` entry;
 ``distlayer.bench.measure.take_turns``), so drift in the machine's speed hits all alike.
 ``ratio`` compares the best run of each, ``median_ratio`` the medians.
+``reads_per_step`` is how many streamed units the stages fetched per decode step, from one
+more run after the timed ones: with several micro-batches, stages that stream run them as
+one block over channels (``auto``), reading each unit once a step, and read each unit
+once per micro-batch over object refs (``ray``).
 """
 
 from __future__ import annotations
@@ -73,7 +77,11 @@ def main(argv=None):
         hf_tok_s = measure.per_second(b * a.new, times["hf"])[0]
         for tr, m in dls.items():
             dl_tok_s, ratio = measure.per_second(b * a.new, times[tr])[0], measure.speedup(times[tr], times["hf"])
+            before = sum(s["stream_reads"] for s in m.stats())
+            m.generate(ids, attention_mask=mask, **ours)
+            reads = sum(s["stream_reads"] for s in m.stats()) - before
             row = {"batch": b, "new_tokens": a.new, "transport": m.pipeline.transport.name,
+                   "micro_batches": m.pipeline.micro_batches(b), "reads_per_step": round(reads / a.new, 2),
                    "hf_tok_s": round(hf_tok_s, 2), "distlayer_tok_s": round(dl_tok_s, 2),
                    "ratio": round(ratio[0], 3), "median_ratio": round(ratio[1], 3)}
             results.append(row)

@@ -15,7 +15,10 @@
 #
 # RESULTS_DIR gets summary.txt (what ran, and how it went), env.txt, nvidia-smi.txt,
 # cuda-tests.txt and cuda-tests.xml, bench.txt, bench.json and bench.md, loader.txt and loader.json.
-# The machine needs PyTorch with CUDA, transformers and accelerate; pytest for step 3.
+# The machine needs PyTorch with CUDA, transformers, accelerate and greenlet; pytest for step 3.
+# A machine with no package index gets greenlet from its wheel, fetched here beforehand:
+#   pip download greenlet --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux_2_17_x86_64 -d benchmarks/wheels
 # With Ray importable (or its wheel in benchmarks/wheels/) the stages that share the GPU
 # run as Ray actors with fractional GPUs; without, in one process (in_process=True).
 # PYTHON picks the interpreter (default: python3). Exit status: 0 when every step passed.
@@ -77,7 +80,7 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
         say "installing benchmarks/wheels failed (pip.txt); going on with what is installed"
     fi
 fi
-for need in accelerate safetensors; do
+for need in accelerate safetensors greenlet; do
     has "$need" || { say "FAILED: $need is missing: put its wheel in benchmarks/wheels/ and run again"; exit 1; }
 done
 if has ray; then

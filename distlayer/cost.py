@@ -32,7 +32,7 @@ not their sum; the overhead runs on the compute's thread, so it counts with comp
 hand-off is not overlapped.
 
 The pipeline, for ``m`` micro-batches through ``S`` stages of step times ``t_i`` (each
-for ``batch / m`` rows, weights read once per micro-batch):
+for ``batch / m`` rows):
 
 - stages on separate devices work at once, a flow shop of identical jobs:
   ``sum(t_i) + (m - 1) x max(t_i)`` per batch. With one micro-batch that is the sum of
@@ -43,6 +43,13 @@ for ``batch / m`` rows, weights read once per micro-batch):
   make the step slower.
 - stages that share a device take turns, so the general form is ``sum(t_i) + (m - 1) x
   max over devices of the sum of its stages' t_i``: ``m x sum(t_i)`` when all share one.
+- a stage that streams weights runs a step's micro-batches as one block (the block
+  schedule, ``runner.LayerRunner.forward_block``): it reads its streamed units once, for
+  all ``m``, in ``max(m x compute, streaming) + m x hand-off``, and hands them on
+  together. So the step is the sum of such blocks and of the flows (as above) of the
+  stretches of other stages between them; with no stage streaming, the flow alone.
+  (Where the transport runs each micro-batch by itself, ``transport="ray"``, a stage
+  streams once per micro-batch; the model does not follow that setting.)
 - a node under a CPU quota (``Rates.cpu_quota``) runs its stages at full speed while it
   has quota left, and banks quota while they wait on other stages; so the step is at
   least each such device's CPU seconds per step (``m`` micro-batches through its stages:
@@ -109,6 +116,8 @@ class StageCost:
         handoff_s: hidden state over the link, plus its latency.
         overhead_s: the forward's and its layers' overhead (``Rates.step_overhead_s``,
             ``Rates.layer_overhead_s``).
+        blocks: the stage streams units each step, so it runs a step's micro-batches as
+            one block (:meth:`block_s`).
     """
 
     stage: int
@@ -118,6 +127,7 @@ class StageCost:
     h2d_s: float
     handoff_s: float
     overhead_s: float = 0.0
+    blocks: bool = False
 
     @property
     def compute_s(self) -> float:
@@ -138,6 +148,11 @@ class StageCost:
         """``max(compute, streaming) + hand-off``: prefetch overlaps reads with compute."""
         return max(self.compute_s, self.streaming_s) + self.handoff_s
 
+    def block_s(self, m: int) -> float:
+        """Seconds of ``m`` micro-batches run as one block: each streamed unit read once,
+        for all of them; ``step_s`` for one."""
+        return max(m * self.compute_s, self.streaming_s) + m * self.handoff_s
+
     @property
     def bound(self) -> str:
         """What the stage waits on most: ``compute``, ``memory``, ``overhead``, ``disk``,
@@ -156,7 +171,7 @@ class StageCost:
         return {"stage": self.stage, "step_s": self.step_s, "compute_s": self.compute_s,
                 "streaming_s": self.streaming_s, "handoff_s": self.handoff_s, "flops_s": self.flops_s,
                 "memory_s": self.memory_s, "overhead_s": self.overhead_s, "disk_s": self.disk_s, "h2d_s": self.h2d_s,
-                "bound": self.bound}
+                "bound": self.bound, "blocks": self.blocks}
 
 
 @dataclass(frozen=True)
@@ -229,7 +244,8 @@ def stage_cost(shape: ModelShape, p: StagePlan, rates: Rates, rows: int, context
         stage=p.stage, flops_s=flops / rates.flops, memory_s=touched / rates.mem_bw,
         disk_s=p.streamed_bytes / rates.disk_bw,
         h2d_s=decoded / rates.h2d_bw if rates.h2d_bw and not p.maps_shards else 0.0, handoff_s=handoff,
-        overhead_s=rates.step_overhead_s + (p.end - p.start) * rates.layer_overhead_s)
+        overhead_s=rates.step_overhead_s + (p.end - p.start) * rates.layer_overhead_s,
+        blocks=any(u != EMBED for u in p.streamed_units))  # an embedding alone is read by row: no block
 
 
 def mean_context(context: int | None) -> int:
@@ -260,6 +276,9 @@ def predict(shape: ModelShape, plan: Plan, rates: list[Rates], batch: int = 1, m
     timer = Timer(shape, tuple(rates), batch, micro_batches or plan.micro_batches, context)
     costs = tuple(timer.stage_cost(p) for p in plan.stages)
     formula = "sum(stage) + (micro_batches - 1) x max(device)" if timer.micro_batches > 1 else "sum(stage)"
+    if timer.micro_batches > 1 and any(c.blocks for c in costs):
+        formula = ("the streaming stages' blocks (micro_batches x compute or the streaming, whichever is more) "
+                   "plus the flow of the others between them")
     step = timer.step_s(plan.stages)
     if step > timer.flow_s(costs) * (1 + 1e-9):
         formula = "a CPU quota: micro_batches x the device's CPU seconds / its quota"
@@ -318,13 +337,26 @@ class Timer:
         return self.quota_s([self.stage_cost(plan)])
 
     def flow_s(self, costs) -> float:
-        """``sum + (m - 1) x`` the busiest device's seconds, from each stage's cost for
-        one micro-batch."""
+        """From each stage's cost for one micro-batch: the blocks of the stages that stream
+        (:meth:`StageCost.block_s`), plus, for each stretch of other stages between them,
+        ``sum + (m - 1) x`` its busiest device's seconds (module docstring)."""
+        total, stretch = 0.0, []
+        for c in costs:
+            if c.blocks:
+                total += self._stretch_s(stretch) + c.block_s(self.micro_batches)
+                stretch = []
+            else:
+                stretch.append(c)
+        return total + self._stretch_s(stretch)
+
+    def _stretch_s(self, costs) -> float:
+        """``sum + (m - 1) x`` the busiest device's seconds of stages that pass each
+        micro-batch on as it is done."""
         busy: dict[str, float] = {}  # each device's seconds per micro-batch
         for c in costs:
             key = self.rates[c.stage].device or f"stage {c.stage}"
             busy[key] = busy.get(key, 0.0) + c.step_s
-        return sum(c.step_s for c in costs) + (self.micro_batches - 1) * max(busy.values())
+        return sum(c.step_s for c in costs) + (self.micro_batches - 1) * max(busy.values(), default=0.0)
 
     def quota_s(self, costs) -> float:
         """The least step a CPU quota allows: each quota'd device's CPU seconds per step

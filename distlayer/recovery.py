@@ -70,10 +70,13 @@ class Step:
     group: str
     tokens: Any = None
 
-    def replayable(self, spent: bool = False) -> Work:
-        """The work to send again; ``spent`` (its result was fetched already): it only
-        rebuilds the KV caches, so the last stage computes no logits and picks nothing."""
+    def replayable(self, spent: bool = False, again: bool = False) -> Work:
+        """The work to send; ``spent`` (its result was fetched already): it only rebuilds the
+        KV caches, so the last stage computes no logits and picks nothing. ``again`` (a
+        replay) runs by itself, not with its first round (not all of which is replayed)."""
         work = dataclasses.replace(self.work, mask=unpack_mask(self.work.mask), feed=None)
+        if again:
+            work = dataclasses.replace(work, together=None)
         return dataclasses.replace(work, logits_to_keep=None, pick=False) if spent else work
 
 
@@ -240,12 +243,12 @@ class Recovering(Transport):
         except StageLost as e:
             self._recover(e)  # the replay does what fn was doing
 
-    def _send(self, step: Step, handles: dict[str, Handle], spent: bool = False) -> None:
+    def _send(self, step: Step, handles: dict[str, Handle], spent: bool = False, again: bool = False) -> None:
         x = step.x
         if isinstance(x, str):  # the tokens an earlier step picked: known once fetched, else its handle
             source = self.journal.steps.get(x)
             x = source.tokens if source is not None and source.tokens is not None else handles[x]
-        handles[step.work.key] = self.inner.submit(step.replayable(spent), x)
+        handles[step.work.key] = self.inner.submit(step.replayable(spent, again), x)
 
     def _recover(self, error: StageLost) -> None:
         """Replace the lost stages and replay the journal; a loss during the replay starts
@@ -270,7 +273,7 @@ class Recovering(Transport):
         spent = []  # results the caller already has: fetched and thrown away
         for e in self.journal.entries:
             if isinstance(e, Step):
-                self._send(e, handles, spent=e.work.key not in self.live)
+                self._send(e, handles, spent=e.work.key not in self.live, again=True)
                 if e.work.key not in self.live:
                     spent.append(handles[e.work.key])
             else:

@@ -11,10 +11,19 @@ on a CPU stage that maps its shards, ``streaming.HostMemory`` on another CPU sta
 ``cuda_stream.CudaMemory`` on a GPU: the one its device kind names (``devices.DeviceKind``).
 The runner takes it and then asks only what the seam offers: whether streamed units keep
 their tensors (``keeps_tensors``) is the tier's to say, not a type test.
+
+Several micro-batches at once (:meth:`LayerRunner.forward_block`, the block schedule):
+each micro-batch runs the model's own forward, and all of them advance unit by unit in
+lock-step (a greenlet each, switched on one thread: the compute thread on a CPU), so each
+streamed unit is taken from the streamer once, runs for every micro-batch, and is then
+released. A step of M micro-batches reads the stage's streamed bytes once, not M times.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import greenlet
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,6 +105,54 @@ class _RowEmbedding(nn.Module):
             self.inner._parameters["weight"] = meta
 
 
+@dataclass
+class Step:
+    """One micro-batch's forward through a stage: the arguments of :meth:`LayerRunner.forward`."""
+
+    x: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor
+    cache_id: str = "default"
+    logits_to_keep: int | None = 1
+
+
+class _Block:
+    """Micro-batches running in lock-step over a stage's streamed units, one greenlet
+    each: a forward that reaches a streamed unit switches back to the loop
+    (:meth:`LayerRunner._run_block`), which runs the others up to it too, so by the time
+    any forward runs the unit every one has reached it. The first takes it from the
+    streamer; the last to run it releases it."""
+
+    def __init__(self, streamer: Streamer, forwards: int):
+        self.streamer, self.forwards = streamer, forwards
+        self.loop = greenlet.getcurrent()
+        self.units: dict[str, list] = {}  # name -> [tensors, forwards that ran it]
+
+    def take(self, name: str) -> dict[str, torch.Tensor]:
+        self.loop.switch()
+        if name not in self.units:
+            self.units[name] = [self.streamer.take(name), 0]
+        return self.units[name][0]
+
+    def first(self, name: str) -> bool:
+        """No forward of the block has run ``name`` yet."""
+        return self.units[name][1] == 0
+
+    def last(self, name: str) -> bool:
+        """The forward about to give ``name`` back is the last to run it."""
+        return self.units[name][1] == self.forwards - 1
+
+    def give_back(self, name: str) -> bool:
+        """One forward is done with ``name``; True when it was the last (``name`` released)."""
+        entry = self.units[name]
+        entry[1] += 1
+        if entry[1] < self.forwards:
+            return False
+        del self.units[name]
+        self.streamer.release(name)
+        return True
+
+
 class LayerRunner:
     """Runs one stage's layers on one device within a weight budget.
 
@@ -136,7 +193,8 @@ class LayerRunner:
         self.head_chunks = plan.head_chunks if arch.HEAD in self.streamed else 1
         self.order = [c for u in self.streamed if u != arch.EMBED for c in (
             [chunk_unit(u, j) for j in range(self.head_chunks)] if u == arch.HEAD and self.head_chunks > 1 else [u])]
-        self._taken: set[str] = set()  # handed to the running forward, not yet given back
+        self._taken: set[str] = set()  # handed to the running forward(s), not yet given back
+        self._block: _Block | None = None  # micro-batches in lock-step, while forward_block runs them
         self.memory: WeightMemory
         if plan.maps_shards and not self.kind.maps_shards:
             raise PlanError(f"stage {self.stage}'s plan maps its shards in place, which only a CPU stage does, but it "
@@ -234,21 +292,23 @@ class LayerRunner:
 
     def _take(self, name: str) -> dict[str, torch.Tensor]:
         """The tensors of the streamed unit or chunk the forward runs next."""
-        tensors = self.streamer.take(name)
         self._taken.add(name)
-        return tensors
+        return self.streamer.take(name) if self._block is None else self._block.take(name)
 
     def _give_back(self, name: str) -> None:
+        if self._block is None:
+            self.streamer.release(name)
+        elif not self._block.give_back(name):
+            return  # other forwards of the block run it yet
         self._taken.discard(name)
-        self.streamer.release(name)
 
     def _materialize(self, unit: str, module: nn.Module) -> None:
         tensors = self._take(unit)
-        if not self.memory.keeps_tensors:  # else the module holds them since set-up
-            self._assign(unit, tensors, module)
+        if not self.memory.keeps_tensors and (self._block is None or self._block.first(unit)):
+            self._assign(unit, tensors, module)  # else the module holds them (since set-up, or the block's first)
 
     def _evict(self, unit: str, module: nn.Module) -> None:
-        if not self.memory.keeps_tensors:
+        if not self.memory.keeps_tensors and (self._block is None or self._block.last(unit)):
             _to_meta(module)
         self._give_back(unit)
 
@@ -264,9 +324,8 @@ class LayerRunner:
 
     # ------------------------------------------------------------------ running
 
-    @torch.inference_mode()
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
-                cache_id: str = "default", logits_to_keep: int = 1) -> torch.Tensor:
+                cache_id: str = "default", logits_to_keep: int | None = 1) -> torch.Tensor:
         """Run this stage's units on one micro-batch.
 
         Args:
@@ -281,35 +340,77 @@ class LayerRunner:
             Hidden states ``[B, T, H]``, or logits ``[B, logits_to_keep or T, V]`` on the last
             stage (``[B, 0, H]`` there with ``logits_to_keep`` None).
         """
+        return self.forward_block([Step(x, attention_mask, position_ids, cache_id, logits_to_keep)])[0]
+
+    @torch.inference_mode()
+    def forward_block(self, steps: list[Step]) -> list[torch.Tensor]:
+        """Run this stage's units on several micro-batches at once, each streamed unit read
+        once for all of them (the block schedule: the module docstring); each output is
+        what :meth:`forward` gives for its step. The steps must extend different KV caches.
+        If one step fails the whole block raises, and streaming restarts at the step's
+        first unit, as after a failed :meth:`forward`."""
         if self.kind.sets_threads and not compute.current():
-            return compute.run(self.forward, x, attention_mask, position_ids, cache_id, logits_to_keep)
+            return compute.run(self.forward_block, steps)
+        if len({s.cache_id for s in steps}) < len(steps):
+            raise ValueError("a block's micro-batches extend one KV cache each: run steps of one cache one after another")
         with self.kind.make_current(self.device):
             begun = self.memory.begin_forward()
             self._set_threads()
-            cache = self.caches.get(cache_id)
-            if cache is None:
-                cache = self.caches[cache_id] = StageCache(self.config, range(self.range.start, self.range.end))
-            x = self.memory.to_device(x)
-            kw = dict(attention_mask=None if attention_mask is None else self.memory.to_device(attention_mask),
-                      position_ids=self.memory.to_device(position_ids), use_cache=True)
-            kw[self.cache_keyword] = cache
-            if self.range.first:
-                kw["input_ids"] = x
-            else:
-                kw["inputs_embeds"] = x.to(self.dtype)
             try:
-                if self.range.last and logits_to_keep is not None:
-                    out = self.model(**kw, logits_to_keep=logits_to_keep).logits
-                elif self.range.last:  # no head: a replayed step whose output nobody reads
-                    out = self.model.model(**kw).last_hidden_state[:, :0]
+                if len(steps) > 1 and self.order:
+                    outs = self._run_block(steps)
                 else:
-                    out = self.model.model(**kw).last_hidden_state
+                    outs = [self._run(s) for s in steps]
             except BaseException:
                 self._resync_stream()
                 raise
-            cache.advance(x.shape[1])
             self.memory.end_forward(begun)
-            return out
+            return outs
+
+    def _run_block(self, steps: list[Step]) -> list[torch.Tensor]:
+        """Each step's forward in a greenlet of its own, advanced in lock-step (:class:`_Block`).
+        Steps that stop short of the head (``logits_to_keep`` None on the last stage) take
+        fewer units, so they run as a block of their own."""
+        outs: list = [None] * len(steps)
+        groups = [[i for i, s in enumerate(steps) if (s.logits_to_keep is None) == short] for short in (False, True)]
+        for group in (g for g in groups if g):
+            self._block = _Block(self.streamer, len(group))
+            forwards = {i: greenlet.greenlet(lambda i=i: self._run(steps[i])) for i in group}
+            try:
+                while forwards:
+                    for i, g in list(forwards.items()):
+                        out = g.switch()  # runs it to its next streamed unit, or to its end
+                        if g.dead:
+                            outs[i] = out
+                            del forwards[i]
+            finally:
+                for g in forwards.values():  # one failed: end the others where they wait
+                    g.throw(greenlet.GreenletExit)
+                self._block = None
+        return outs
+
+    def _run(self, step: Step) -> torch.Tensor:
+        """One step's forward through the model's own code (in :meth:`forward_block`)."""
+        cache = self.caches.get(step.cache_id)
+        if cache is None:
+            cache = self.caches[step.cache_id] = StageCache(self.config, range(self.range.start, self.range.end))
+        x = self.memory.to_device(step.x)
+        mask = step.attention_mask
+        kw = dict(attention_mask=None if mask is None else self.memory.to_device(mask),
+                  position_ids=self.memory.to_device(step.position_ids), use_cache=True)
+        kw[self.cache_keyword] = cache
+        if self.range.first:
+            kw["input_ids"] = x
+        else:
+            kw["inputs_embeds"] = x.to(self.dtype)
+        if self.range.last and step.logits_to_keep is not None:
+            out = self.model(**kw, logits_to_keep=step.logits_to_keep).logits
+        elif self.range.last:  # no head: a replayed step whose output nobody reads
+            out = self.model.model(**kw).last_hidden_state[:, :0]
+        else:
+            out = self.model.model(**kw).last_hidden_state
+        cache.advance(x.shape[1])
+        return out
 
     def _set_threads(self) -> None:
         """CPU forwards run on the stage's threads, small ones too (measurements:
@@ -327,8 +428,9 @@ class LayerRunner:
         return sum(c.nbytes() for c in self.caches.values())
 
     def stats(self) -> dict:
-        """Peak weight bytes, budget, resident / streamed units, load and compute seconds
-        (on a GPU measured with CUDA events, plus host-to-device bytes and seconds)."""
+        """Peak weight bytes, budget, resident / streamed units, how many streamed units were
+        fetched for forwards, load and compute seconds (on a GPU measured with CUDA events,
+        plus host-to-device bytes and seconds)."""
         measured = self.memory.stats()
         return {
             "peak_weight_bytes": measured.pop("peak_weight_bytes"),
@@ -338,6 +440,7 @@ class LayerRunner:
             "resident_units": list(self.resident),
             "streamed_units": list(self.streamed),
             "host_bytes": self.host_bytes,
+            "stream_reads": self.streamer.taken,  # streamed units (or head chunks) fetched for forwards
             "kv_bytes": self.kv_bytes(),
             "peak_rss_bytes": peak_rss_bytes(),
             **measured,

@@ -200,12 +200,21 @@ class _Batch:
                 for r in self.rows if not r.stopped]
         return (min(left) if left else 0) - len(self.sent)
 
-    def submit(self, transport, key: str) -> None:
-        """Send the next step: ``next_ids`` over the mask, with new positions."""
+    def to_send(self, depth: int, context: int | None) -> int:
+        """How many steps to send now to have ``depth`` in flight: at least one when none
+        is, and none past a row's last token (:meth:`steps_left`)."""
+        n, left = 0, self.steps_left(context)
+        while len(self.sent) + n < depth and (len(self.sent) + n == 0 or left - n > 0):
+            n += 1
+        return n
+
+    def submit(self, transport, key: str, together: tuple[str, int] | None = None) -> None:
+        """Send the next step: ``next_ids`` over the mask, with new positions (``together``:
+        its wave, ``Work.together``)."""
         ids, t = self.next_ids, 1 if isinstance(self.next_ids, Handle) else self.next_ids.shape[1]
         pos = positions_from_mask(self.mask)[:, -t:]
         picked = self.picked
-        handle = transport.submit(Work(key, self.cache_id, self.mask, pos, 1, picked), ids)
+        handle = transport.submit(Work(key, self.cache_id, self.mask, pos, 1, picked, together=together), ids)
         self.sent.append(_Sent(handle, list(self.rows), picked))
         self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], dim=1)
         self.next_ids = handle
@@ -261,6 +270,7 @@ class Scheduler:
         self._active: set[Request] = set()  # every request not yet finished
         self._cond = threading.Condition()
         self._steps = itertools.count()
+        self._rounds = itertools.count()  # rounds of submissions, sent in waves (Work.together)
         self._stopped = False
         self.failure: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="distlayer-scheduler", daemon=True)
@@ -387,23 +397,29 @@ class Scheduler:
         join. Newcomers that can join a running batch are prefilled first and join it at
         once, so the running batch's next step already has them."""
         if admitted and self.mergeable and self._batches:
-            for b in admitted:
-                self._submit(b)
+            self._send([(b, 1) for b in admitted])
             for b in admitted:
                 self._fetch(b)
             self._batches = self._join(self._batches + self._settle(admitted))
             admitted = []
         batches = self._batches + admitted
-        for b in batches:
-            depth = AHEAD if b.picked and self.transport.feeds else 1
-            while len(b.sent) < depth and (not b.sent or b.steps_left(self.context) > 0):
-                self._submit(b)
+        self._send([(b, b.to_send(AHEAD if b.picked and self.transport.feeds else 1, self.context))
+                    for b in batches])
         for b in batches:
             self._fetch(b)
         self._batches = self._join(self._settle(batches))
 
-    def _submit(self, b: _Batch) -> None:
-        b.submit(self.transport, f"{self.prefix}#{next(self._steps)}")
+    def _send(self, steps: list[tuple[_Batch, int]]) -> None:
+        """Submit ``n`` steps of each ``(batch, n)``, in waves: the k-th step of every batch
+        that sends one, then the next, each wave tagged with its size (``Work.together``),
+        so a stage that streams weights runs a wave (different batches) as one block. A
+        step depends only on steps of earlier waves, so no stage waits on a wave for
+        work that needs its own output."""
+        rounds = next(self._rounds)
+        for k in range(max((n for _, n in steps), default=0)):
+            wave = [b for b, n in steps if n > k]
+            for b in wave:
+                b.submit(self.transport, f"{self.prefix}#{next(self._steps)}", (f"{self.prefix}@{rounds}.{k}", len(wave)))
 
     def _fetch(self, b: _Batch) -> None:
         """Fetch the oldest step of ``b`` in flight and give each row its token."""

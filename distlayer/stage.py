@@ -13,7 +13,7 @@ from pathlib import Path
 from . import arch, compute, devices, hardware, rates, versions
 from .errors import StageError, StoreError
 from .planner import StagePlan
-from .runner import LayerRunner
+from .runner import LayerRunner, Step
 from .store import LayerStore
 from .transport.base import Payload, Work, in_request
 
@@ -103,24 +103,40 @@ class StageActor:
             for key in list(self.runner.caches):
                 self.runner.drop(key)
 
+    @property
+    def streams(self) -> bool:
+        """Whether this stage streams weights each step: then micro-batches that arrive
+        together run as one block (:meth:`run_block`)."""
+        return self.runner is not None and bool(self.runner.order)
+
     def run(self, work: Work, payload: Payload) -> Payload:
         """Run one micro-batch through this stage's units.
 
         With ``work.pick`` the last stage returns the greedy next token of each row
         (``[B]``) instead of logits, so only token ids travel on.
         """
+        return self.run_block([work], [payload])[0]
+
+    def run_block(self, works: list[Work], payloads: list[Payload]) -> list[Payload]:
+        """Run micro-batches of different KV caches through this stage's units as one block:
+        each streamed unit is read once and runs for every one of them
+        (``LayerRunner.forward_block``); each output is what :meth:`run` gives for its work."""
         compute.single_threaded()  # the forward computes on the compute thread; this thread only hands over
-        self.transfer_s += max(0.0, time.time() - payload.sent_at)
-        x = payload.x
-        if x.dim() == 1:  # tokens the last stage picked in the previous step
-            x = x[:, None]
+        now = time.time()
+        steps = []
+        for work, payload in zip(works, payloads, strict=True):
+            self.transfer_s += max(0.0, now - payload.sent_at)
+            x = payload.x
+            if x.dim() == 1:  # tokens the last stage picked in the previous step
+                x = x[:, None]
+            steps.append(Step(x, work.mask, work.pos, work.cache_id, work.logits_to_keep))
         with self._lock:
-            out = self.runner.forward(x, work.mask, work.pos, work.cache_id, work.logits_to_keep)
-            if work.pick and self.runner.range.last:
-                out = out[:, -1, :].argmax(-1)
+            outs = self.runner.forward_block(steps)
+        last = self.runner.range.last
         # hidden states for the next stage leave a GPU through pinned memory; what the
         # driver keeps (logits, tokens) is plain host memory
-        return Payload.now(out.cpu() if self.runner.range.last else self.runner.to_host(out))
+        return [Payload.now(_picked(out, work) if last else self.runner.to_host(out))
+                for work, out in zip(works, outs)]
 
     def drop(self, cache_id: str) -> None:
         """Free the KV caches of a finished request (all its micro-batches)."""
@@ -151,3 +167,9 @@ class StageActor:
         self.stop_serving()
         if self.runner is not None:
             self.runner.close()
+
+
+def _picked(out, work: Work):
+    """The last stage's output for the driver: the greedy next tokens ``[B]`` where the
+    work asks for them (``Work.pick``), else the logits, in host memory."""
+    return (out[:, -1, :].argmax(-1) if work.pick else out).cpu()

@@ -314,6 +314,7 @@ class Streamer:
     def __init__(self, memory: WeightMemory, units: list[str], stage: int, prefetch: bool):
         self.memory, self.units, self.stage, self.prefetch = memory, list(units), stage, prefetch
         self.next = 0  # index into units of the next unit a forward needs
+        self.taken = 0  # units handed to forwards since the start: each one fetched (read) once
         self.queue: queue.Queue = queue.Queue()
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
@@ -352,6 +353,7 @@ class Streamer:
         expected = self.units[self.next % len(self.units)]
         assert unit == expected, f"stage {self.stage} streams {expected} next but {unit} ran"
         self.next += 1
+        self.taken += 1
         mark = self.memory.wait_mark()
         loaded = self.memory.fetch(unit) if self.thread is None else self._receive(unit)
         return self.memory.ready(unit, loaded, mark)

@@ -18,7 +18,7 @@ fi
 rm -f .venv-floor.constraints
 .venv-floor/bin/python -c "from distlayer import versions; print('floor run:', versions.installed())"
 exec .venv-floor/bin/python -m pytest -q -p no:cacheprovider --durations=5 \
-    tests/test_exact.py tests/test_versions.py::test_this_environment_is_in_range \
+    tests/test_exact.py tests/test_block.py tests/test_versions.py::test_this_environment_is_in_range \
     tests/test_pipeline.py::test_actors_match_transformers \
     tests/test_pipeline.py::test_smollm_two_stages_matches_transformers \
     tests/test_streaming.py::test_head_in_chunks_and_embeddings_by_row_match_transformers \

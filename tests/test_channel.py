@@ -38,6 +38,28 @@ def test_work_comes_in_order_and_results_by_key(pair):
     assert not os.path.exists(box.address)  # every sender connected: nothing is left on disk
 
 
+def test_a_wave_is_taken_in_whole_waiting_only_while_nothing_else_is_queued(pair):
+    import threading
+    import time
+
+    box, link = pair
+    wave = lambda m: m[0] == "w"  # noqa: E731
+    assert box.next_while(wave, 0) == []  # nothing more wanted: no wait on an empty queue
+    link.send("q", "1", "a", ("w", 1))
+    assert box.next()[3] == ("w", 1)
+    late = threading.Timer(0.3, lambda: link.send("q", "3", "c", ("w", 3)))
+    late.start()
+    link.send("q", "2", "b", ("w", 2))
+    t0 = time.monotonic()
+    assert [m[3] for m in box.next_while(wave, 2)] == [("w", 2), ("w", 3)]  # waited for the last
+    assert time.monotonic() - t0 >= 0.2
+    link.send("q", "4", "d", ("w", 4))
+    link.send("q", "5", "e", "control")
+    link.send("q", "6", "f", ("w", 6))
+    assert [m[3] for m in box.next_while(wave, 5)] == [("w", 4)]  # something else came first: no wait
+    assert box.next()[3] == "control" and box.next()[3] == ("w", 6)
+
+
 def test_a_failure_sent_as_a_result_is_raised_by_the_receiver(pair):
     box, link = pair
     link.send("k", "x", "req:0", Failed(IndexError("index out of range in self")))

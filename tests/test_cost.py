@@ -108,6 +108,33 @@ def test_micro_batches_pay_only_on_separate_devices(kind, devices, micro, step):
     assert pred.tokens_per_s == pytest.approx(4 / step)
 
 
+THREE = ModelShape(layer_bytes=(1000, 1000, 1000), embed=0, norm=0, head=0, hidden=2, vocab=100, itemsize=2)
+
+
+@pytest.mark.parametrize("disk_bw, micro, step", [
+    # stage 1 streams its layer (1000 B: 8 s from a 125 B/s disk) between two resident stages, each
+    # compute-bound (t = rows seconds): its micro-batches run as one block, the layer read once
+    (125, 1, 4 + 8 + 4),
+    (125, 2, (2 + 2) + max(2 * 2, 8) + (2 + 2)),   # each stretch's flow, and the block; not 2+8+2 + 8 = 20
+    (125, 4, (1 + 3) + max(4 * 1, 8) + (1 + 3)),   # not 1+8+1 + 3 x 8 = 34
+    (250, 2, (2 + 2) + max(2 * 2, 4) + (2 + 2)),
+    # a stage that streams little still runs a block, and the stages do not overlap around it
+    (1e12, 2, (2 + 2) + 2 * 2 + (2 + 2)),          # where flowing through would take 2+2+2 + 2 = 8
+])
+def test_a_streaming_stage_runs_its_micro_batches_as_one_block(disk_bw, micro, step):
+    plan = Plan((StagePlan(0, 0, 1, False, "cuda", resident_units=(EMBED, layer_unit(0))),
+                 StagePlan(1, 1, 2, False, "cuda", streamed_units=(layer_unit(1),), streamed_bytes=1000),
+                 StagePlan(2, 2, 3, True, "cuda", resident_units=(layer_unit(2), NORM, HEAD))), micro)
+    rates = [Rates(flops=1e3, mem_bw=1e12, disk_bw=disk_bw)] * 3
+    pred = predict(THREE, plan, rates, batch=4)
+    assert [c.blocks for c in pred.stages] == [False, True, False]
+    assert pred.step_s == pytest.approx(step)
+    assert ("blocks" in pred.formula) == (micro > 1)
+    # a stage whose only streamed unit is the embeddings reads them by row: no block
+    embed_only = dataclasses.replace(plan.stages[0], resident_units=(layer_unit(0),), streamed_units=(EMBED,))
+    assert not stage_cost(THREE, embed_only, rates[0], rows=2).blocks
+
+
 def test_micro_batches_raise_throughput_only_on_separate_devices():
     def tps(devices, m):
         return predict(BARE, two_stages(), [Rates(**COMPUTE_BOUND, device=d) for d in devices], 4, m).tokens_per_s

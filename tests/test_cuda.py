@@ -493,6 +493,70 @@ def test_gpu_matches_transformers_within_budget(arch, mode, dtype, tiny_dir):
         assert (s["pinned_bytes"] > 0) == bool(set(p.streamed_units) - set(p.host_units) - {"embed"})
 
 
+def block_steps(device: str = "cpu") -> tuple[list[runner.Step], list[tuple[torch.Tensor, torch.Tensor | None]]]:
+    """Three micro-batches' prefill steps (different rows and prompts), and their prompts."""
+    batches = [prompts(1, 9, seed=1), prompts(2, 12, seed=2), prompts(3, 10, seed=3)]
+    steps = []
+    for k, (ids, mask) in enumerate(batches):
+        m = torch.ones_like(ids) if mask is None else mask
+        steps.append(runner.Step(ids.to(device), None if mask is None else mask.to(device),
+                                 (m.cumsum(-1) - 1).clamp(min=0).to(device), f"mb{k}", logits_to_keep=0))
+    return steps, batches
+
+
+@pytest.mark.timeout(120)
+def test_a_block_of_micro_batches_reads_each_unit_once_with_host_units(stand_in_cuda, tiny_dir, hf_model):
+    store = CountingStore(split(tiny_dir("llama"), progress=False), delay=0.002)
+    dtype = torch.float32
+    order, host, from_store = units_and_host(store)
+    weights = int(2.5 * max(store.packed_bytes(u, dtype) for u in order)) + store.unit_bytes("embed", dtype)
+    steps, batches = block_steps()
+    stage = runner.LayerRunner(store, host_plan(store, dtype, weights, host), "cpu", dtype)
+    try:
+        for n in range(1, 4):  # three steps, each a block of three micro-batches
+            outs = stage.forward_block([dataclasses.replace(s, cache_id=f"{s.cache_id}-{n}") for s in steps])
+            for out, (ids, mask), s in zip(outs, batches, steps):
+                with torch.no_grad():
+                    ref = hf_model("llama")(ids, attention_mask=mask, position_ids=s.position_ids).logits
+                torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+            # read once a step for all three micro-batches (and perhaps ahead, into the next)
+            assert all(n <= store.reads[u] <= n + 2 for u in from_store), (n, store.reads)
+        stats = stage.stats()
+    finally:
+        stage.close()
+    assert all(store.reads[u] == 1 for u in host)
+    assert stats["stream_reads"] == 3 * len(order) and stats["peak_weight_bytes"] <= weights
+
+
+@pytest.mark.cuda
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_a_block_of_micro_batches_matches_transformers_and_reads_once(dtype, tiny_dir):
+    path = tiny_dir("llama")
+    store = CountingStore(split(path, progress=False))
+    order, host, from_store = units_and_host(store)
+    weights = int(2.5 * max(store.packed_bytes(u, dtype) for u in order)) + store.unit_bytes("embed", dtype)
+    per_stage = budget(store, dtype, weights, 6)
+    steps, batches = block_steps("cuda")
+    hf = hf_on_gpu(path, dtype)
+    stage = runner.LayerRunner(store, host_plan(store, dtype, weights, host, "cuda:0", per_stage - weights),
+                               "cuda:0", dtype)
+    try:
+        outs = stage.forward_block(steps)
+        rtol, atol = TOLERANCE[dtype]
+        for out, (ids, mask), s in zip(outs, batches, steps):
+            with torch.no_grad():
+                ref = hf(ids.cuda(), attention_mask=None if mask is None else mask.cuda(),
+                         position_ids=s.position_ids).logits
+            torch.testing.assert_close(out.float().cpu(), ref.float().cpu(), rtol=rtol, atol=atol)
+        torch.cuda.synchronize()
+        stats = stage.stats()
+    finally:
+        stage.close()
+    assert all(1 <= store.reads[u] <= 3 for u in from_store) and all(store.reads[u] == 1 for u in host)
+    assert stats["stream_reads"] == len(order)
+
+
 @pytest.mark.cuda
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

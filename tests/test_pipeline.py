@@ -139,6 +139,26 @@ def test_uneven_budgets_give_uneven_ranges_and_streaming_still_matches(tiny_dir,
         assert all(s["peak_weight_bytes"] <= small for s in model.stats())
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_streaming_stages_read_each_unit_once_a_step_for_every_micro_batch(arch, tiny_dir, hf_model):
+    path = tiny_dir(arch)
+    store = LayerStore(split(path, progress=False))
+    small = int(1.5 * max(store.unit_bytes(u) for u in store.units))
+    with AutoModel.from_pretrained(path, stages=2, micro_batches=2, memory_per_stage=small, progress=False) as model:
+        assert all(p.streamed_bytes > 0 for p in model.plan) and model.pipeline.micro_batches(8) == 2
+        reads = [s["stream_reads"] for s in model.stats()]
+        ids, _ = prompts(1)
+        model.generate(ids, max_new_tokens=NEW, do_sample=False)  # one micro-batch: a block of one a step
+        one = [s["stream_reads"] - r for s, r in zip(model.stats(), reads)]
+        check(model, hf_model(arch), 8)  # two micro-batches, logits to the driver, then picked tokens fed back
+        reads = [s["stream_reads"] for s in model.stats()]
+        ids, mask = prompts(8, seed=2)
+        model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+        two = [s["stream_reads"] - r for s, r in zip(model.stats(), reads)]
+    # each step of the two micro-batches read every streamed unit once, as one micro-batch's did
+    assert all(n > 0 for n in one) and two == one, (one, two)
+
+
 def test_smollm_two_stages_matches_transformers(smollm_dir):
     from transformers import AutoModelForCausalLM
 

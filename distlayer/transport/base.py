@@ -43,6 +43,12 @@ class Work:
             instead of logits.
         feed: the key of an earlier step whose picked tokens are this step's input (set
             by transports that pass tokens from the last stage to the first themselves).
+        together: ``(wave, works)``: the driver sent this work in one wave with others
+            (``works`` in all, this one included, each extending a different KV cache and
+            none fed by another), one after another. A stage that streams weights takes in
+            a wave's works and runs them as one block, reading each streamed unit once for
+            all (``StageActor.run_block``), where the transport delivers them to it
+            together (``Transport.blocks``).
     """
 
     key: str
@@ -52,6 +58,7 @@ class Work:
     logits_to_keep: int | None = 1
     pick: bool = False
     feed: str | None = None
+    together: tuple[str, int] | None = None
 
 
 class Failed:
@@ -133,11 +140,15 @@ class Transport:
             the scheduler keeps ``AHEAD`` steps of a greedy batch in flight. False: a handle
             is still accepted, but each step finishes before the next can start, so the
             scheduler fetches each step before it sends the next.
+        blocks: whether a stage that streams weights gets the works of a wave
+            (``Work.together``) together, and runs them as one block
+            (``StageActor.run_block``). False: each work runs by itself, as it comes.
     """
 
     name = "?"
     timeout: float | None = None
     feeds: bool = False
+    blocks: bool = False
     aborted: str | None = None  # why abort() was called, or None
 
     def submit(self, work: Work, x) -> Handle:

@@ -121,6 +121,25 @@ class Mailbox:
             self._wait(lambda: self._work)
             return self._work.popleft()
 
+    def next_while(self, belongs, most: int) -> list[tuple]:
+        """Up to ``most`` more work messages that ``belongs(payload)`` says go with one taken
+        already, in order: waits for them only while the queue holds nothing else (a
+        message that does not belong, queued first, ends the wait)."""
+        def ready() -> bool:
+            run = 0
+            for *_, payload in self._work:
+                if run >= most or not belongs(payload):
+                    return True
+                run += 1
+            return run >= most
+
+        with self._cond:
+            self._wait(ready)
+            out = []
+            while len(out) < most and self._work and belongs(self._work[0][3]):
+                out.append(self._work.popleft())
+            return out
+
     def take(self, key: str, timeout: float | None = None):
         """Wait (at most ``timeout`` seconds) for the keyed message ``key``; returns
         ``(payload, sent_at)``, or raises what the sending stage raised."""
@@ -274,8 +293,12 @@ class StageServer:
             try:
                 if isinstance(msg, Control):
                     self._control(key, group, msg)
+                elif msg.work.together and self.actor.streams:  # the wave's works, as one block
+                    wave = msg.work.together
+                    more = self.inbox.next_while(lambda m: isinstance(m, Hop) and m.work.together == wave, wave[1] - 1)
+                    self._run_block([(key, group, sent_at, msg), *more])
                 else:
-                    self._run(key, group, sent_at, msg)
+                    self._run_block([(key, group, sent_at, msg)])
             except StageError:  # the stage after died; the driver learns it from its own mailbox
                 return
 
@@ -292,15 +315,31 @@ class StageServer:
         else:
             self.links["next"].send("q", key, group, msg)
 
-    def _run(self, key: str, group: str, sent_at: float, hop: Hop) -> None:
-        x, work = hop.x, hop.work
-        if not isinstance(x, Failed):
+    def _run_block(self, block: list[tuple]) -> None:
+        """Run work messages ``(key, group, sent_at, hop)`` of different KV caches as one
+        block (``StageActor.run_block``), and send each output on."""
+        outs, run = {}, []
+        for key, group, sent_at, hop in block:
+            x = hop.x
+            if not isinstance(x, Failed) and x is None:  # tokens the last stage picked in the previous step
+                try:
+                    x, sent_at = self.inbox.take(hop.work.feed)
+                except BaseException as e:  # the step that feeds it failed, or its sender is gone
+                    x = Failed(e)
+            if isinstance(x, Failed):
+                outs[key] = x
+            else:
+                run.append((key, hop.work, Payload(x, sent_at)))
+        if run:
             try:
-                if x is None:  # tokens the last stage picked in the previous step
-                    x, sent_at = self.inbox.take(work.feed)
-                x = self.actor.run(work, Payload(x, sent_at)).x
+                done = self.actor.run_block([w for _, w, _ in run], [p for *_, p in run])
+                outs.update((key, p.x) for (key, *_), p in zip(run, done))
             except BaseException as e:
-                x = Failed(e)
+                outs.update((key, Failed(e)) for key, *_ in run)
+        for key, group, _, hop in block:
+            self._send_on(key, group, hop.work, outs[key])
+
+    def _send_on(self, key: str, group: str, work: Work, x) -> None:
         if "next" in self.links:
             self.links["next"].send("q", key, group, Hop(work, x))
             return
@@ -340,6 +379,7 @@ class SocketTransport(Transport):
 
     name = "channel"
     feeds = True  # the last stage sends picked tokens to the first itself (its "ring" link)
+    blocks = True  # a stage's loop takes in a round's works and runs them as blocks (StageServer)
 
     def __init__(self, stages: Stages, hosts: tuple[list[str], str] | None = None):
         n, key = len(stages.actors), os.urandom(32)
