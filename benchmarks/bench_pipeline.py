@@ -1,18 +1,19 @@
 """Tokens/s of a distlayer pipeline against transformers in memory, in the same run.
 
     python benchmarks/bench_pipeline.py [--model DIR] [--stages 2] [--batches 1 16] [--new 32]
-                                        [--transports auto ray]
+                                        [--transports auto ray] [--block-schedules auto on off]
 
 Default model: the embedded SmolLM2-135M-Instruct. Everything resident unless
 ``--memory-per-stage`` makes the stages stream.
 Each configuration runs once to warm up, then ``--repeat`` timed runs, alternating
-between transformers and distlayer (one pipeline per ``--transports`` entry;
+between transformers and distlayer (one pipeline per ``--transports`` and
+``--block-schedules`` entry;
 ``distlayer.bench.measure.take_turns``), so drift in the machine's speed hits all alike.
 ``ratio`` compares the best run of each, ``median_ratio`` the medians.
 ``reads_per_step`` is how many streamed units the stages fetched per decode step, from one
 more run after the timed ones: with several micro-batches, stages that stream run them as
-one block over channels (``auto``), reading each unit once a step, and read each unit
-once per micro-batch over object refs (``ray``).
+one block over channels (``auto``) with ``--block-schedules on``, reading each unit once a
+step, and read each unit once per micro-batch otherwise.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def main(argv=None):
     ap.add_argument("--memory-per-stage", default=None, help="budget per stage (default: all resident)")
     ap.add_argument("--transports", nargs="+", default=["auto"], choices=["auto", "ray"],
                     help="hand-offs to compare: auto (same-node channels) and/or ray (object refs)")
+    ap.add_argument("--block-schedules", nargs="+", default=["auto"], choices=["auto", "on", "off"],
+                    help="block_schedule settings to compare (each with every transport)")
     ap.add_argument("--json", default=None, help="write results here")
     a = ap.parse_args(argv)
 
@@ -57,11 +60,12 @@ def main(argv=None):
     from distlayer.smollm import ensure_smollm2
 
     path = a.model or str(ensure_smollm2())
-    cpus = 1 / len(a.transports) / a.stages  # room for every pipeline's stages on one node
-    dls = {tr: AutoModel.from_pretrained(path, stages=a.stages, progress=False, threads_per_stage=a.threads_per_stage,
-                                         micro_batches=a.micro_batches, memory_per_stage=a.memory_per_stage,
-                                         transport=tr, cpus_per_stage=cpus) for tr in a.transports}
-    dl = dls[a.transports[0]]
+    configs = [(tr, bs) for tr in a.transports for bs in a.block_schedules]
+    cpus = 1 / len(configs) / a.stages  # room for every pipeline's stages on one node
+    dls = {c: AutoModel.from_pretrained(path, stages=a.stages, progress=False, threads_per_stage=a.threads_per_stage,
+                                        micro_batches=a.micro_batches, memory_per_stage=a.memory_per_stage,
+                                        transport=c[0], block_schedule=c[1], cpus_per_stage=cpus) for c in configs}
+    dl = dls[configs[0]]
     tok = dl.tokenizer
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dl.dtype).eval()
     results = []
@@ -70,17 +74,18 @@ def main(argv=None):
         kw = dict(max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False, pad_token_id=tok.pad_token_id)
         ours = dict(max_new_tokens=a.new, do_sample=False, eos_token_id=[])
         fns = {"hf": lambda: measure.wall_time(lambda: hf.generate(ids, attention_mask=mask, **kw))}
-        for tr, m in dls.items():
-            fns[tr] = lambda m=m: measure.wall_time(lambda: m.generate(ids, attention_mask=mask, **ours))
+        for c, m in dls.items():
+            fns[c] = lambda m=m: measure.wall_time(lambda: m.generate(ids, attention_mask=mask, **ours))
         with torch.inference_mode():
             times = measure.take_turns(fns, a.repeat)
         hf_tok_s = measure.per_second(b * a.new, times["hf"])[0]
-        for tr, m in dls.items():
-            dl_tok_s, ratio = measure.per_second(b * a.new, times[tr])[0], measure.speedup(times[tr], times["hf"])
+        for c, m in dls.items():
+            dl_tok_s, ratio = measure.per_second(b * a.new, times[c])[0], measure.speedup(times[c], times["hf"])
             before = sum(s["stream_reads"] for s in m.stats())
             m.generate(ids, attention_mask=mask, **ours)
             reads = sum(s["stream_reads"] for s in m.stats()) - before
-            row = {"batch": b, "new_tokens": a.new, "transport": m.pipeline.transport.name,
+            row = {"batch": b, "new_tokens": a.new, "transport": m.pipeline.transport.name, "block_schedule": c[1],
+                   "blocks": any(p.blocks for p in m.plan),
                    "micro_batches": m.pipeline.micro_batches(b), "reads_per_step": round(reads / a.new, 2),
                    "hf_tok_s": round(hf_tok_s, 2), "distlayer_tok_s": round(dl_tok_s, 2),
                    "ratio": round(ratio[0], 3), "median_ratio": round(ratio[1], 3)}

@@ -290,7 +290,7 @@ def cmd_plan(args) -> int:
                                                    "prediction": plan.prediction.as_dict()}
         print(json.dumps({"model": str(store.path), "dtype": str(dtype).removeprefix("torch."),
                           "micro_batches": plan.micro_batches, "balance": plan.plan.balance,
-                          "balance_note": plan.plan.balance_note,
+                          "balance_note": plan.plan.balance_note, "block_note": plan.plan.block_note,
                           "stages": [{k: p.as_dict()[k] for k in keys} for p in plan.stages], **measured}, indent=1))
     else:
         print(format_plan(plan.stages))
@@ -313,7 +313,7 @@ def cmd_plan_whatif(args, cfg: PipelineConfig) -> int:
         stages = [{"node": n.name, "device_kind": d.label, **p.as_dict()} for p, (n, d) in zip(w.plan.stages, w.devices())]
         print(json.dumps({"model": args.model, "cluster": args.cluster, "dtype": w.dtype,
                           "micro_batches": w.plan.micro_batches, "balance": w.plan.balance,
-                          "balance_note": w.plan.balance_note, "stages": stages,
+                          "balance_note": w.plan.balance_note, "block_note": w.plan.block_note, "stages": stages,
                           "prediction": w.prediction.as_dict()}, indent=1))
     else:
         print(format_whatif(w))

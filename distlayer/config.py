@@ -42,6 +42,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 PLACEMENTS = ("pack", "spread")
 BALANCES = ("auto", "speed", "bytes")  # how layers are split among the stages
+BLOCKS = ("auto", "on", "off")  # whether streaming stages run a step's micro-batches as one block
 DEVICES = tuple(devices.KINDS)  # the device kinds, by name (devices.KINDS)
 
 
@@ -195,6 +196,11 @@ class PipelineConfig:
         "torch threads per CPU stage (default: its node's cores, shared by the node's stages that work at once)", int)
     micro_batches: int | None = setting(
         "micro-batches per batch (default: one per device: per GPU stage, or per CPU node)", int)
+    block_schedule: str = setting(
+        "whether a stage that streams weights runs a step's micro-batches as one block, reading each streamed "
+        "unit once for all of them instead of once each, at the cost of the stages' overlap within the step: on, "
+        "off, or auto (by the measured rates where they were measured, else as the device kind does: on for GPUs, "
+        "off for CPUs)", str, default="auto")
     max_rows: int = setting("most sequences the pipeline runs at once; the budgets reserve KV cache for them "
                             "(with --context)", int, default=1)
     context: int | None = setting(
@@ -266,6 +272,7 @@ class PipelineConfig:
             _check_choice(p + "device", devices.type_of(self.device), DEVICES)
         _check_choice(p + "placement", self.placement, PLACEMENTS)
         _check_choice(p + "balance", self.balance, BALANCES)
+        _check_choice(p + "block_schedule", self.block_schedule, BLOCKS)
         _check_choice(p + "transport", self.transport, TRANSPORTS)
         if self.stage_resources is not None and not (
                 isinstance(self.stage_resources, list) and all(isinstance(r, dict) for r in self.stage_resources)):

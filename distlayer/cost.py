@@ -43,13 +43,13 @@ for ``batch / m`` rows):
   make the step slower.
 - stages that share a device take turns, so the general form is ``sum(t_i) + (m - 1) x
   max over devices of the sum of its stages' t_i``: ``m x sum(t_i)`` when all share one.
-- a stage that streams weights runs a step's micro-batches as one block (the block
-  schedule, ``runner.LayerRunner.forward_block``): it reads its streamed units once, for
-  all ``m``, in ``max(m x compute, streaming) + m x hand-off``, and hands them on
-  together. So the step is the sum of such blocks and of the flows (as above) of the
-  stretches of other stages between them; with no stage streaming, the flow alone.
-  (Where the transport runs each micro-batch by itself, ``transport="ray"``, a stage
-  streams once per micro-batch; the model does not follow that setting.)
+- a stage that streams and runs a step's micro-batches as one block (the block schedule,
+  ``StagePlan.blocks``, ``runner.LayerRunner.forward_block``) reads its streamed units
+  once, for all ``m``, in ``max(m x compute, streaming) + m x hand-off``, and hands them
+  on together. So the step is the sum of such blocks and of the flows (as above) of the
+  stretches of other stages between them; with no such stage, the flow alone. (Where the
+  transport runs each micro-batch by itself, ``transport="ray"``, a stage streams once
+  per micro-batch; the model does not follow that setting.)
 - a node under a CPU quota (``Rates.cpu_quota``) runs its stages at full speed while it
   has quota left, and banks quota while they wait on other stages; so the step is at
   least each such device's CPU seconds per step (``m`` micro-batches through its stages:
@@ -116,8 +116,8 @@ class StageCost:
         handoff_s: hidden state over the link, plus its latency.
         overhead_s: the forward's and its layers' overhead (``Rates.step_overhead_s``,
             ``Rates.layer_overhead_s``).
-        blocks: the stage streams units each step, so it runs a step's micro-batches as
-            one block (:meth:`block_s`).
+        blocks: the stage runs a step's micro-batches as one block (``StagePlan.blocks``;
+            :meth:`block_s`).
     """
 
     stage: int
@@ -245,7 +245,7 @@ def stage_cost(shape: ModelShape, p: StagePlan, rates: Rates, rows: int, context
         disk_s=p.streamed_bytes / rates.disk_bw,
         h2d_s=decoded / rates.h2d_bw if rates.h2d_bw and not p.maps_shards else 0.0, handoff_s=handoff,
         overhead_s=rates.step_overhead_s + (p.end - p.start) * rates.layer_overhead_s,
-        blocks=any(u != EMBED for u in p.streamed_units))  # an embedding alone is read by row: no block
+        blocks=p.blocks)
 
 
 def mean_context(context: int | None) -> int:

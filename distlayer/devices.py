@@ -64,6 +64,11 @@ class DeviceKind:
         sync: its timing clock: a function of the device that waits for its queued work,
             so the wall clock times that work (dotted name; its memory tier times forwards
             with CUDA events); None: work is done when the call returns.
+        blocks: whether a stage on it that streams runs a step's micro-batches as one block
+            by default (``block_schedule`` auto, where no rates were measured): on a GPU,
+            streaming is bound by the host link, and stages sharing one GPU take turns
+            anyway; a CPU stage maps its streamed pages from the page cache, cheap to map
+            again, while blocks would cost stages on separate cores their overlap.
     """
 
     name: str
@@ -81,6 +86,7 @@ class DeviceKind:
     stage_device: str | None = None
     current: str | None = None
     sync: str | None = None
+    blocks: bool = False
 
     @property
     def maps_shards(self) -> bool:
@@ -140,7 +146,7 @@ CUDA = DeviceKind(
     workspace_bytes=256 * 2**20, workspace_note="cuBLAS workspaces and temporaries",
     context=2048, host=False, pinned_host=True, mapped_tier=None, tier="distlayer.cuda_stream.CudaMemory",
     free_bytes="distlayer.hardware.cuda_free_bytes", physical_id="distlayer.hardware.cuda_id",
-    stage_device="cuda:0", current="torch.cuda.device", sync="torch.cuda.synchronize")
+    stage_device="cuda:0", current="torch.cuda.device", sync="torch.cuda.synchronize", blocks=True)
 
 # Every kind, by name; the first is the default where the cluster has none of the others' resources.
 KINDS: dict[str, DeviceKind] = {k.name: k for k in (CPU, CUDA)}

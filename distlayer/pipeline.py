@@ -449,7 +449,7 @@ def plan_for(store: LayerStore, cfg: PipelineConfig, dtype: torch.dtype, describ
 
     def placed(timer=None) -> PlacedPlan:
         plan = plan_pipeline(shape, sites, cfg.budgets(len(sites)), layout.device, layout.concurrency, cfg.max_rows,
-                             cfg.context, timer, choices, cfg.host_memory_per_node)
+                             cfg.context, timer, choices, cfg.host_memory_per_node, cfg.block_schedule)
         return PlacedPlan(plan, tuple(PlacedStage(p, Placement(d["node_ip"], d["node_id"], d.get("pid")))
                                       for p, d in zip(plan.stages, described)))
 

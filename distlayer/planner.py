@@ -12,7 +12,7 @@ pid and store) is the driver's record, ``placement.Placement``.
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
 from . import devices
@@ -558,6 +558,7 @@ class StagePlan:
     host_bytes: int = 0             # pinned host bytes of the host units (counted against the node's host budget)
     host_budget_bytes: int = 0      # the stage's share of its node's pinned host budget (:func:`host_budgets`)
     host_source: str = ""           # where that share came from, in words
+    blocks: bool = False            # runs a step's micro-batches as one block, each streamed unit read once for all
 
     def __post_init__(self):
         for name in ("resident_units", "streamed_units", "host_units"):  # a list given is kept as a tuple
@@ -587,12 +588,14 @@ class Plan:
     """The whole pipeline's plan: one :class:`StagePlan` per stage, how many
     micro-batches a batch runs as, and how its ranges were chosen: ``balance`` is
     ``"bytes"`` or ``"speed"`` (:func:`plan_pipeline`), ``balance_note`` says why in a
-    sentence ("by bytes" alone when no speeds were given)."""
+    sentence ("by bytes" alone when no speeds were given); ``block_note`` says whether and
+    why the stages that stream run a step's micro-batches as one block (:func:`choose_blocks`)."""
 
     stages: tuple[StagePlan, ...]
     micro_batches: int
     balance: str = "bytes"
     balance_note: str = ""
+    block_note: str = ""
 
 
 def default_budgets(budgets: list[int | None], sites: list[Site], device: str,
@@ -714,10 +717,45 @@ class StageTimer(Protocol):
     def with_micro_batches(self, m: int) -> "StageTimer": ...
 
 
+def streams_units(p: StagePlan) -> bool:
+    """Whether stage ``p`` streams units each step (an embedding alone is read by row)."""
+    return any(u != EMBED for u in p.streamed_units)
+
+
+def choose_blocks(stages: tuple[StagePlan, ...], setting: str, device: str,
+                  step_of=None) -> tuple[tuple[StagePlan, ...], str]:
+    """The stages with ``blocks`` set where they run a step's micro-batches as one block
+    (each streamed unit read once for all of them; only stages that stream units), and
+    why, in a sentence. ``setting`` (``block_schedule``): ``"on"``, ``"off"``, or
+    ``"auto"``: with ``step_of`` (a step's predicted seconds through given stages, from
+    measured rates) blocks where they are predicted faster, else the device kind's
+    default (``devices.DeviceKind.blocks``)."""
+    if not any(streams_units(p) for p in stages):
+        return stages, "no stage streams units: no blocks"
+
+    def blocked(on: bool) -> tuple[StagePlan, ...]:
+        return tuple(replace(p, blocks=on and streams_units(p)) for p in stages)
+
+    kind = devices.kind_of(device)
+    if setting in ("on", "off"):
+        on, why = setting == "on", f"block_schedule is {setting}"
+    else:
+        on, why = kind.blocks, f"the default on {kind.name}"
+        if step_of is not None:
+            with_, without = step_of(blocked(True)), step_of(blocked(False))
+            if with_ != without:
+                on = with_ < without
+                why = f"predicted {with_:.4g} s a step in blocks against {without:.4g} s without"
+    what = "stages that stream run a step's micro-batches as one block" if on else \
+        "each micro-batch streams by itself"
+    return blocked(on), f"{what} ({why})"
+
+
 def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None], device: str,
                   concurrency: tuple[int, list[int | None]], batch_size: int = 1,
                   context: int | None = None, timer: StageTimer | None = None,
-                  micro_choices: tuple[int, ...] = (), host_memory: int | None = None) -> Plan:
+                  micro_choices: tuple[int, ...] = (), host_memory: int | None = None,
+                  block_schedule: str = "auto") -> Plan:
     """The complete plan of a pipeline: ranges, budgets and where they came from, KV and
     activation reserves, resident, pinned host and streamed units, threads and micro-batches.
 
@@ -749,6 +787,9 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
             ``concurrency``'s (those that leave every stage's threads as they are).
         host_memory: bytes of pinned host memory per node for its GPU stages; None: a
             share of its available RAM (:func:`host_budgets`); 0: none.
+        block_schedule: ``"auto"``, ``"on"`` or ``"off"``: whether the stages that stream
+            run a step's micro-batches as one block (:func:`choose_blocks`; with a
+            ``timer``, auto decides by the predicted step).
 
     Raises:
         PlanError: the stages or budgets cannot hold the model, or ``host_memory`` is
@@ -782,8 +823,15 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
             host_budget_bytes=host_budget, host_source=host_source)
 
     cuts = plan_stages(shape, [b for b, _ in budgeted], kv, act, maps)
+
+    def planned(cuts_, m: int, balance: str, note: str) -> Plan:
+        stages = tuple(stage(i, a, b) for i, (a, b) in enumerate(cuts_))
+        step = None if timer is None else timer.with_micro_batches(m).step_s
+        stages, blocks = choose_blocks(stages, block_schedule, device, step)
+        return Plan(stages, m, balance, note, blocks)
+
     if timer is None:
-        return Plan(tuple(stage(i, a, b) for i, (a, b) in enumerate(cuts)), micro, "bytes", "by bytes")
+        return planned(cuts, micro, "bytes", "by bytes")
 
     def step_of(t: StageTimer, cuts_: list[tuple[int, int]]) -> float:
         try:
@@ -816,10 +864,8 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
     gain = 1 - by_speed / by_bytes if by_bytes else 0.0
     if (fast, m) != (cuts, micro) and gain >= SPEED_MARGIN:
         also = f", in {m} micro-batch{'es' * (m > 1)} rather than {micro}" if m != micro else ""
-        return Plan(tuple(stage(i, a, b) for i, (a, b) in enumerate(fast)), m, "speed",
-                    f"by speed: predicted {gain:.0%} faster than balancing bytes{also} "
-                    f"({by_speed:.4g} s against {by_bytes:.4g} s a step)")
+        return planned(fast, m, "speed", f"by speed: predicted {gain:.0%} faster than balancing bytes{also} "
+                                         f"({by_speed:.4g} s against {by_bytes:.4g} s a step)")
     why = "no faster ranges" if (fast, m) == (cuts, micro) or gain < 0.005 else \
         f"ranges predicted only {gain:.0%} faster, under the {SPEED_MARGIN:.0%} margin"
-    return Plan(tuple(stage(i, a, b) for i, (a, b) in enumerate(cuts)), micro, "bytes",
-                f"by bytes: placing by speed finds {why} ({by_bytes:.4g} s a step predicted)")
+    return planned(cuts, micro, "bytes", f"by bytes: placing by speed finds {why} ({by_bytes:.4g} s a step predicted)")

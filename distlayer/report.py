@@ -77,6 +77,7 @@ def format_whatif(w) -> str:
                      "hand-off": seconds(c.handoff_s), "bound": c.bound})
     return "\n".join([
         table(rows), "", f"dtype: {w.dtype}; " + prediction_lines(pred), f"layers placed {w.plan.balance_note} (--balance)",
+        f"block schedule: {w.plan.block_note} (--block-schedule)",
         "Predictions for devices described in a file are not yet checked against measurements: they use peak "
         "figures and no per-layer overhead, so read them as an upper bound.", "", tier_lines(w.plan.stages)])
 
@@ -153,6 +154,8 @@ def plan_notes(plan, cfg, dtype) -> str:
                           "at once", "--threads-per-stage"))
     lines.append(f"micro-batches: {plan.micro_batches} "
                  + origin(cfg.micro_batches is not None, "one per device", "--micro-batches"))
+    lines.append(f"block schedule: {getattr(plan, 'plan', plan).block_note} "
+                 + origin(cfg.block_schedule != "auto", "auto", "--block-schedule"))
     lines.append(tier_lines(plan.stages))
     return "\n".join(lines)
 

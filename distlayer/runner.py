@@ -195,6 +195,7 @@ class LayerRunner:
             [chunk_unit(u, j) for j in range(self.head_chunks)] if u == arch.HEAD and self.head_chunks > 1 else [u])]
         self._taken: set[str] = set()  # handed to the running forward(s), not yet given back
         self._block: _Block | None = None  # micro-batches in lock-step, while forward_block runs them
+        self.blocks = plan.blocks and bool(self.order)  # the plan runs waves of micro-batches as blocks
         self.memory: WeightMemory
         if plan.maps_shards and not self.kind.maps_shards:
             raise PlanError(f"stage {self.stage}'s plan maps its shards in place, which only a CPU stage does, but it "

@@ -104,10 +104,10 @@ class StageActor:
                 self.runner.drop(key)
 
     @property
-    def streams(self) -> bool:
-        """Whether this stage streams weights each step: then micro-batches that arrive
-        together run as one block (:meth:`run_block`)."""
-        return self.runner is not None and bool(self.runner.order)
+    def blocks(self) -> bool:
+        """Whether this stage runs micro-batches that arrive together as one block
+        (:meth:`run_block`): it streams, and its plan says so (``StagePlan.blocks``)."""
+        return self.runner is not None and self.runner.blocks
 
     def run(self, work: Work, payload: Payload) -> Payload:
         """Run one micro-batch through this stage's units.

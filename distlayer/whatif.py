@@ -330,6 +330,6 @@ def plan_cluster(model: str, cluster, cfg: PipelineConfig) -> WhatIf:
     choices = micro_batch_choices(device, [s.node_id for s in where], layout.concurrency[0],
                                   cfg.micro_batches is not None)
     plan = plan_pipeline(shape, where, cfg.budgets(len(where)), device, layout.concurrency, cfg.max_rows, cfg.context,
-                         timer, choices, cfg.host_memory_per_node)
+                         timer, choices, cfg.host_memory_per_node, cfg.block_schedule)
     prediction = predict(shape, plan, rates, cfg.max_rows, plan.micro_batches, mean_context(cfg.context))
     return WhatIf(tuple(nodes), shape, plan, prediction, str(dtype).removeprefix("torch."))

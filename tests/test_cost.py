@@ -123,16 +123,17 @@ THREE = ModelShape(layer_bytes=(1000, 1000, 1000), embed=0, norm=0, head=0, hidd
 ])
 def test_a_streaming_stage_runs_its_micro_batches_as_one_block(disk_bw, micro, step):
     plan = Plan((StagePlan(0, 0, 1, False, "cuda", resident_units=(EMBED, layer_unit(0))),
-                 StagePlan(1, 1, 2, False, "cuda", streamed_units=(layer_unit(1),), streamed_bytes=1000),
+                 StagePlan(1, 1, 2, False, "cuda", streamed_units=(layer_unit(1),), streamed_bytes=1000, blocks=True),
                  StagePlan(2, 2, 3, True, "cuda", resident_units=(layer_unit(2), NORM, HEAD))), micro)
     rates = [Rates(flops=1e3, mem_bw=1e12, disk_bw=disk_bw)] * 3
     pred = predict(THREE, plan, rates, batch=4)
     assert [c.blocks for c in pred.stages] == [False, True, False]
     assert pred.step_s == pytest.approx(step)
     assert ("blocks" in pred.formula) == (micro > 1)
-    # a stage whose only streamed unit is the embeddings reads them by row: no block
-    embed_only = dataclasses.replace(plan.stages[0], resident_units=(layer_unit(0),), streamed_units=(EMBED,))
-    assert not stage_cost(THREE, embed_only, rates[0], rows=2).blocks
+    unblocked = Plan(tuple(dataclasses.replace(p, blocks=False) for p in plan.stages), micro)
+    flowing = 4 + 8 + 4 if micro == 1 else (4 / micro) * 2 + 8 + (micro - 1) * 8  # each micro-batch streams again
+    if disk_bw == 125:
+        assert predict(THREE, unblocked, rates, batch=4).step_s == pytest.approx(flowing)
 
 
 def test_micro_batches_raise_throughput_only_on_separate_devices():
@@ -354,3 +355,22 @@ def test_placement_by_speed_moves_layers_off_a_quota_bound_node():
     plan, timer = speed_plan(EVEN, [quotaed, free])
     assert plan.balance == "speed" and ranges(plan)[0][1] < 6
     assert predict(EVEN, plan, [quotaed, free]).step_s == pytest.approx(brute_force(EVEN, timer, 2))
+
+
+@pytest.mark.parametrize("flops, disk_bw, device, setting, blocks", [
+    # two stages on separate devices, each streaming all but 2 of its 6 layers (4000 B a step)
+    (1e12, 1e3, "", "auto", True),       # bound by the disk: blocks read once a step, not once per micro-batch
+    (1e3, 1e12, "", "auto", False),      # bound by compute: blocks would stop the stages overlapping
+    (1e12, 1e3, "dev0", "auto", True),   # one device: the stages take turns anyway, and blocks read less
+    (1e3, 1e12, "dev0", "auto", False),  # ... but bound by compute it is a tie: the kind's default (off on a CPU)
+    (1e12, 1e3, "", "off", False),       # the setting wins over the prediction
+    (1e3, 1e12, "", "on", True),
+])
+def test_the_measured_rates_decide_the_block_schedule(flops, disk_bw, device, setting, blocks):
+    rates = (Rates(flops=flops, mem_bw=1e12, disk_bw=disk_bw, device=device),) * 2
+    budget = 2 * 1000 + 1000  # two layers resident, room for one more streaming
+    plan = plan_pipeline(EVEN, sites(2), [budget] * 2, "cpu", (2, [1, 1]), 4, timer=Timer(EVEN, rates, 4, 2),
+                         block_schedule=setting)
+    assert any(p.streamed_units for p in plan.stages)
+    assert [p.blocks for p in plan.stages] == [blocks and bool(p.streamed_units) for p in plan.stages]
+    assert ("as one block" in plan.block_note) == blocks and (setting in plan.block_note) == (setting != "auto")

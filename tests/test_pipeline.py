@@ -144,19 +144,27 @@ def test_streaming_stages_read_each_unit_once_a_step_for_every_micro_batch(arch,
     path = tiny_dir(arch)
     store = LayerStore(split(path, progress=False))
     small = int(1.5 * max(store.unit_bytes(u) for u in store.units))
-    with AutoModel.from_pretrained(path, stages=2, micro_batches=2, memory_per_stage=small, progress=False) as model:
-        assert all(p.streamed_bytes > 0 for p in model.plan) and model.pipeline.micro_batches(8) == 2
-        reads = [s["stream_reads"] for s in model.stats()]
-        ids, _ = prompts(1)
-        model.generate(ids, max_new_tokens=NEW, do_sample=False)  # one micro-batch: a block of one a step
-        one = [s["stream_reads"] - r for s, r in zip(model.stats(), reads)]
-        check(model, hf_model(arch), 8)  # two micro-batches, logits to the driver, then picked tokens fed back
-        reads = [s["stream_reads"] for s in model.stats()]
-        ids, mask = prompts(8, seed=2)
-        model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
-        two = [s["stream_reads"] - r for s, r in zip(model.stats(), reads)]
-    # each step of the two micro-batches read every streamed unit once, as one micro-batch's did
-    assert all(n > 0 for n in one) and two == one, (one, two)
+    reads = {}
+    for schedule in ("on", "auto"):  # on a CPU, auto runs each micro-batch by itself (no rates measured)
+        with AutoModel.from_pretrained(path, stages=2, micro_batches=2, memory_per_stage=small, progress=False,
+                                       block_schedule=schedule) as model:
+            assert all(p.streamed_bytes > 0 for p in model.plan) and model.pipeline.micro_batches(8) == 2
+            assert all(p.blocks == (schedule == "on") for p in model.plan)
+            before = [s["stream_reads"] for s in model.stats()]
+            ids, _ = prompts(1)
+            model.generate(ids, max_new_tokens=NEW, do_sample=False)  # one micro-batch: a block of one a step
+            one = [s["stream_reads"] - r for s, r in zip(model.stats(), before)]
+            if schedule == "on":  # two micro-batches, logits to the driver, then picked tokens fed back
+                check(model, hf_model(arch), 8)
+            before = [s["stream_reads"] for s in model.stats()]
+            ids, mask = prompts(8, seed=2)
+            model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+            reads[schedule] = one, [s["stream_reads"] - r for s, r in zip(model.stats(), before)]
+    # in blocks each step of the two micro-batches read every streamed unit once, as one micro-batch's did
+    one, two = reads["on"]
+    assert all(n > 0 for n in one) and two == one, reads
+    one, two = reads["auto"]
+    assert two == [2 * n for n in one], reads  # each micro-batch by itself: twice
 
 
 def test_smollm_two_stages_matches_transformers(smollm_dir):

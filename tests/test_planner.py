@@ -201,3 +201,22 @@ def test_stage_env_binds_only_stages_that_use_every_core_and_keeps_the_users_set
     assert stage_env("cuda", True, {}) == {}
     assert stage_env("cpu", True, {"GOMP_CPU_AFFINITY": "0-3"}) == {"GOMP_SPINCOUNT": GOMP_SPINCOUNT}
     assert stage_env("cpu", True, {"OMP_WAIT_POLICY": "passive"}) == {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
+
+
+@pytest.mark.parametrize("setting, device, blocks, why", [
+    ("auto", "cpu", False, "the default on cpu"),    # pages mapped from the page cache: cheap to map again
+    ("auto", "cuda", True, "the default on cuda"),   # bound by the host link; stages sharing a GPU take turns
+    ("on", "cpu", True, "block_schedule is on"),
+    ("off", "cuda", False, "block_schedule is off"),
+])
+def test_the_block_schedule_by_setting_and_device_kind(setting, device, blocks, why):
+    from distlayer.planner import choose_blocks
+
+    stages = (StagePlan(0, 0, 1, False, device, resident_units=("layer.0",), streamed_units=("embed",)),
+              StagePlan(1, 1, 2, True, device, resident_units=("layer.1",), streamed_units=("norm", "head")))
+    chosen, note = choose_blocks(stages, setting, device)
+    # the embeddings alone are read by row: no unit to read once for all, so no block
+    assert [p.blocks for p in chosen] == [False, blocks] and why in note
+    assert ("as one block" in note) == blocks
+    resident = tuple(dataclasses.replace(p, streamed_units=()) for p in stages)
+    assert choose_blocks(resident, "on", device) == (resident, "no stage streams units: no blocks")

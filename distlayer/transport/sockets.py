@@ -293,7 +293,7 @@ class StageServer:
             try:
                 if isinstance(msg, Control):
                     self._control(key, group, msg)
-                elif msg.work.together and self.actor.streams:  # the wave's works, as one block
+                elif msg.work.together and self.actor.blocks:  # the wave's works, as one block
                     wave = msg.work.together
                     more = self.inbox.next_while(lambda m: isinstance(m, Hop) and m.work.together == wave, wave[1] - 1)
                     self._run_block([(key, group, sent_at, msg), *more])
