@@ -632,7 +632,8 @@ def host_budgets(sites: list[Site], device: str, host_memory: int | None = None)
     """Each stage's pinned host budget (bytes of its streamed units it may keep in pinned
     host memory, :func:`choose_host`) and where it came from.
 
-    The GPU stages of a node share its host budget equally: ``host_memory`` bytes when
+    The GPU stages of a node share its host budget equally (and :func:`plan_pipeline`
+    then by need, :func:`share_host`): ``host_memory`` bytes when
     given (0: no host tier), else :data:`HOST_FRACTION` of the node's available RAM (the
     least any of its stages reported) less :data:`HOST_RESERVE`. A CPU stage gets none:
     its weights are in host memory already (it maps or holds them there).
@@ -666,6 +667,29 @@ def host_budgets(sites: list[Site], device: str, host_memory: int | None = None)
             out.append((max(0, int(free * HOST_FRACTION) - HOST_RESERVE) // share,
                         f"{HOST_FRACTION:.0%} of the {fmt_bytes(free)} available RAM on {site.node_ip}, less "
                         f"{fmt_bytes(HOST_RESERVE)}{shared}"))
+    return out
+
+
+def share_host(needs: list[int], hosted: list[tuple[int, str]], sites: list[Site]) -> list[tuple[int, str]]:
+    """The GPU stages of a node share its pinned host budget (the sum of their equal
+    shares, :func:`host_budgets`) by need: a stage whose ``needs`` (bytes of its streamed
+    units that may be pinned) are under an equal share of what is left takes only them,
+    and the rest is shared by the stages that need more, the same way (water-filling;
+    the one that needs most keeps what is left). So stages that keep their units
+    resident leave their share to one that streams.
+    Returns each stage's budget and where it came from."""
+    out = list(hosted)
+    for node in dict.fromkeys(s.node_id for s in sites):
+        mine = sorted((i for i, s in enumerate(sites) if s.node_id == node and hosted[i][0] > 0),
+                      key=lambda i: needs[i])
+        left = sum(hosted[i][0] for i in mine)
+        for k, i in enumerate(mine):
+            last = k == len(mine) - 1  # the one that needs most keeps what is left
+            share = left if last else min(needs[i], left // (len(mine) - k))
+            left -= share
+            if share != hosted[i][0]:
+                why = "it needs only that" if share < hosted[i][0] else "what the node's other GPU stages leave"
+                out[i] = (share, f"{hosted[i][1]}; by need: {fmt_bytes(share)}, {why}")
     return out
 
 
@@ -760,8 +784,8 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
     activation reserves, resident, pinned host and streamed units, threads and micro-batches.
 
     A GPU stage keeps the streamed units its share of the node's host budget holds in
-    pinned host memory (:func:`host_budgets`, :func:`choose_host`); the rest it reads
-    from the store each step.
+    pinned host memory (:func:`host_budgets`, shared by need: :func:`share_host`;
+    :func:`choose_host`); the rest it reads from the store each step.
 
     Ranges are balanced by bytes (:func:`plan_stages`: the bytes streamed to the device, from
     either tier). With a ``timer`` (the cost model over each stage's measured rates), the
@@ -797,6 +821,10 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
     """
     budgeted = default_budgets(budgets, sites, device)
     hosted = host_budgets(sites, device, host_memory)
+    # what a stage could pin at most: its node's whole host budget (the speed search's
+    # ranges, before the others' needs are known)
+    node_host = [(sum(h for (h, _), t in zip(hosted, sites) if t.node_id == s.node_id), "")
+                 for s in sites]
     context = reserved_context(context, device)
     kv = shape.kv_bytes_per_layer(batch_size, context)
     act = shape.activation_bytes(batch_size, context)
@@ -805,14 +833,16 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
     n = len(budgeted)
 
     @functools.cache  # the speed search asks for each range once per micro-batch count
-    def stage(i: int, a: int, b: int) -> StagePlan:
+    def stage(i: int, a: int, b: int, host_budget: tuple[int, str] | None = None) -> StagePlan:
+        """Stage ``i`` of layers ``[a, b)`` with ``host_budget`` (bytes, where from) of
+        pinned host memory; None: as much as its node has (:func:`placed`)."""
         budget, source = budgeted[i]
         r = LayerRange(a, b, i == 0, i == n - 1)
         reserve = kv * (b - a) + act if budget else 0
         sizes = shape.unit_bytes(r)
         resident, chunks = stage_units(shape, r, None if budget is None else budget - reserve, maps, i)
         streamed = [u for u in sizes if u not in resident]
-        host_budget, host_source = hosted[i]
+        host_budget, host_source = host_budget or node_host[i]
         host = choose_host(sizes, streamed, host_budget, (EMBED,))
         return StagePlan(
             i, a, b, r.last, sites[i].device or device, threads=stage_threads[i], budget_bytes=budget,
@@ -824,8 +854,14 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
 
     cuts = plan_stages(shape, [b for b, _ in budgeted], kv, act, maps)
 
+    def placed(cuts_) -> tuple[StagePlan, ...]:
+        """The stages of ``cuts_``, each node's host budget shared by need (:func:`share_host`)."""
+        bare = [stage(i, a, b, (0, "")) for i, (a, b) in enumerate(cuts_)]
+        needs = [sum(shape.unit_bytes(p.layer_range)[u] for u in p.streamed_units if u != EMBED) for p in bare]
+        return tuple(stage(i, a, b, h) for (i, (a, b)), h in zip(enumerate(cuts_), share_host(needs, hosted, sites)))
+
     def planned(cuts_, m: int, balance: str, note: str) -> Plan:
-        stages = tuple(stage(i, a, b) for i, (a, b) in enumerate(cuts_))
+        stages = placed(cuts_)
         step = None if timer is None else timer.with_micro_batches(m).step_s
         stages, blocks = choose_blocks(stages, block_schedule, device, step)
         return Plan(stages, m, balance, note, blocks)
@@ -835,7 +871,7 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
 
     def step_of(t: StageTimer, cuts_: list[tuple[int, int]]) -> float:
         try:
-            return t.step_s([stage(i, a, b) for i, (a, b) in enumerate(cuts_)])
+            return t.step_s(placed(cuts_))
         except PlanError:  # a stage's budget cannot hold its layers
             return float("inf")
 

@@ -293,8 +293,9 @@ class LayerRunner:
 
     def _take(self, name: str) -> dict[str, torch.Tensor]:
         """The tensors of the streamed unit or chunk the forward runs next."""
-        self._taken.add(name)
-        return self.streamer.take(name) if self._block is None else self._block.take(name)
+        tensors = self.streamer.take(name) if self._block is None else self._block.take(name)
+        self._taken.add(name)  # once taken: a forward ended before (in a block, at the switch) took nothing
+        return tensors
 
     def _give_back(self, name: str) -> None:
         if self._block is None:

@@ -112,6 +112,8 @@ def test_a_failed_read_fails_the_block_and_the_next_block_recovers(tiny_dir, hf_
                  for k, (ids, mask) in enumerate(batches)]
         with pytest.raises(StoreError, match=stage.order[1]):
             stage.forward_block(steps)
+        # what the block took is given back, once: the resident units alone are held
+        assert stage.memory.held_bytes() == sum(stage.unit_bytes[u] for u in stage.resident)
         shard.write_bytes(whole)
         for k in range(len(batches)):
             stage.drop(f"bad{k}")

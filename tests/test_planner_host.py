@@ -68,9 +68,19 @@ def test_gpu_stages_of_one_node_share_its_host_budget():
     alone = plan(gpus(("a", RAM)), 120, budget=45)
     assert [p.host_budget_bytes for p in alone] == [120]
     four = plan(gpus(("a", RAM), per_node=4), 120, budget=25)  # each streams
-    assert [p.host_budget_bytes for p in four] == [30] * 4
+    # shared by need: stage 0 streams one layer (10 B; the embeddings are read by row), the
+    # others 20, 20 and 41 B; what stage 0 leaves of its 30 goes to the others
+    assert [p.host_budget_bytes for p in four] == [10, 30, 30, 50]
     assert all("shared by the node's 4 GPU stages" in p.host_source for p in four)
-    assert sum(p.host_bytes for p in four) <= 120 and all(p.host_bytes for p in four)
+    assert "by need: 10 B, it needs only that" in four[0].host_source
+    assert "by need: 50 B, what the node's other GPU stages leave" in four[3].host_source
+    assert sum(p.host_budget_bytes for p in four) == 120 and all(p.host_bytes for p in four)
+    assert [p.streamed_bytes for p in four] == [20, 0, 0, 0]  # only the embeddings' rows from disk
+    # a stage that keeps everything resident leaves its whole share to the one that streams
+    two = plan_pipeline(SHAPE, gpus(("a", RAM), per_node=2), [1000, 25], "cuda", (2, [None] * 2),
+                        host_memory=60).stages
+    assert not two[0].streamed_units and two[1].streamed_units
+    assert [p.host_budget_bytes for p in two] == [0, 60] and two[1].host_bytes > 30
     # one stage a node: each has its node's budget to itself
     two_nodes = plan(gpus(("a", RAM), ("b", RAM)), 120, budget=45)
     assert [p.host_budget_bytes for p in two_nodes] == [120, 120]
