@@ -16,7 +16,8 @@ On one GPU, in one run:
   memory, read once at start (``host_memory_per_node`` the size of the weights), so each
   step only copies host-to-device;
 - distlayer, ``--stages`` stages sharing the GPU, each streaming half of its range from the
-  store: Ray actors with ``gpus_per_stage = 1 / stages`` with ``--ray``, else in this process.
+  store: Ray actors with ``gpus_per_stage = 1 / stages`` with ``--ray``, else in this process;
+  with ``--ray`` once more with ``block_schedule="off"`` (each micro-batch streams by itself).
 
 Each streaming row is set against the link: its *floor* is the time the bytes it copied
 host-to-device per run take at the pinned copy rate measured at the start of the same run
@@ -230,6 +231,9 @@ def main(argv=None) -> int:
     result["shared_stages_ran"] = f"as Ray actors, gpus_per_stage={1 / args.stages:g}" if args.ray else "in one process"
     run(bench_distlayer, f"distlayer {args.stages} stages sharing, streaming from the store", path, dtype,
         args.batches, args.new, **shared)
+    if args.ray:  # the block schedule (on for GPUs) against each micro-batch streaming by itself; last, so cut first
+        run(bench_distlayer, f"distlayer {args.stages} stages sharing, streaming, block_schedule off", path, dtype,
+            args.batches, args.new, block_schedule="off", **shared)
     print(markdown(result))
     return 0
 
