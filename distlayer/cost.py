@@ -307,6 +307,9 @@ class Timer:
 
     def __post_init__(self):
         object.__setattr__(self, "micro_batches", max(1, min(self.micro_batches, self.batch)))
+        # each stage plan's cost, computed once: the speed search asks for a range's time and
+        # its bound (planner.plan_pipeline), and for the same ranges in many cuts
+        object.__setattr__(self, "_costs", {})
 
     @property
     def rows(self) -> int:
@@ -314,7 +317,10 @@ class Timer:
         return -(-self.batch // self.micro_batches)
 
     def stage_cost(self, plan: StagePlan) -> StageCost:
-        return stage_cost(self.shape, plan, self.rates[plan.stage], self.rows, self.context)
+        cost = self._costs.get(plan)
+        if cost is None:
+            cost = self._costs[plan] = stage_cost(self.shape, plan, self.rates[plan.stage], self.rows, self.context)
+        return cost
 
     def with_micro_batches(self, m: int) -> "Timer":
         """This timer for the batch in ``m`` micro-batches."""
