@@ -64,6 +64,10 @@ class DeviceKind:
         sync: its timing clock: a function of the device that waits for its queued work,
             so the wall clock times that work (dotted name; its memory tier times forwards
             with CUDA events); None: work is done when the call returns.
+        present: a function of no arguments saying whether this machine has a device of
+            the kind (dotted name); None: always (the CPU).
+        model_name: a function of the device giving the device model's name, for the rates
+            cache (dotted name); None: the kind's name.
         blocks: whether a stage on it that streams runs a step's micro-batches as one block
             by default (``block_schedule`` auto, where no rates were measured): on a GPU,
             streaming is bound by the host link, and stages sharing one GPU take turns
@@ -86,6 +90,8 @@ class DeviceKind:
     stage_device: str | None = None
     current: str | None = None
     sync: str | None = None
+    present: str | None = None
+    model_name: str | None = None
     blocks: bool = False
 
     @property
@@ -127,6 +133,14 @@ class DeviceKind:
 
         return contextlib.nullcontext() if self.current is None else resolve(self.current)(device)
 
+    def here(self) -> bool:
+        """Whether this machine has a device of this kind."""
+        return self.present is None or bool(resolve(self.present)())
+
+    def device_name(self, device) -> str:
+        """The device model's name (``"NVIDIA H100 80GB HBM3"``), or the kind's."""
+        return self.name if self.model_name is None else str(resolve(self.model_name)(device))
+
     def wait(self, device) -> None:
         """Wait for ``device``'s queued work (nothing where calls finish their work)."""
         if self.sync is not None:
@@ -146,7 +160,8 @@ CUDA = DeviceKind(
     workspace_bytes=256 * 2**20, workspace_note="cuBLAS workspaces and temporaries",
     context=2048, host=False, pinned_host=True, mapped_tier=None, tier="distlayer.cuda_stream.CudaMemory",
     free_bytes="distlayer.hardware.cuda_free_bytes", physical_id="distlayer.hardware.cuda_id",
-    stage_device="cuda:0", current="torch.cuda.device", sync="torch.cuda.synchronize", blocks=True)
+    stage_device="cuda:0", current="torch.cuda.device", sync="torch.cuda.synchronize",
+    present="torch.cuda.is_available", model_name="torch.cuda.get_device_name", blocks=True)
 
 # Every kind, by name; the first is the default where the cluster has none of the others' resources.
 KINDS: dict[str, DeviceKind] = {k.name: k for k in (CPU, CUDA)}

@@ -201,9 +201,7 @@ def check_disk(folder: Path, nbytes: int = DISK_TEST_BYTES) -> Row:
 def canary_rows(config, cfg: PipelineConfig, ray_row: Row, say: Callable[[str], object]) -> list[Row]:
     """The canary on every device kind here, in process and on two streaming Ray stages
     (skipped without Ray), each against transformers on the same device."""
-    import torch
-
-    kinds = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    kinds = [k.name for k in devices.KINDS.values() if k.here()]
     with tempfile.TemporaryDirectory(prefix="distlayer-canary-") as tmp:
         try:
             path = canary.make_canary(config, Path(tmp) / "model")

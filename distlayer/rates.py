@@ -120,7 +120,7 @@ def node_key(store: LayerStore, dtype: torch.dtype, device: str, batch: int, thr
     model's shape and the disk its store is on."""
     shape = ModelShape.from_store(store, dtype)
     dev = torch.device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    name = devices.kind_of(dev).device_name(dev)
     return {"method": METHOD, "node": socket.gethostname(), "device": name, "cores": hardware.cores(), "cpu_quota": hardware.cpu_quota(),
             "threads": threads or torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
             "batch": batch, "store_disk": os.stat(store.path).st_dev,

@@ -71,7 +71,7 @@ KNOWN_DEVICES: dict[str, dict] = {
 NODE_KEYS = {"name": True, "host_ram": True, "disk_gbps": True, "link_gbps": True, "cores": True, "devices": True,
              "link_latency_ms": False}
 DEVICE_KEYS = {"known": False, "kind": False, "memory": False, "tflops": False, "mem_gbps": False, "h2d_gbps": False}
-KINDS = ("cuda", "cpu")
+KINDS = tuple(devices.KINDS)  # the kinds a device of the file may be
 
 
 @dataclass(frozen=True)
@@ -140,14 +140,15 @@ def parse_device(data, where: str, node: str, index: int, default_memory: int) -
     spec = {}
     if "known" in data:
         known = data["known"]
-        if known not in KNOWN_DEVICES:
+        if not isinstance(known, str) or known not in KNOWN_DEVICES:
             close = difflib.get_close_matches(str(known), list(KNOWN_DEVICES), n=1)
             hint = f"did you mean '{close[0]}'?" if close else "or give kind, memory, tflops, mem_gbps (and h2d_gbps)"
             raise ConfigError(f"{where}.known: no known device {known!r}; known: {', '.join(KNOWN_DEVICES)}; {hint}")
         spec = dict(KNOWN_DEVICES[known])
     spec.update({k: v for k, v in data.items() if k != "known"})
     if spec.get("kind") not in KINDS:
-        raise ConfigError(f"{where}.kind: got {spec.get('kind')!r}; write cuda or cpu (or known: a known device)")
+        raise ConfigError(f"{where}.kind: got {spec.get('kind')!r}; write {' or '.join(KINDS)} "
+                          "(or known: a known device)")
     kind = spec["kind"]
     need = ("tflops", "mem_gbps", *(() if devices.kind_of(kind).host else ("memory", "h2d_gbps")))
     for key in need:
@@ -172,13 +173,14 @@ def parse_node(data, where: str) -> Node:
     cores = data["cores"]
     if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
         raise ConfigError(f"{where}.cores: got {cores!r}; write a whole number of at least 1")
-    devices = data["devices"]
-    if not isinstance(devices, list) or not devices:
-        raise ConfigError(f"{where}.devices: got {devices!r}; write a list of devices, one stage each")
-    cpus = sum(1 for d in devices if isinstance(d, dict) and (d.get("kind") or
-                                                               KNOWN_DEVICES.get(d.get("known"), {}).get("kind")) == "cpu")
-    parsed = tuple(parse_device(d, f"{where}.devices[{k}]", name, k, ram // max(cpus, 1))
-                   for k, d in enumerate(devices))
+    listed = data["devices"]
+    if not isinstance(listed, list) or not listed:
+        raise ConfigError(f"{where}.devices: got {listed!r}; write a list of devices, one stage each")
+    named = [d.get("kind") or KNOWN_DEVICES.get(str(d.get("known")), {}).get("kind") for d in listed
+             if isinstance(d, dict)]
+    hosts = sum(1 for k in named if isinstance(k, str) and k in devices.KINDS and devices.KINDS[k].host)  # share RAM
+    parsed = tuple(parse_device(d, f"{where}.devices[{k}]", name, k, ram // max(hosts, 1))
+                   for k, d in enumerate(listed))
     return Node(name, ram, number(f"{where}.disk_gbps", data["disk_gbps"]),
                 number(f"{where}.link_gbps", data["link_gbps"]),
                 number(f"{where}.link_latency_ms", data.get("link_latency_ms", LINK_LATENCY_MS), positive=False),

@@ -74,7 +74,8 @@ def test_the_default_kind(resources, kind):
 
 
 # Modules whose device branches are lookups of the records now (issue 22, item 1).
-CONVERTED = ("config.py", "hardware.py", "stage.py", "planner.py", "pipeline.py", "runner.py", "survey.py", "data.py")
+CONVERTED = ("config.py", "hardware.py", "stage.py", "planner.py", "pipeline.py", "runner.py", "survey.py", "data.py",
+             "rates.py", "doctor.py", "whatif.py")
 # What may still match there, and why: (file, the line, stripped).
 ALLOWED = {
     # cgroup v1's controller is called "cpu": not a device
@@ -103,3 +104,12 @@ def test_converted_modules_do_not_branch_on_device_strings(name):
     found = [line.strip() for line in (PKG / name).read_text().splitlines()
              if BRANCH.search(line) and (name, line.strip()) not in ALLOWED]
     assert not found, f"{name} branches on a device string; look up devices.kind_of(device) instead: {found}"
+
+
+def test_which_kinds_are_here_and_their_device_names():
+    import torch
+
+    assert devices.CPU.here() and devices.CUDA.here() == torch.cuda.is_available()
+    assert devices.CPU.device_name("cpu") == "cpu"
+    if torch.cuda.is_available():
+        assert devices.CUDA.device_name("cuda:0") == torch.cuda.get_device_name(0)
