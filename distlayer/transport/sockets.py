@@ -19,6 +19,10 @@ stage feeds on), taken by key. Background threads read the sockets into the mail
 so a sender never waits on a busy receiver, and a receiver blocks (no polling) until
 its message arrives. A sender that dies closes its socket, and the receiver raises a
 :class:`StageError` naming it instead of waiting forever.
+
+A stage whose plan runs blocks (``StagePlan.blocks``) takes the works of a wave
+(``Work.together``) from its mailbox whole (:meth:`Mailbox.next_while`) and runs them as
+one block (``StageActor.run_block``): each streamed unit read once for all of them.
 """
 
 from __future__ import annotations
@@ -321,7 +325,7 @@ class StageServer:
         outs, run = {}, []
         for key, group, sent_at, hop in block:
             x = hop.x
-            if not isinstance(x, Failed) and x is None:  # tokens the last stage picked in the previous step
+            if x is None:  # tokens the last stage picked in the previous step
                 try:
                     x, sent_at = self.inbox.take(hop.work.feed)
                 except BaseException as e:  # the step that feeds it failed, or its sender is gone
@@ -379,7 +383,6 @@ class SocketTransport(Transport):
 
     name = "channel"
     feeds = True  # the last stage sends picked tokens to the first itself (its "ring" link)
-    blocks = True  # a stage's loop takes in a round's works and runs them as blocks (StageServer)
 
     def __init__(self, stages: Stages, hosts: tuple[list[str], str] | None = None):
         n, key = len(stages.actors), os.urandom(32)
