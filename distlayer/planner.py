@@ -855,9 +855,9 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
     cuts = plan_stages(shape, [b for b, _ in budgeted], kv, act, maps)
 
     def placed(cuts_) -> tuple[StagePlan, ...]:
-        """The stages of ``cuts_``, each node's host budget shared by need (:func:`share_host`)."""
-        bare = [stage(i, a, b, (0, "")) for i, (a, b) in enumerate(cuts_)]
-        needs = [sum(shape.unit_bytes(p.layer_range)[u] for u in p.streamed_units if u != EMBED) for p in bare]
+        """The stages of ``cuts_``, each node's host budget shared by need (:func:`share_host`;
+        a stage's need: what it would pin with its node's whole budget)."""
+        needs = [stage(i, a, b).host_bytes for i, (a, b) in enumerate(cuts_)]
         return tuple(stage(i, a, b, h) for (i, (a, b)), h in zip(enumerate(cuts_), share_host(needs, hosted, sites)))
 
     def planned(cuts_, m: int, balance: str, note: str) -> Plan:
@@ -875,27 +875,34 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
         except PlanError:  # a stage's budget cannot hold its layers
             return float("inf")
 
-    def time_of(t: StageTimer, i: int, a: int, b: int) -> float:
+    def time_of(t: StageTimer, i: int, a: int, b: int, host: tuple[int, str] | None) -> float:
         try:
-            return t.stage_s(stage(i, a, b))
+            return t.stage_s(stage(i, a, b, host))
         except PlanError:  # the stage's budget cannot hold these layers
             return float("inf")
 
-    def bound_of(t: StageTimer, i: int, a: int, b: int) -> float:
+    def bound_of(t: StageTimer, i: int, a: int, b: int, host: tuple[int, str] | None) -> float:
         try:
-            return t.bound_s(stage(i, a, b))
+            return t.bound_s(stage(i, a, b, host))
         except PlanError:
             return float("inf")
+
+    # The search scores each range alone, before the other stages' needs for the node's
+    # host budget are known: once with the node's whole budget (None), and once with none,
+    # which finds the ranges that keep most stages whole and stream on one, where that
+    # stage then gets the budget the others leave (:func:`placed`)
+    host_guesses = (None, (0, "")) if any(h for h, _ in node_host) else (None,)
 
     by_bytes = step_of(timer.with_micro_batches(micro), cuts)
     best = (by_bytes, micro, cuts)
     for m in dict.fromkeys((micro, *micro_choices)):  # the plan's micro-batches first: ties keep them
         t = timer.with_micro_batches(m)
-        found = _Cuts(shape, [b for b, _ in budgeted], kv, act, maps).fastest(
-            lambda i, a, b, t=t: time_of(t, i, a, b), lambda c, t=t: step_of(t, c),
-            lambda i, a, b, t=t: bound_of(t, i, a, b)) or cuts
-        if step_of(t, found) < best[0]:
-            best = (step_of(t, found), m, found)
+        for g in host_guesses:
+            found = _Cuts(shape, [b for b, _ in budgeted], kv, act, maps).fastest(
+                lambda i, a, b, t=t, g=g: time_of(t, i, a, b, g), lambda c, t=t: step_of(t, c),
+                lambda i, a, b, t=t, g=g: bound_of(t, i, a, b, g)) or cuts
+            if step_of(t, found) < best[0]:
+                best = (step_of(t, found), m, found)
     by_speed, m, fast = best
     gain = 1 - by_speed / by_bytes if by_bytes else 0.0
     if (fast, m) != (cuts, micro) and gain >= SPEED_MARGIN:

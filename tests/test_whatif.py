@@ -64,14 +64,13 @@ def test_70b_on_four_8gb_gpus_from_its_config_alone(tmp_path):
     assert took < 30, f"took {took:.1f} s"  # about 7 s here: a generous bound
 
 
-def test_placement_by_speed_streams_on_one_gpu_and_keeps_three_whole(tmp_path, capsys):
-    # without the pinned host tier: with it, each of the four stages pins an equal share of
-    # the box's RAM, and one stage streaming everything pins only its share
+@pytest.mark.parametrize("host", [[], ["--host-memory", "0"]], ids=["pinned-host", "no-host-tier"])
+def test_placement_by_speed_streams_on_one_gpu_and_keeps_three_whole(tmp_path, capsys, host):
     model = config_dir(tmp_path, LLAMA_70B)
     steps = {}
     for balance in ("bytes", "speed"):
         code, out, err = run_plan(capsys, model, "--cluster", CLUSTER / "four-8gb-gpus.yaml", "--json",
-                                  "--balance", balance, "--host-memory", "0")
+                                  "--balance", balance, *host)
         assert code == 0, err
         data = json.loads(out)
         steps[balance] = data["prediction"]["step_s"]
@@ -79,8 +78,14 @@ def test_placement_by_speed_streams_on_one_gpu_and_keeps_three_whole(tmp_path, c
     # one micro-batch: the stages take turns, so one GPU streaming everything that does not
     # fit beats four each keeping room for a streaming window
     assert steps["speed"] < steps["bytes"] * 0.95
-    code, out, _ = run_plan(capsys, model, "--cluster", CLUSTER / "four-8gb-gpus.yaml", "--balance", "speed",
-                            "--host-memory", "0")
+    stages = data["stages"]
+    assert [s["streamed_units"] == [] for s in stages] == [False, True, True, True]
+    if host:
+        assert all(s["host_bytes"] == 0 for s in stages)
+    else:  # the stage that streams pins what the node's host budget holds: the others need none of it
+        budget = sum(s["host_budget_bytes"] for s in stages)
+        assert stages[0]["host_budget_bytes"] == budget > 0 and stages[0]["host_bytes"] > 0.9 * budget
+    code, out, _ = run_plan(capsys, model, "--cluster", CLUSTER / "four-8gb-gpus.yaml", "--balance", "speed", *host)
     bounds = [line.split()[-1] for line in out.splitlines()[1:5]]
     assert bounds == ["disk", "memory", "memory", "memory"] and "layers placed by speed: predicted" in out
 
