@@ -730,7 +730,10 @@ class StageTimer(Protocol):
     """What placement by speed asks of a cost model (``cost.Timer``): a stage's predicted
     seconds for one micro-batch, the pipeline's step through given stages, the least
     step a stage allows alone (a CPU quota's bound; 0 for none), and the same timer for
-    another number of micro-batches."""
+    another number of micro-batches; ``micro_batches``: those it times (a batch of fewer
+    rows runs as one micro-batch a row)."""
+
+    micro_batches: int
 
     def stage_s(self, plan: StagePlan) -> float: ...
 
@@ -895,8 +898,11 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
 
     by_bytes = step_of(timer.with_micro_batches(micro), cuts)
     best = (by_bytes, micro, cuts)
-    for m in dict.fromkeys((micro, *micro_choices)):  # the plan's micro-batches first: ties keep them
+    timers = {}  # one search per number of micro-batches timed: the plan's first, so that ties keep them
+    for m in (micro, *micro_choices):
         t = timer.with_micro_batches(m)
+        timers.setdefault(t.micro_batches, (m, t))
+    for m, t in timers.values():
         for g in host_guesses:
             found = _Cuts(shape, [b for b, _ in budgeted], kv, act, maps).fastest(
                 lambda i, a, b, t=t, g=g: time_of(t, i, a, b, g), lambda c, t=t: step_of(t, c),

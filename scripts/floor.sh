@@ -17,7 +17,8 @@ if ! cmp -s .venv-floor.constraints .venv-floor/constraints.txt 2>/dev/null; the
 fi
 rm -f .venv-floor.constraints
 .venv-floor/bin/python -c "from distlayer import versions; print('floor run:', versions.installed())"
-exec .venv-floor/bin/python -m pytest -q -p no:cacheprovider --durations=5 \
+exec .venv-floor/bin/python -m pytest -q -p no:cacheprovider --durations=5 -n "${DISTLAYER_TEST_WORKERS:-2}" \
+    --dist loadfile \
     tests/test_exact.py tests/test_block.py tests/test_versions.py::test_this_environment_is_in_range \
     tests/test_pipeline.py::test_actors_match_transformers \
     tests/test_pipeline.py::test_smollm_two_stages_matches_transformers \

@@ -7,6 +7,9 @@
 #   bash scripts/test.sh --fast   the daily tier: every test not marked slow (tiny models,
 #                                 in-process stages, one Ray start per module), no floor run
 #
+# Tests run in DISTLAYER_TEST_WORKERS (default 2) pytest-xdist workers, a file to a worker,
+# the longest files first; a test marked exclusive runs with nothing beside it
+# (tests/conftest.py). DISTLAYER_TEST_WORKERS=0 runs them in this process, one by one.
 # Other arguments go to pytest (a subset such as tests/test_planner.py); with arguments
 # the floor run is skipped unless DISTLAYER_FLOOR=1.
 set -euo pipefail
@@ -18,7 +21,8 @@ if [ "${1:-}" = --fast ]; then
     set -- "${fast[@]}" "$@"
 fi
 bash scripts/setup.sh
-.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
+workers="${DISTLAYER_TEST_WORKERS:-2}"
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 -n "$workers" --dist loadfile "$@"
 if { [ $# -eq 0 ] && [ ${#fast[@]} -eq 0 ]; } || [ "${DISTLAYER_FLOOR:-0}" = 1 ]; then
     bash scripts/floor.sh
 fi

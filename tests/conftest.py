@@ -7,6 +7,7 @@ No test reaches a model hub: the session runs with ``HF_HUB_OFFLINE=1`` and a pr
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pathlib
 import sys
@@ -134,3 +135,34 @@ def prompts(batch: int, length: int = 12, seed: int = 0) -> tuple[torch.Tensor, 
 
 
 __all__ = ["ARCHS", "EOS", "PAD", "BOS", "VOCAB", "prompts", "save_tokenizer", "word_token"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the longest files first: the soak, then the files with slow tests (each file's
+    tests stay together and in order). Under pytest-xdist (``-n 2 --dist loadfile``, as
+    scripts/test.sh runs the suite) they then start at once instead of ending the run alone."""
+    slow = {i.path for i in items if i.get_closest_marker("slow")}
+    items.sort(key=lambda i: (i.path.name != "test_soak.py", i.path not in slow))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under pytest-xdist, a test marked ``exclusive`` (it measures speeds or CPU shares,
+    which another worker's tests beside it would change) runs, setup and teardown included,
+    while no other worker runs a test. Every test holds a shared lock on one file of the
+    run for its whole protocol, an ``exclusive`` test an exclusive one; each first passes a
+    gate that an ``exclusive`` test holds, so that no test starts while one waits."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return (yield)
+    exclusive = item.get_closest_marker("exclusive") is not None
+    run = os.path.dirname(item.config.option.basetemp)  # xdist gives each worker a dir in the run's own
+    with open(os.path.join(run, "exclusive.gate"), "a") as gate, open(os.path.join(run, "exclusive.lock"), "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if not exclusive:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            return (yield)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(gate, fcntl.LOCK_UN)

@@ -15,7 +15,7 @@ import torch
 
 from test_hosts import can_make_hosts, drive
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.exclusive]  # it measures speeds and CPU shares
 NEW = 8
 QUOTA = 0.5  # cores of host 0, where stage 0 runs
 
