@@ -33,7 +33,7 @@ from typing import Any
 from . import devices
 from .errors import ConfigError
 from .planner import HOST_FRACTION, HOST_RESERVE, fmt_bytes
-from .transport import NAMES as TRANSPORTS
+from .transport import NAMES as TRANSPORTS, delivers_waves
 
 COMPRESSED = ("8bit", "4bit")      # the block-wise compressions a store can have
 COMPRESSIONS = (None, *COMPRESSED)  # the compression setting's values (None: none)
@@ -200,7 +200,8 @@ class PipelineConfig:
         "whether a stage that streams weights runs a step's micro-batches as one block, reading each streamed "
         "unit once for all of them instead of once each, at the cost of the stages' overlap within the step: on, "
         "off, or auto (by the measured rates where they were measured, else as the device kind does: on for GPUs, "
-        "off for CPUs)", str, default="auto")
+        "off for CPUs); the ray transport hands each micro-batch on alone, so it runs no blocks", str,
+        default="auto")
     max_rows: int = setting("most sequences the pipeline runs at once; the budgets reserve KV cache for them "
                             "(with --context)", int, default=1)
     context: int | None = setting(
@@ -272,8 +273,14 @@ class PipelineConfig:
             _check_choice(p + "device", devices.type_of(self.device), DEVICES)
         _check_choice(p + "placement", self.placement, PLACEMENTS)
         _check_choice(p + "balance", self.balance, BALANCES)
+        if isinstance(self.block_schedule, bool):  # YAML reads a bare on or off as true or false
+            self.block_schedule = "on" if self.block_schedule else "off"
         _check_choice(p + "block_schedule", self.block_schedule, BLOCKS)
         _check_choice(p + "transport", self.transport, TRANSPORTS)
+        if self.block_schedule == "on" and not delivers_waves(self.transport):
+            raise ConfigError(f"{p}block_schedule is on but {p}transport is {self.transport}, which hands each "
+                              f"micro-batch on by itself, so no stage could run a block: use transport auto or "
+                              f"socket for the block schedule, or leave block_schedule at auto")
         if self.stage_resources is not None and not (
                 isinstance(self.stage_resources, list) and all(isinstance(r, dict) for r in self.stage_resources)):
             raise _bad(p + "stage_resources", self.stage_resources, 'write a list of mappings, one per stage')

@@ -39,7 +39,7 @@ from .recovery import Recovering, Restarts
 from .stage import StageActor
 from .store import LayerStore, open_configured
 from .survey import Survey, balance_for, survey, timer_for
-from .transport import Transport, make
+from .transport import Transport, delivers_waves, make
 
 # libgomp's spin before an idle OpenMP thread sleeps. CPU stages on one node take
 # turns on its cores, so a stage that just finished must not spin on the cores the
@@ -449,7 +449,8 @@ def plan_for(store: LayerStore, cfg: PipelineConfig, dtype: torch.dtype, describ
 
     def placed(timer=None) -> PlacedPlan:
         plan = plan_pipeline(shape, sites, cfg.budgets(len(sites)), layout.device, layout.concurrency, cfg.max_rows,
-                             cfg.context, timer, choices, cfg.host_memory_per_node, cfg.block_schedule)
+                             cfg.context, timer, choices, cfg.host_memory_per_node, cfg.block_schedule,
+                             delivers_waves(cfg.transport))
         return PlacedPlan(plan, tuple(PlacedStage(p, Placement(d["node_ip"], d["node_id"], d.get("pid")))
                                       for p, d in zip(plan.stages, described)))
 

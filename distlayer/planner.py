@@ -750,15 +750,19 @@ def streams_units(p: StagePlan) -> bool:
 
 
 def choose_blocks(stages: tuple[StagePlan, ...], setting: str, device: str,
-                  step_of=None) -> tuple[tuple[StagePlan, ...], str]:
+                  step_of=None, waves: bool = True) -> tuple[tuple[StagePlan, ...], str]:
     """The stages with ``blocks`` set where they run a step's micro-batches as one block
     (each streamed unit read once for all of them; only stages that stream units), and
     why, in a sentence. ``setting`` (``block_schedule``): ``"on"``, ``"off"``, or
     ``"auto"``: with ``step_of`` (a step's predicted seconds through given stages, from
     measured rates) blocks where they are predicted faster, else the device kind's
-    default (``devices.DeviceKind.blocks``)."""
+    default (``devices.DeviceKind.blocks``). ``waves`` False: the transport hands each
+    micro-batch on by itself, so no stage can run blocks (``setting`` is then not ``"on"``:
+    ``PipelineConfig`` refuses that)."""
     if not any(streams_units(p) for p in stages):
         return stages, "no stage streams units: no blocks"
+    if not waves:
+        return stages, "each micro-batch streams by itself (the transport hands each micro-batch on alone)"
 
     def blocked(on: bool) -> tuple[StagePlan, ...]:
         return tuple(replace(p, blocks=on and streams_units(p)) for p in stages)
@@ -782,7 +786,7 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
                   concurrency: tuple[int, list[int | None]], batch_size: int = 1,
                   context: int | None = None, timer: StageTimer | None = None,
                   micro_choices: tuple[int, ...] = (), host_memory: int | None = None,
-                  block_schedule: str = "auto") -> Plan:
+                  block_schedule: str = "auto", waves: bool = True) -> Plan:
     """The complete plan of a pipeline: ranges, budgets and where they came from, KV and
     activation reserves, resident, pinned host and streamed units, threads and micro-batches.
 
@@ -817,6 +821,8 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
         block_schedule: ``"auto"``, ``"on"`` or ``"off"``: whether the stages that stream
             run a step's micro-batches as one block (:func:`choose_blocks`; with a
             ``timer``, auto decides by the predicted step).
+        waves: whether the transport hands a wave's micro-batches to a stage together
+            (``transport.delivers_waves``); False: no blocks.
 
     Raises:
         PlanError: the stages or budgets cannot hold the model, or ``host_memory`` is
@@ -866,7 +872,7 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
     def planned(cuts_, m: int, balance: str, note: str) -> Plan:
         stages = placed(cuts_)
         step = None if timer is None else timer.with_micro_batches(m).step_s
-        stages, blocks = choose_blocks(stages, block_schedule, device, step)
+        stages, blocks = choose_blocks(stages, block_schedule, device, step, waves)
         return Plan(stages, m, balance, note, blocks)
 
     if timer is None:

@@ -38,6 +38,7 @@ from .errors import ConfigError
 from .planner import (ModelShape, Plan, Site, kv_bytes_per_token, micro_batch_choices, pipeline_layout,
                       plan_pipeline)
 from .survey import balance_for
+from .transport import delivers_waves
 from .units import EMBED, HEAD, NORM, layer_unit
 
 GB, Gbit = 1e9, 1e9 / 8
@@ -332,6 +333,7 @@ def plan_cluster(model: str, cluster, cfg: PipelineConfig) -> WhatIf:
     choices = micro_batch_choices(device, [s.node_id for s in where], layout.concurrency[0],
                                   cfg.micro_batches is not None)
     plan = plan_pipeline(shape, where, cfg.budgets(len(where)), device, layout.concurrency, cfg.max_rows, cfg.context,
-                         timer, choices, cfg.host_memory_per_node, cfg.block_schedule)
+                         timer, choices, cfg.host_memory_per_node, cfg.block_schedule,
+                         delivers_waves(cfg.transport))
     prediction = predict(shape, plan, rates, cfg.max_rows, plan.micro_batches, mean_context(cfg.context))
     return WhatIf(tuple(nodes), shape, plan, prediction, str(dtype).removeprefix("torch."))

@@ -72,6 +72,9 @@ def test_missing_key_is_named(tmp_path, missing):
     ("pipeline: {memory_per_stage: .inf}", "pipeline.memory_per_stage", "inf"),
     ("pipeline: {placement: wide}", "pipeline.placement", "'wide'"),
     ("pipeline: {transport: tcp}", "pipeline.transport", "'tcp'"),
+    ("pipeline: {transport: ray, block_schedule: 'on'}", "pipeline.block_schedule", "use transport auto or socket"),
+    ("pipeline: {transport: ray, block_schedule: on}", "pipeline.block_schedule", "use transport auto or socket"),
+    ("pipeline: {block_schedule: sometimes}", "pipeline.block_schedule", "'sometimes'"),
     ("generation: {top_p: 1.5}", "generation.top_p", "1.5"),
     ("generation: {top_k: -2}", "generation.top_k", "-2"),
     ("generation: {stop: ['']}", "generation.stop", "['']"),
@@ -120,6 +123,25 @@ def test_missing_file(tmp_path):
 def test_output_must_differ_from_input(tmp_path):
     with pytest.raises(ConfigError, match="output: .* is the input file too"):
         JobConfig(model="m", input=str(tmp_path / "a.jsonl"), output=str(tmp_path / "a.jsonl"))
+
+
+@pytest.mark.parametrize("transport", ["auto", "socket", "ray"])
+def test_the_block_schedule_goes_with_every_transport_but_on_needs_one_that_delivers_waves(transport):
+    from distlayer.config import PipelineConfig
+
+    for setting in ("auto", "off"):
+        assert PipelineConfig(transport=transport, block_schedule=setting).block_schedule == setting
+    if transport == "ray":  # object refs hand each micro-batch on by itself
+        with pytest.raises(ConfigError, match="block_schedule is on but pipeline.transport is ray"):
+            PipelineConfig(transport=transport, block_schedule="on")
+    else:
+        assert PipelineConfig(transport=transport, block_schedule="on").block_schedule == "on"
+
+
+@pytest.mark.parametrize("written, read", [("on", "on"), ("off", "off"), ("'on'", "on"), ("auto", "auto")])
+def test_block_schedule_on_or_off_bare_in_yaml(tmp_path, written, read):
+    # YAML 1.1 reads a bare on or off as a boolean
+    assert load_job_config(write(tmp_path, BASE + f"pipeline: {{block_schedule: {written}}}\n")).pipeline.block_schedule == read
 
 
 def test_dataclasses_check_when_built_directly():

@@ -220,3 +220,6 @@ def test_the_block_schedule_by_setting_and_device_kind(setting, device, blocks, 
     assert ("as one block" in note) == blocks
     resident = tuple(dataclasses.replace(p, streamed_units=()) for p in stages)
     assert choose_blocks(resident, "on", device) == (resident, "no stage streams units: no blocks")
+    if setting != "on":  # a transport that hands each micro-batch on alone: no blocks, and the note says why
+        chosen, note = choose_blocks(stages, setting, device, waves=False)
+        assert not any(p.blocks for p in chosen) and "the transport hands each micro-batch on alone" in note

@@ -90,6 +90,22 @@ def test_placement_by_speed_streams_on_one_gpu_and_keeps_three_whole(tmp_path, c
     assert bounds == ["disk", "memory", "memory", "memory"] and "layers placed by speed: predicted" in out
 
 
+def test_a_transport_that_hands_micro_batches_on_alone_gets_no_blocks(tmp_path, capsys):
+    model = config_dir(tmp_path, LLAMA_70B)
+    got = {}
+    for transport in ("auto", "ray"):
+        code, out, err = run_plan(capsys, model, "--cluster", CLUSTER / "four-8gb-gpus.yaml", "--json",
+                                  "--max-rows", "4", "--transport", transport)
+        assert code == 0, err
+        got[transport] = json.loads(out)
+    assert got["auto"]["micro_batches"] == got["ray"]["micro_batches"] == 4
+    assert all(s["blocks"] for s in got["auto"]["stages"]) and "as one block" in got["auto"]["block_note"]
+    assert not any(s["blocks"] for s in got["ray"]["stages"])
+    assert "the transport hands each micro-batch on alone" in got["ray"]["block_note"]
+    # every micro-batch streams every unit again: the prediction follows the plan
+    assert got["ray"]["prediction"]["step_s"] > 1.5 * got["auto"]["prediction"]["step_s"]
+
+
 def test_json_has_the_plan_and_the_prediction(tmp_path, capsys):
     model = config_dir(tmp_path, LLAMA_70B)
     code, out, err = run_plan(capsys, model, "--cluster", CLUSTER / "four-8gb-gpus.yaml", "--json", "--max-rows", "2")

@@ -28,7 +28,7 @@ AUTO = "auto"  # sockets between Ray actors (over TCP between nodes); calls in o
 NAMES = (AUTO, *TRANSPORTS)  # what the ``transport`` setting accepts
 
 __all__ = ["AUTO", "NAMES", "TRANSPORTS", "Failed", "Handle", "Payload", "RefTransport", "SocketTransport",
-           "Stages", "Transport", "Work", "fed_from", "in_request", "make", "resolve"]
+           "Stages", "Transport", "Work", "delivers_waves", "fed_from", "in_request", "make", "resolve"]
 
 
 def resolve(name: str, stages: Stages) -> str:
@@ -39,6 +39,13 @@ def resolve(name: str, stages: Stages) -> str:
     if name not in TRANSPORTS:
         raise ValueError(f"no transport {name!r}: use one of {', '.join(NAMES)}")
     return name
+
+
+def delivers_waves(name: str) -> bool:
+    """Whether the transport setting ``name`` hands a wave's works to a stage together
+    (:attr:`Transport.waves`), so that stages that stream can run blocks. ``"auto"`` does:
+    sockets between Ray actors, and in one process a batch is one micro-batch."""
+    return name == AUTO or TRANSPORTS[name].waves
 
 
 def make(name: str, stages: Stages, hosts: tuple[list[str], str] | None = None,

@@ -48,7 +48,8 @@ class Work:
             none fed by another), one after another. A stage that streams weights takes in
             a wave's works and runs them as one block, reading each streamed unit once for
             all (``StageActor.run_block``), where the transport delivers them to it
-            together (the socket transport does; object refs run each as it comes).
+            together (``Transport.waves``: the socket transport does; object refs run
+            each as it comes).
     """
 
     key: str
@@ -140,11 +141,15 @@ class Transport:
             the scheduler keeps ``AHEAD`` steps of a greedy batch in flight. False: a handle
             is still accepted, but each step finishes before the next can start, so the
             scheduler fetches each step before it sends the next.
+        waves: whether a stage gets a wave's works (``Work.together``) together, so that
+            one that streams runs them as one block (``StageActor.run_block``); False:
+            each work runs by itself as it comes.
     """
 
     name = "?"
     timeout: float | None = None
     feeds: bool = False
+    waves = False  # hands a wave's works (Work.together) to each stage together, so a stage can run them as a block
     aborted: str | None = None  # why abort() was called, or None
 
     def submit(self, work: Work, x) -> Handle:

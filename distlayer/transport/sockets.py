@@ -382,6 +382,7 @@ class SocketTransport(Transport):
     """
 
     name = "channel"
+    waves = True  # a stage's loop takes a wave from its mailbox whole (StageServer)
     feeds = True  # the last stage sends picked tokens to the first itself (its "ring" link)
 
     def __init__(self, stages: Stages, hosts: tuple[list[str], str] | None = None):
