@@ -149,7 +149,7 @@ class Transport:
     name = "?"
     timeout: float | None = None
     feeds: bool = False
-    waves = False  # hands a wave's works (Work.together) to each stage together, so a stage can run them as a block
+    waves = False
     aborted: str | None = None  # why abort() was called, or None
 
     def submit(self, work: Work, x) -> Handle:
