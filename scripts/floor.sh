@@ -4,7 +4,8 @@
 # pyproject.toml; torch's floor comes from PyPI, a CUDA build that runs on the CPU here),
 # then the exactness tests in it, and one test of each optional dependency (the openai
 # client against distlayer serve; distlayer bench's plot).
-# scripts/test.sh runs this after the main suite; extra arguments go to pytest.
+# scripts/test.sh runs this after the main suite (with --prepare, which only builds the
+# environment, beside it); other arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 scripts/floors.py > .venv-floor.constraints
@@ -16,6 +17,7 @@ if ! cmp -s .venv-floor.constraints .venv-floor/constraints.txt 2>/dev/null; the
     mv .venv-floor.constraints .venv-floor/constraints.txt
 fi
 rm -f .venv-floor.constraints
+[ "${1:-}" = --prepare ] && exit 0
 .venv-floor/bin/python -c "from distlayer import versions; print('floor run:', versions.installed())"
 exec .venv-floor/bin/python -m pytest -q -p no:cacheprovider --durations=5 -n "${DISTLAYER_TEST_WORKERS:-2}" \
     --dist loadfile \

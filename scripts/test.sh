@@ -21,8 +21,19 @@ if [ "${1:-}" = --fast ]; then
     set -- "${fast[@]}" "$@"
 fi
 bash scripts/setup.sh
+floor=0
+if { [ $# -eq 0 ] && [ ${#fast[@]} -eq 0 ]; } || [ "${DISTLAYER_FLOOR:-0}" = 1 ]; then
+    floor=1
+    bash scripts/floor.sh --prepare > .venv-floor.log 2>&1 &  # its environment builds while the suite runs
+    prepared=$!
+fi
 workers="${DISTLAYER_TEST_WORKERS:-2}"
 .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 -n "$workers" --dist loadfile "$@"
-if { [ $# -eq 0 ] && [ ${#fast[@]} -eq 0 ]; } || [ "${DISTLAYER_FLOOR:-0}" = 1 ]; then
+if [ $floor = 1 ]; then
+    if ! wait "$prepared"; then
+        cat .venv-floor.log
+        echo "scripts/floor.sh --prepare failed (above): the floor environment did not build" >&2
+        exit 1
+    fi
     bash scripts/floor.sh
 fi
