@@ -908,13 +908,15 @@ def plan_pipeline(shape: ModelShape, sites: list[Site], budgets: list[int | None
     for m in (micro, *micro_choices):
         t = timer.with_micro_batches(m)
         timers.setdefault(t.micro_batches, (m, t))
+    search = _Cuts(shape, [b for b, _ in budgeted], kv, act, maps)
     for m, t in timers.values():
         for g in host_guesses:
-            found = _Cuts(shape, [b for b, _ in budgeted], kv, act, maps).fastest(
+            found = search.fastest(
                 lambda i, a, b, t=t, g=g: time_of(t, i, a, b, g), lambda c, t=t: step_of(t, c),
                 lambda i, a, b, t=t, g=g: bound_of(t, i, a, b, g)) or cuts
-            if step_of(t, found) < best[0]:
-                best = (step_of(t, found), m, found)
+            step = step_of(t, found)
+            if step < best[0]:
+                best = (step, m, found)
     by_speed, m, fast = best
     gain = 1 - by_speed / by_bytes if by_bytes else 0.0
     if (fast, m) != (cuts, micro) and gain >= SPEED_MARGIN:
