@@ -137,6 +137,7 @@ print(json.dumps({"quota": hardware.cpu_quota(), "share": rates.cpu_share(1, sec
 """
 
 
+@pytest.mark.exclusive  # it measures CPU shares: another worker's tests beside it would lower them
 def test_a_cpu_quota_shows_in_the_measured_share(tmp_path):
     import json
     import subprocess
